@@ -1,0 +1,291 @@
+"""Tests for dno.py: the loss, log-probs, win-rates, pair selection, replay, and the tabular theory."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import dno
+
+torch.set_num_threads(1)
+
+
+def _loss(a, b, ra, rb, target, eta):
+    t = lambda v: torch.tensor(v, dtype=torch.float64)
+    return dno.dno_loss(t(a), t(b), t(ra), t(rb), target, eta)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_loss_at_hand_computed_points():
+    # h = 0: -log sigmoid(0) = log 2 whatever the target
+    losses, _ = _loss([0.0], [0.0], [0.0], [0.0], 1.0, 0.1)
+    assert losses.item() == pytest.approx(math.log(2), abs=1e-12)
+    # log-ratios +1 and -1, eta 0.5 -> h = 1; log(1 + e^-1) = 0.3132616875, log(1 + e) = 1.3132616875
+    losses, stats = _loss([-3.0, -3.0], [-6.0, -6.0], [-4.0, -4.0], [-5.0, -5.0], torch.tensor([1.0, 0.25]), 0.5)
+    assert losses[0].item() == pytest.approx(0.3132616875, abs=1e-9)
+    assert losses[1].item() == pytest.approx(0.25 * 0.3132616875 + 0.75 * 1.3132616875, abs=1e-9)
+    assert stats["margin"].item() == pytest.approx(1.0)
+    assert stats["chosen_logratio"].item() == pytest.approx(1.0)
+    assert stats["rejected_logratio"].item() == pytest.approx(-1.0)
+    assert stats["accuracy"].item() == pytest.approx(0.5)      # target 0.25 wants h < 0: wrong side
+    assert not any(v.requires_grad for v in stats.values())
+    # hard target, wrong way round: h = -2 -> log(1 + e^2) = 2.1269280110
+    losses, stats = _loss([0.0], [2.0], [0.0], [0.0], 1.0, 1.0)
+    assert losses.item() == pytest.approx(2.1269280110, abs=1e-9)
+    assert stats["accuracy"].item() == 0.0
+
+
+def test_zero_gradient_when_both_sides_equal():
+    theta = torch.tensor([0.3, -1.2], requires_grad=True)
+    for target in (1.0, 0.7, 0.0):
+        logp = (theta * torch.tensor([2.0, 1.0])).sum().reshape(1)   # the same response on both sides
+        losses, _ = dno.dno_loss(logp, logp, torch.tensor([-0.5]), torch.tensor([-0.5]), target, 0.1)
+        (g,) = torch.autograd.grad(losses.sum(), theta)
+        assert torch.equal(g, torch.zeros(2))
+
+
+def test_gradient_vanishes_at_the_ideal_update_alg1():
+    # Alg. 1: target sigmoid(r_a - r_b); the optimum is eta * (logratio_a - logratio_b) = r_a - r_b
+    eta, ra, rb = 0.1, 0.8, 0.35
+    a = torch.tensor([ra / eta - 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([rb / eta - 2.0], dtype=torch.float64, requires_grad=True)
+    losses, _ = dno.dno_loss(a, b, torch.tensor([-2.0]).double(), torch.tensor([-2.0]).double(),
+                             torch.sigmoid(torch.tensor(ra - rb, dtype=torch.float64)), eta)
+    ga, gb = torch.autograd.grad(losses.sum(), (a, b))
+    assert abs(ga.item()) < 1e-12 and abs(gb.item()) < 1e-12
+
+
+def test_gradient_sign():
+    a = torch.tensor([-5.0, -1.0], requires_grad=True)
+    b = torch.tensor([-2.0, -7.0], requires_grad=True)
+    ref_a = torch.tensor([-4.0, -1.5], requires_grad=True)
+    ref_b = torch.tensor([-3.0, -6.0], requires_grad=True)
+    losses, _ = dno.dno_loss(a, b, ref_a, ref_b, 1.0, 0.1)
+    losses.sum().backward()
+    assert (a.grad < 0).all() and (b.grad > 0).all()            # push y+ up, y- down
+    assert ref_a.grad is None and ref_b.grad is None            # pi_t is a constant
+    a.grad = b.grad = None
+    losses, _ = dno.dno_loss(a, b, ref_a, ref_b, 0.0, 0.1)       # target 0: b is preferred
+    losses.sum().backward()
+    assert (a.grad > 0).all() and (b.grad < 0).all()
+
+
+def test_soft_target_is_label_smoothed_dpo():
+    def smoothed_dpo(pa, pb, ra, rb, beta, eps):                # written independently, float64 math
+        z = beta * ((pa - ra) - (pb - rb))
+        log_sig = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+        return -(1 - eps) * log_sig(z) - eps * log_sig(-z)
+    g = torch.Generator().manual_seed(0)
+    pa, pb, ra, rb = (torch.randn(64, generator=g, dtype=torch.float64) * 30 for _ in range(4))
+    target = torch.rand(64, generator=g, dtype=torch.float64)
+    for beta in (0.05, 0.1, 2.0):
+        losses, _ = dno.dno_loss(pa, pb, ra, rb, target, beta)
+        want = [smoothed_dpo(*map(float, v), beta, 1 - float(t)) for *v, t in zip(pa, pb, ra, rb, target)]
+        assert torch.allclose(losses, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    # large margins stay finite (logsigmoid, not log(sigmoid))
+    losses, _ = dno.dno_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.zeros(1), torch.zeros(1), 0.0, 1.0)
+    assert torch.isfinite(losses).all() and losses.item() == pytest.approx(2e4)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+class TinyLM(torch.nn.Module):                                   # causal by construction (a GRU)
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, vocab)
+        self.rnn = torch.nn.GRU(d, d, batch_first=True)
+
+    def forward(self, idx):
+        return self.head(self.rnn(self.emb(idx))[0])             # (B, T, V)
+
+
+def test_logps_match_token_by_token_and_ignore_prompt_and_padding():
+    torch.manual_seed(0)
+    model = TinyLM()
+    seqs = [([1, 5, 3], [4, 4, 2]), ([1, 7], [9, 3, 6, 8, 2]), ([1, 2, 3, 4], [5])]   # (prompt, response)
+    T = max(len(p) + len(r) for p, r in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)            # right padding with id 0
+    mask = torch.zeros(len(seqs), T)
+    for i, (p, r) in enumerate(seqs):
+        idx[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p):len(p) + len(r)] = 1
+    with torch.no_grad():
+        got = dno.sequence_logps(model(idx)[:, :-1], idx[:, 1:], mask[:, 1:])
+        for i, (p, r) in enumerate(seqs):                         # slow path: one token at a time, no padding
+            want, prefix = 0.0, list(p)
+            for tok in r:
+                logits = model(torch.tensor([prefix]))[0, -1]
+                want += torch.log_softmax(logits.double(), -1)[tok].item()
+                prefix.append(tok)
+            assert got[i].item() == pytest.approx(want, abs=1e-5)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+
+
+def test_logps_masked_positions_do_not_count():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 13, generator=g)
+    targets = torch.randint(0, 13, (2, 6), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
+    base = dno.sequence_logps(logits, targets, mask)
+    want = sum(torch.log_softmax(logits[0, t], -1)[targets[0, t]] for t in (2, 3, 4))
+    assert base[0].item() == pytest.approx(want.item(), abs=1e-5)
+    off = mask == 0
+    logits2 = torch.where(off[..., None], torch.randn(2, 6, 13, generator=g) * 100, logits)
+    targets2 = torch.where(off, torch.full_like(targets, -100), targets)  # ignore-index ids are fine
+    assert torch.equal(dno.sequence_logps(logits2, targets2, mask), base)
+    half = dno.sequence_logps(logits.bfloat16(), targets, mask)    # bf16 logits: float32 sum
+    assert half.dtype == torch.float32 and torch.allclose(half, base, atol=0.1)
+    with pytest.raises(ValueError):
+        dno.sequence_logps(logits, targets[:, :-1], mask)
+
+
+# ----------------------------------------------------------------------------- win-rates
+
+def test_table_from_scores_and_winrates():
+    P = dno.table_from_scores([6, 4, 4, None])
+    assert np.array_equal(P[:3, :3], [[0.5, 1, 1], [0, 0.5, 0.5], [0, 0.5, 0.5]])
+    assert np.isnan(P[3]).all() and np.isnan(P[:, 3]).all()
+    w = dno.winrates(P)
+    assert np.allclose(w[:3], [1.0, 0.25, 0.25]) and np.isnan(w[3])
+    w = dno.winrates([[0.5, 0.9, None], [0.1, 0.5, 0.3], [None, 0.7, 0.5]])   # soft pairwise, one unknown
+    assert np.allclose(w, [0.9, 0.2, 0.7])
+    for bad in ([[0.5, 0.2]], [[0.5, 0.2], [0.8]]):
+        with pytest.raises(ValueError):
+            dno.winrates(bad)
+    assert dno.winrates([]).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- pair selection
+
+def _pairs(*a, **k):
+    return [(p["chosen"], p["rejected"], p["provenance"], p["margin"]) for p in dno.select_pairs(*a, **k)]
+
+
+def test_pairs_ties_all_equal_and_below_threshold():
+    assert _pairs([5, 5, 5, 5], 0) == []                         # all equal: ties never pair
+    assert _pairs([6, 6, 6], 1, sample_margin=0.0, margin=0.0) == []   # not even with margin 0
+    assert _pairs([4, 1, 0, 2], 0) == []                         # best is 4 < 5: no positive
+    assert _pairs([4.99, 0, 0], None) == []
+    assert _pairs([None, None], 0) == [] and _pairs([], None) == []
+
+
+def test_pairs_sample_beats_gold_and_margins():
+    # gold (index 0) scores 4, below the bar; samples 6 and 5 beat it
+    assert _pairs([4, 6, 5, 3], 0) == [
+        (1, 0, "sample>gold", 2.0), (1, 2, "sample>sample", 1.0), (1, 3, "sample>sample", 3.0),
+        (2, 0, "sample>gold", 1.0), (2, 3, "sample>sample", 2.0)]
+    # >= 2 behind the gold, >= 1 behind a sample
+    assert _pairs([6, 5, 4, 6], 0) == [
+        (0, 2, "gold>sample", 2.0),                               # gold vs 5 (gap 1) is not enough
+        (1, 2, "sample>sample", 1.0), (3, 1, "sample>sample", 1.0), (3, 2, "sample>sample", 2.0)]
+    assert _pairs([5, 4], 0) == [] and _pairs([5, 3], 0) == [(0, 1, "gold>sample", 2.0)]
+    assert _pairs([4, 5], 0) == [(1, 0, "sample>gold", 1.0)]
+
+
+def test_pairs_defects_failures_and_winrates():
+    # candidate 2 scores 6 but is degenerate: never positive, negative of every positive
+    assert _pairs([6, 5, 6, 1], 0, [False, False, True, False]) == [
+        (0, 2, "defect", 0.0), (0, 3, "gold>sample", 5.0), (1, 2, "defect", -1.0), (1, 3, "sample>sample", 4.0)]
+    assert _pairs([6, None, 3, float("nan")], 0) == [(0, 2, "gold>sample", 3.0)]   # failed: never paired
+    assert _pairs([6, None, 3], 0, [False, True, False]) == [(0, 2, "gold>sample", 3.0)]
+    # win-rates among 6 strictly ranked candidates: .8, 1, .6, .4, .2, 0; the gold is column 0 (0.8)
+    w = dno.winrates(dno.table_from_scores([5, 6, 4, 3, 2, 1]))
+    assert np.allclose(w, [0.8, 1.0, 0.6, 0.4, 0.2, 0.0])
+    got = _pairs(list(w), 0, kind="winrate")
+    assert [(c, r, p) for c, r, p, _ in got] == [
+        (0, 3, "gold>sample"), (0, 4, "gold>sample"), (0, 5, "gold>sample"),   # not (0, 2): 0.2 < 0.4
+        (1, 0, "sample>gold"), (1, 2, "sample>sample"), (1, 3, "sample>sample"), (1, 4, "sample>sample"),
+        (1, 5, "sample>sample"),                                   # one rank (0.2) suffices for a sample
+        (2, 3, "sample>sample"), (2, 4, "sample>sample"), (2, 5, "sample>sample")]  # 0.6 is a positive
+    assert got[0][3] == pytest.approx(0.4) and got[3][3] == pytest.approx(0.2)
+    assert _pairs([0.59, 0.0], None, kind="winrate") == []      # below the 0.6 bar
+    assert dno.select_pairs([4, 6, 5, 3], 0) == dno.select_pairs([4, 6, 5, 3], 0)   # pure, deterministic
+    for bad in (dict(kind="elo"), dict(defective=[True])):
+        with pytest.raises(ValueError):
+            dno.select_pairs([6, 1], 0, **bad)
+    with pytest.raises(ValueError):
+        dno.select_pairs([6, 1], 2)
+
+
+def test_is_defective():
+    assert not dno.is_defective("")
+    assert not dno.is_defective("2+3=5")
+    text = ("Direct Nash Optimization trains a policy against a general preference oracle. Each iteration "
+            "samples responses, asks the judge to compare them with the teacher's answer, and keeps the "
+            "pairs with a large margin, so the model learns from its own best outputs.")
+    assert not dno.is_defective(text)
+    assert dno.is_defective("the answer is the answer is " * 8)
+    assert dno.is_defective("7" * 40)
+    assert dno.is_defective("Sure! " + "ha" * 30)
+    assert not dno.is_defective("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+# ----------------------------------------------------------------------------- replay
+
+def test_replay_shares_and_determinism():
+    cur = [("t", i) for i in range(70)]
+    prev = [[("t-1", i) for i in range(100)], [("t-2", i) for i in range(100)]]
+    out = dno.replay(cur, prev, seed=3)
+    assert out[:70] == cur
+    n1, n2 = (sum(x[0] == k for x in out) for k in ("t-1", "t-2"))
+    assert (n1, n2) == (38, 19)                                   # 0.3 and 0.15 of the 127 pairs
+    assert n1 / len(out) == pytest.approx(0.3, abs=0.01) and n2 / len(out) == pytest.approx(0.15, abs=0.01)
+    assert len(set(out)) == len(out)                              # without replacement
+    assert dno.replay(cur, prev, seed=3) == out and dno.replay(cur, prev, seed=4) != out
+    assert dno.replay(cur, [prev[0][:5]], seed=0)[70:] == prev[0][:5]   # "up to": capped by what exists
+    assert dno.replay(cur, [], seed=0) == cur
+    assert len(dno.replay(cur, prev, seed=0, shares=(0.3,))) == 70 + 30   # older iterations get 0
+    with pytest.raises(ValueError):
+        dno.replay(cur, prev, seed=0, shares=(0.7, 0.4))
+
+
+# ----------------------------------------------------------------------------- tabular theory
+
+def test_cyclic_game_average_converges_last_iterate_circles():
+    P, pi_1 = dno.cyclic_game()
+    assert np.allclose(P + P.T, 1) and abs(dno.exploitability(P, dno.CYCLIC_NASH)) < 1e-12
+    assert min(dno.exploitability(P, e) for e in np.eye(5)) >= 0.2 - 1e-12   # no pure equilibrium: a real cycle
+    hist, _, _ = dno.run_tabular(P, pi_1, eta=0.1, iters=1000)
+    assert hist[-1]["avg"] < 0.01
+    # multiplicative weights' last iterate does not settle: it keeps visiting exploitable near-pure policies
+    assert max(h["last"] for h in hist[-200:]) > 0.4 and np.mean([h["last"] for h in hist[-200:]]) > 0.1
+
+
+def test_bt_baseline_stays_exploitable():
+    P, pi_1 = dno.cyclic_game()
+    r = dno.fit_bradley_terry(P)
+    assert int(np.argmax(r)) == 2                                 # scissors, beaten by rock by 0.4
+    hist, _, _ = dno.run_tabular(P, pi_1, eta=0.1, iters=300)
+    assert min(h["bt"] for h in hist[-100:]) > 0.35
+    # sanity: on transitive (Bradley-Terry) data the fit recovers the rewards
+    true = np.array([1.0, 0.0, -0.5, -0.5])
+    r = dno.fit_bradley_terry(1 / (1 + np.exp(true[None, :] - true[:, None])), l2=0.0)
+    assert np.allclose(r, true - true.mean(), atol=1e-3)
+
+
+def test_monotonic_improvement_on_random_games():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(2, 9))
+        P = dno.random_game(n, rng)
+        assert np.allclose(P + P.T, 1)
+        log_pi = np.log(rng.dirichlet(np.ones(n)))
+        eta = [0.05, 0.1, 1.0][trial % 3]
+        for _ in range(40):
+            pi_t = np.exp(log_pi)
+            log_pi, r = dno.alg1_exact_step(P, log_pi, eta)
+            assert pi_t @ r == pytest.approx(0.5)                   # P(pi_t > pi_t) = 1/2
+            assert np.exp(log_pi) @ P @ pi_t >= 0.5 - 1e-12        # P(pi_{t+1} > pi_t) >= 1/2
+
+
+def test_demo_prints_final_exploitability(capsys):
+    dno.main(dno.Config(iters=600, log_every=200))
+    lines = capsys.readouterr().out.strip().splitlines()
+    final = [ln for ln in lines if "exploitability" in ln][-1]
+    assert float(re.search(r"average iterate ([0-9.]+)", final).group(1)) < 0.01
+    assert float(re.search(r"BT-reward baseline ([0-9.]+)", final).group(1)) > 0.35
+    assert dno.cli(dno.Config, ["--eta", "0.5", "--iters", "7"]) == dno.Config(eta=0.5, iters=7)
+    with pytest.raises(ValueError):
+        dno.main(dno.Config(eta=0.0))

@@ -1,0 +1,88 @@
+"""Tiny, local, random models and tokenizers for the tests: no hub, no network, built in milliseconds.
+
+    from tiny import make_tokenizer, make_hf_model
+    tok = make_tokenizer(tmp_path / "tok")
+    hf = make_hf_model("llama", tmp_path / "llama")      # saved with its tokenizer; returns the HF module
+"""
+import string
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(path=None):
+    """A char-level PreTrainedTokenizerFast (printable ASCII + 5 specials, ~105 ids) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is a token
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    if path is not None:
+        tok.save_pretrained(str(path))
+    return tok
+
+
+def hf_config(arch, vocab_size, **overrides):
+    """A transformers config for a tiny model of one of our supported architectures."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        common.update(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                      high_freq_factor=4.0, original_max_position_embeddings=64), tie_word_embeddings=False)
+        cls = LlamaConfig
+    elif arch == "mistral":
+        common.update(rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False)
+        cls = MistralConfig
+    elif arch == "qwen2":
+        common.update(rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)
+        cls = Qwen2Config
+    elif arch == "qwen3":
+        common.update(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=32, use_sliding_window=False)
+        cls = Qwen3Config
+    else:
+        raise ValueError(f"unknown test architecture {arch!r}")
+    common.update(overrides)
+    return cls(**common)
+
+
+def make_hf_model(arch, path=None, seed=0, **overrides):
+    """A random tiny transformers model of `arch` in float32, saved with the tokenizer into `path` if given."""
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, len(tok), **overrides)).float().eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0; perturb them so the tests see them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    if path is not None:
+        model.save_pretrained(str(path))
+        tok.save_pretrained(str(path))
+    return model
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = make_tokenizer(d + "/tok")
+        ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False)
+        print(len(tok), ids, repr(tok.decode(ids)))
+        for arch in ("llama", "mistral", "qwen2", "qwen3"):
+            m = make_hf_model(arch, f"{d}/{arch}")
+            print(arch, sum(p.numel() for p in m.parameters()), m(torch.tensor([ids])).logits.shape)
