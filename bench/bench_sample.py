@@ -1,0 +1,136 @@
+"""Sampler throughput: our generate() vs transformers' generate() on the same random model, prompts and settings.
+
+    python bench/bench_sample.py                                   # CPU, a ~4M-param Llama, ~1-2 minutes
+    python bench/bench_sample.py --device cuda                     # Qwen2.5-0.5B-shaped random model in bf16
+    python bench/bench_sample.py --device cuda --compile true      # + torch.compile / CUDA graphs decode step
+
+Workload (issue 2): 16 prompts x K=5 samples x 128 new tokens, temperature 0.7, top-p 0.95, EOS ignored
+(stop_ids=[] for us; no eos and top_k=0 for transformers). Both read the same safetensors folder. Prints
+aggregate generated tokens/s and the ratio. On CUDA it also times batch-1 greedy decode against the
+memory-bandwidth bound: bytes of weights read per token / HBM bandwidth.
+"""
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelArgs, Transformer  # noqa: E402
+from sample import cli, generate, left_pad  # noqa: E402
+
+
+@dataclass
+class Config:
+    device: str = "cpu"           # cpu | cuda
+    num_prompts: int = 16
+    num_samples: int = 5          # K
+    max_new_tokens: int = 128
+    prompt_len: int = 32          # prompts get lengths in [prompt_len // 2, prompt_len]
+    temperature: float = 0.7      # the paper's sampling settings
+    top_p: float = 0.95
+    threads: int = 1              # CPU threads for both sides (the dev box is shared)
+    compile: bool = False         # our decode step under torch.compile(mode="reduce-overhead")
+    hbm_gbps: float = 0.0         # memory bandwidth for the bound; 0 = guess from the GPU name
+    batch1_tokens: int = 256      # tokens timed in the batch-1 decode measurement (cuda)
+    skip_hf: bool = False
+
+
+def bench_model(device):
+    if device == "cpu":  # a few-M-param Llama (GQA): small enough for a shared 2-core box
+        return ModelArgs(arch="llama", vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32,
+                         hidden_dim=768, max_seq_len=2048, rope_theta=5e5, eos_token_id=2), torch.float32
+    # Qwen2.5-0.5B's shape: 24 layers, 896 wide, 14 q / 2 kv heads, qkv bias, tied 151936-token embeddings
+    return ModelArgs(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                     hidden_dim=4864, max_seq_len=32768, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+                     eos_token_id=151645), torch.bfloat16
+
+
+def timed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def hf_generate(hf, prompts, cfg, n_new, do_sample=True, K=None):
+    idx, mask = left_pad(prompts)
+    idx, mask = idx.to(cfg.device), mask.to(cfg.device)
+    kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if do_sample else \
+        dict(do_sample=False)
+    with torch.no_grad():
+        out = hf.generate(idx, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None,
+                          pad_token_id=0, num_return_sequences=K or cfg.num_samples, **kw)
+    return out.shape[0] * (out.shape[1] - idx.shape[1])
+
+
+def ours_generate(model, prompts, cfg, n_new, temperature=None, K=None):
+    outs = generate(model, None, prompts, num_samples=K or cfg.num_samples, max_new_tokens=n_new,
+                    temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
+                    stop_ids=[], batch_size=len(prompts), compile=cfg.compile)
+    return sum(len(s["tokens"]) for o in outs for s in o)
+
+
+def batch1(model, hf, prompt, cfg):
+    """Batch-1 greedy decode ms/token (prefill excluded by differencing two lengths) vs the bandwidth bound."""
+    name = torch.cuda.get_device_name()
+    gbps = cfg.hbm_gbps or (4800 if "H200" in name else 3350 if "H100" in name else 2039 if "A100" in name else 0)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    rows = []
+    for label, fn in [("ours", lambda n: ours_generate(model, [prompt], cfg, n, temperature=0, K=1)),
+                      ("transformers", lambda n: hf_generate(hf, [prompt], cfg, n, do_sample=False, K=1))]:
+        if hf is None and label == "transformers":
+            continue
+        fn(16), fn(16 + cfg.batch1_tokens)  # warm-up (and compile both cache sizes)
+        _, t_short = timed(lambda: fn(16), "cuda")
+        _, t_long = timed(lambda: fn(16 + cfg.batch1_tokens), "cuda")
+        rows.append((label, (t_long - t_short) / cfg.batch1_tokens * 1e3))
+    bound = nbytes / (gbps * 1e9) * 1e3 if gbps else float("nan")
+    print(f"batch-1 decode on {name}: weights {nbytes / 1e9:.2f} GB, bandwidth bound {bound:.3f} ms/token "
+          f"({gbps:.0f} GB/s)")
+    for label, ms in rows:
+        print(f"  {label:13s} {ms:.3f} ms/token = {bound / ms:.0%} of the bound")
+
+
+def main():
+    cfg = cli(Config)
+    torch.set_num_threads(cfg.threads)
+    from transformers import AutoModelForCausalLM
+
+    args, dtype = bench_model(cfg.device)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, args.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(cfg.prompt_len // 2, cfg.prompt_len + 1, (cfg.num_prompts,), generator=g)]
+    with torch.device(cfg.device):
+        model = Transformer(args).to(dtype).eval()
+    hf = None
+    if not cfg.skip_hf:
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(cfg.device).eval()
+    print(f"{cfg.device}: {args.arch} {model.num_params() / 1e6:.1f}M params {str(dtype)[6:]}, threads={cfg.threads}, "
+          f"{cfg.num_prompts} prompts x K={cfg.num_samples} x {cfg.max_new_tokens} new tokens, T={cfg.temperature}, "
+          f"top_p={cfg.top_p}, compile={cfg.compile}")
+    results = {}
+    for label, fn in [("ours", ours_generate), ("transformers", hf_generate)]:
+        if label == "transformers" and hf is None:
+            continue
+        target = model if label == "ours" else hf
+        fn(target, prompts, cfg, 8)  # warm-up
+        n, dt = timed(lambda: fn(target, prompts, cfg, cfg.max_new_tokens), cfg.device)
+        results[label] = n / dt
+        print(f"  {label:13s} {n} tokens in {dt:6.2f}s = {n / dt:8.0f} tokens/s")
+    if len(results) == 2:
+        print(f"  ratio ours / transformers = {results['ours'] / results['transformers']:.2f}x")
+    if cfg.device == "cuda":
+        batch1(model, hf, prompts[0], cfg)
+
+
+if __name__ == "__main__":
+    main()

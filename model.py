@@ -1,0 +1,408 @@
+"""A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face checkpoint I/O.
+
+    python model.py                                   # CPU demo: tiny random model, save -> load round trip
+    from model import Transformer
+    m = Transformer.from_pretrained("Qwen2.5-0.5B-Instruct/", dtype=torch.bfloat16, device="cuda")
+    logits = m(idx)                                   # (B, T) token ids -> (B, T, V) float32 logits
+    m.save_pretrained("out/", tokenizer=tok)          # transformers.AutoModelForCausalLM loads this folder
+
+Covers what transformers saves for LlamaForCausalLM (grouped-query attention, rope_theta, "llama3" and "linear"
+rope scaling, optional attention/mlp bias), MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias,
+tied embeddings) and Qwen3ForCausalLM (RMSNorm on q and k per head). Checkpoints: safetensors only (one file or a
+sharded index), never pickle. Our parameter names are transformers' names without the "model." prefix, so the
+whole checkpoint mapping is the `HF_PREFIX` table below.
+
+KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per layer. A batch of
+prompts is LEFT-padded to a common length T0 so every row writes cache slot T0 + t at decode step t; each row keeps
+its own rope position (number of real tokens so far) and a (N, S) key-validity mask hides its padding slots.
+`prefill` runs B prompts once and writes each prompt's keys into N // B consecutive cache rows (its K samples).
+
+Departures (this file is infrastructure; the paper's model is Orca-2.5 = Mistral-7B):
+ 1. Rope types other than default/llama3/linear (yarn, dynamic, longrope) and per-layer sliding windows
+    (Qwen use_sliding_window) are rejected with a ValueError rather than approximated.
+ 2. Padded query positions attend to themselves (finite garbage instead of NaN); their outputs are never used.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+         "Qwen3ForCausalLM": "qwen3"}
+# our parameter name prefix -> transformers' name prefix (the entire checkpoint mapping)
+HF_PREFIX = {"embed_tokens.": "model.embed_tokens.", "layers.": "model.layers.", "norm.": "model.norm.",
+             "lm_head.": "lm_head."}
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; we recompute it
+
+
+@dataclass
+class ModelArgs:
+    arch: str = "llama"            # one of ARCHS.values()
+    vocab_size: int = 32000
+    dim: int = 4096                # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8            # grouped-query attention: n_heads // n_kv_heads queries share a key/value head
+    head_dim: int = 128
+    hidden_dim: int = 14336        # intermediate_size of the SwiGLU MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {} or transformers' rope dict (rope_type llama3/linear)
+    max_seq_len: int = 8192        # max_position_embeddings: the context the sampler enforces
+    qkv_bias: bool = False         # Qwen2: True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k before rope
+    tie_embeddings: bool = False   # lm_head.weight is embed_tokens.weight
+    sliding_window: int = 0        # Mistral v0.1: a key is visible if q_pos - k_pos < sliding_window; 0 = off
+    bos_token_id: int = None
+    eos_token_id: int = None       # int or list of ints, as in config.json
+    pad_token_id: int = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        names = cfg.get("architectures") or []
+        arch = ARCHS.get(names[0]) if names else cfg.get("model_type")
+        if arch not in ARCHS.values():
+            raise ValueError(f"unsupported architecture {names or cfg.get('model_type')!r}; "
+                             f"supported: {', '.join(ARCHS)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})  # transformers v5 | v4 layout
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported rope_type {kind!r}; supported: default, llama3, linear")
+        if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            raise ValueError("Qwen use_sliding_window=true is not supported")
+        n_heads = cfg["num_attention_heads"]
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(arch=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                   n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+                   hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                   rope_scaling={} if kind == "default" else rope,
+                   max_seq_len=cfg.get("max_position_embeddings", 8192),
+                   qkv_bias=True if arch == "qwen2" else bias, o_bias=False if arch == "qwen2" else bias,
+                   mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=arch == "qwen3",
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("qwen2", "qwen3"))),
+                   sliding_window=(cfg.get("sliding_window") or 0) if arch == "mistral" else 0,
+                   bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                   pad_token_id=cfg.get("pad_token_id"))
+
+    def to_hf_config(self) -> dict:
+        a = self
+        cfg = dict(architectures=[{v: k for k, v in ARCHS.items()}[a.arch]], model_type=a.arch,
+                   vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
+                   num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                   head_dim=a.head_dim, hidden_act="silu", max_position_embeddings=a.max_seq_len,
+                   rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, rope_scaling=a.rope_scaling or None,
+                   tie_word_embeddings=a.tie_embeddings, bos_token_id=a.bos_token_id,
+                   eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id)
+        if a.arch in ("llama", "qwen3"):
+            cfg["attention_bias"] = a.qkv_bias
+        if a.arch == "llama":
+            cfg["mlp_bias"] = a.mlp_bias
+        if a.arch == "mistral":
+            cfg["sliding_window"] = a.sliding_window or None
+        if a.arch in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = False
+        return cfg
+
+
+def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
+    """(head_dim / 2,) float32 rotary frequencies, with the llama3 / linear context-extension rescaling."""
+    inv = 1.0 / a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32, device="cpu") / a.head_dim)
+    r = a.rope_scaling
+    if r.get("rope_type", r.get("type")) == "linear":
+        return inv / r["factor"]
+    if r.get("rope_type", r.get("type")) == "llama3":  # long wavelengths slowed by `factor`, short kept, blend between
+        old, lo, hi = r["original_max_position_embeddings"], r["low_freq_factor"], r["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = torch.where(wavelen > old / lo, inv / r["factor"], inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return torch.where(mid, (1 - smooth) * inv / r["factor"] + smooth * inv, scaled)
+    return inv
+
+
+def rotate(x, cos, sin):  # x (B, H, T, D); cos/sin (B, 1, T, D); transformers' half-split rotation layout
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in float32, scale in the model dtype (as transformers does)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, n, n_kv_heads, seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n, n_kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, slots, k, v):  # slots (T,); k/v (B, H_kv, T, D) with B dividing N: row b -> rows b*K..b*K+K-1
+        rep = self.k.shape[0] // k.shape[0]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
+        if a.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.norm_eps), RMSNorm(a.head_dim, a.norm_eps)
+        self.cache = None
+
+    def forward(self, x, cos, sin, mask, slots=None, kv_len=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, H_kv, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        if slots is not None:       # write this chunk into the cache (prefill: each prompt into its K rows)
+            self.cache.write(slots, k, v)
+            if kv_len is not None:  # decode: attend over cache slots [0, kv_len); prefill attends its own k/v
+                k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
+        if mask is None:            # training / unpadded: causal, fused kernel, GQA without copying k/v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:                       # fold the G query heads sharing a kv head into the time axis: no k/v repeat
+            G = self.n_heads // self.n_kv
+            qg = q.reshape(B, self.n_kv, G * T, self.hd)  # head h = kv * G + g
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, G, 1) if T > 1 else mask)
+            y = y.reshape(B, self.n_heads, T, self.hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.hidden_dim, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.dim, a.hidden_dim, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.hidden_dim, a.dim, bias=a.mlp_bias)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, mask, slots=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_mask(key_valid, q_slots, window=0):
+    """(B, 1, T, S) bool attention mask: key s visible from query slot q if valid, s <= q (causal) and inside the
+    sliding window; every query also sees itself so fully padded rows stay finite. key_valid (B, S), q_slots (T,)."""
+    k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    m = key_valid[:, None, None, :] & (k_slots <= q_slots[:, None])
+    if window:
+        m = m & (q_slots[:, None] - k_slots < window)
+    return m | (k_slots == q_slots[:, None])
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args, self.config = args, args.to_hf_config()  # config: the HF config.json dict save_pretrained writes
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))  # FSDP2 shards each Block
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(args)  # plain attribute, not a buffer: stays float32 when the model is cast
+        self.register_buffer("key_valid", None, persistent=False)  # (N, S) bool once setup_cache is called
+        self.register_buffer("next_pos", None, persistent=False)   # (N,) long: each row's next rope position
+
+    def _rope(self, pos, dtype):  # pos (B, T) -> cos, sin (B, 1, T, D), computed in float32 like transformers
+        if self.inv_freq.device != pos.device:
+            self.inv_freq = self.inv_freq.to(pos.device)
+        f = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((f, f), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _trunk(self, idx, pos, mask, slots=None, kv_len=None, last_only=False):
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self._rope(pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, slots, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()  # (B, T, V)
+
+    def forward(self, idx, attention_mask=None):
+        """idx (B, T) -> logits (B, T, V) float32, no cache. attention_mask (B, T) {0,1} for LEFT-padded batches;
+        training uses right padding and passes none (fused causal attention)."""
+        B, T = idx.shape
+        q_slots = torch.arange(T, device=idx.device)
+        if attention_mask is None:
+            pos = q_slots.expand(B, T)
+            w = self.args.sliding_window
+            mask = make_mask(torch.ones_like(idx, dtype=torch.bool), q_slots, w) if w and T > w else None
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # per-row positions under left padding
+            mask = make_mask(attention_mask.bool(), q_slots, self.args.sliding_window)
+        return self._trunk(idx, pos, mask)
+
+    # ---- KV cache (sample.py) ----
+    def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
+        """Preallocate a static (N, H_kv, S, D) cache per layer; same-shaped caches are reused (torch.compile)."""
+        w = self.embed_tokens.weight
+        dtype, device = dtype or w.dtype, torch.device(device or w.device)
+        shape = (batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
+        for layer in self.layers:
+            c = layer.self_attn.cache
+            if c is None or c.k.shape != shape or c.k.dtype != dtype or c.k.device != device:
+                layer.self_attn.cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
+                                                dtype, device)
+        kv = self.key_valid
+        if kv is None or kv.shape != (batch_size, max_seq_len) or kv.device != device:
+            self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # buffers:
+            self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # CUDA graphs may mutate them
+
+    def clear_cache(self):
+        """Free the KV cache (e.g. before training the same module)."""
+        for layer in self.layers:
+            layer.self_attn.cache = None
+        self.key_valid = self.next_pos = None
+
+    @torch.no_grad()
+    def prefill(self, idx, attention_mask):
+        """Run B left-padded prompts (B, T0) once into cache slots [0, T0); prompt b fills cache rows
+        b*K .. b*K+K-1 (K = N // B, its samples). Returns last-position logits (B, V)."""
+        B, T0 = idx.shape
+        rep = self.key_valid.shape[0] // B
+        am = attention_mask.bool()
+        slots = torch.arange(T0, device=idx.device)
+        self.key_valid.zero_()
+        self.key_valid[:, :T0] = am.repeat_interleave(rep, 0)
+        self.next_pos.copy_(am.sum(-1).repeat_interleave(rep))  # next rope position = number of real tokens
+        pos = (am.long().cumsum(-1) - 1).clamp(min=0)
+        mask = make_mask(am, slots, self.args.sliding_window)
+        return self._trunk(idx, pos, mask, slots, None, last_only=True)[:, -1]
+
+    @torch.no_grad()
+    def decode(self, tok, slot, kv_len):
+        """One step for all N rows: tok (N,) long, slot (1,) long tensor = the cache slot written (same for every
+        row under left padding), kv_len: slots attended (slot + 1 eager; the full cache length when compiled
+        so shapes stay static). Returns logits (N, V)."""
+        self.key_valid.index_fill_(1, slot, True)
+        mask = make_mask(self.key_valid[:, :kv_len], slot, self.args.sliding_window)  # (N, 1, 1, kv_len)
+        logits = self._trunk(tok[:, None], self.next_pos[:, None], mask, slot, kv_len)[:, -1]
+        self.next_pos.add_(1)
+        return logits
+
+    # ---- Hugging Face checkpoint I/O ----
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}/config.json not found (expected a Hugging Face model folder)")
+        cfg = json.loads((path / "config.json").read_text())
+        args = ModelArgs.from_hf_config(cfg)
+        if (path / "model.safetensors.index.json").is_file():
+            weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                                    "(only safetensors checkpoints are supported)")
+        to_ours = {hf: ours for ours, hf in HF_PREFIX.items()}
+        state = {}
+        for fname in files:
+            if not (path / fname).is_file():
+                raise FileNotFoundError(f"checkpoint shard {path / fname} not found")
+            with safe_open(str(path / fname), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if name.endswith(IGNORED_HF_SUFFIXES) or (args.tie_embeddings and name == "lm_head.weight"):
+                        continue
+                    prefix = next((p for p in to_ours if name.startswith(p)), None)
+                    if prefix is None:
+                        raise ValueError(f"unexpected tensor {name!r} in {fname}")
+                    state[to_ours[prefix] + name[len(prefix):]] = f.get_tensor(name).to(dtype)
+        if args.tie_embeddings and "embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        with torch.device("meta"):
+            model = cls(args)
+        missing = sorted(set(model.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        model.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.config = cfg  # keep every field of the original config.json for save_pretrained
+        return model.eval()
+
+    def save_pretrained(self, path, tokenizer=None, state_dict=None):
+        """Write config.json, generation_config.json, model.safetensors (+ tokenizer files). state_dict: a full
+        (gathered) state dict when the module itself is sharded, e.g. under FSDP2."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        out = {}
+        for name, t in state.items():
+            if self.args.tie_embeddings and name == "lm_head.weight":
+                continue  # tied: transformers re-ties it from embed_tokens
+            prefix = next(p for p in HF_PREFIX if name.startswith(p))
+            out[HF_PREFIX[prefix] + name[len(prefix):]] = t.detach().contiguous().cpu()
+        dtype = next(iter(out.values())).dtype
+        cfg = dict(self.config, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=self.args.tie_embeddings)
+        cfg.pop("torch_dtype", None)
+        (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    torch.manual_seed(0)
+    args = ModelArgs(arch="llama", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     hidden_dim=128, max_seq_len=128, rope_theta=500000.0,
+                     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=32))
+    model = Transformer(args).eval()
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad(), tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        again = Transformer.from_pretrained(d)
+        diff = (model(idx) - again(idx)).abs().max().item()
+    print(f"{model.num_params():,} params; logits {tuple(model(idx).shape)}; save->load max |diff| {diff:.2e}")

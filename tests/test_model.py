@@ -1,0 +1,155 @@
+"""model.py against transformers (an implementation we did not write): logits, checkpoint round trips, cache."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model import ModelArgs, Transformer
+from tiny import make_hf_model, make_tokenizer
+
+torch.set_num_threads(1)
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def padded_batch(vocab, lengths, seed=0):
+    """Left-padded random batch: idx (B, T), mask (B, T), rope positions (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    idx = torch.randint(5, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros_like(idx)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+        idx[b, :T - n] = 0
+    return idx, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(arch, tmp_path):
+    hf = make_hf_model(arch, tmp_path / arch)
+    ours = Transformer.from_pretrained(tmp_path / arch)
+    if arch == "llama":
+        assert ours.args.n_kv_heads < ours.args.n_heads and ours.args.rope_scaling["rope_type"] == "llama3"
+    if arch == "qwen2":
+        assert ours.args.qkv_bias and ours.args.tie_embeddings and ours.lm_head.weight is ours.embed_tokens.weight
+    idx, mask, pos = padded_batch(ours.args.vocab_size, [13, 7, 2, 10])
+    with torch.no_grad():
+        ref = hf(idx, attention_mask=mask, position_ids=pos).logits
+        got = ours(idx, attention_mask=mask)
+        real = mask.bool()
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert (got - ref)[real].abs().max().item() < 1e-4
+        assert torch.isfinite(got).all()  # padded queries stay finite
+        # the training path: no mask, fused causal attention
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    hf = make_hf_model("mistral", tmp_path / "m", sliding_window=4)
+    hf.config._attn_implementation = "eager"
+    ours = Transformer.from_pretrained(tmp_path / "m")
+    assert ours.args.sliding_window == 4
+    idx, mask, pos = padded_batch(ours.args.vocab_size, [12, 9])
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+        ref = hf(idx, attention_mask=mask, position_ids=pos).logits
+        assert (ours(idx, attention_mask=mask) - ref)[mask.bool()].abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_save_pretrained_round_trip(arch, tmp_path):
+    make_hf_model(arch, tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours", tokenizer=make_tokenizer())
+    assert (tmp_path / "ours" / "tokenizer.json").is_file() and (tmp_path / "ours" / "model.safetensors").is_file()
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
+    idx, _, _ = padded_batch(ours.args.vocab_size, [9, 9])
+    with torch.no_grad():
+        hf_orig = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(idx).logits
+        assert torch.equal(hf2(idx).logits, hf_orig)  # identical weights and config -> identical logits
+        assert torch.equal(Transformer.from_pretrained(tmp_path / "ours")(idx), ours(idx))
+        assert (ours(idx) - hf_orig).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fresh_model_loads_in_transformers(arch, tmp_path):
+    """A model built from ModelArgs alone (as demo_task.py does) writes a config transformers understands."""
+    torch.manual_seed(0)
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=16) if arch == "llama" else {}
+    args = ModelArgs(arch=arch, vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                     max_seq_len=64, rope_theta=5e5, rope_scaling=rope, qkv_bias=arch == "qwen2",
+                     tie_embeddings=arch == "qwen2", eos_token_id=2)
+    ours = Transformer(args).eval()
+    ours.save_pretrained(tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    idx = torch.randint(0, 97, (2, 40))  # past original_max_position_embeddings: the rope scaling matters
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_bfloat16_load(tmp_path):
+    make_hf_model("qwen2", tmp_path / "m")
+    m32, m16 = Transformer.from_pretrained(tmp_path / "m"), Transformer.from_pretrained(tmp_path / "m", torch.bfloat16)
+    assert m16.embed_tokens.weight.dtype == torch.bfloat16 and m16.inv_freq.dtype == torch.float32
+    idx, _, _ = padded_batch(m32.args.vocab_size, [8])
+    with torch.no_grad():
+        a, b = m32(idx), m16(idx)
+    assert b.dtype == torch.float32 and (a - b).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cache_prefill_decode_equals_full_forward(arch, tmp_path):
+    """prefill B prompts into B*K rows, then decode: every step's logits equal the uncached forward's."""
+    make_hf_model(arch, tmp_path / "m")
+    m = Transformer.from_pretrained(tmp_path / "m")
+    idx, mask, _ = padded_batch(m.args.vocab_size, [6, 3, 5], seed=1)
+    K, steps = 2, 5
+    new = torch.randint(5, m.args.vocab_size, (3 * K, steps), generator=torch.Generator().manual_seed(2))
+    full_idx = torch.cat([idx.repeat_interleave(K, 0), new], 1)
+    full_mask = torch.cat([mask.repeat_interleave(K, 0), torch.ones_like(new)], 1)
+    with torch.no_grad():
+        ref = m(full_idx, attention_mask=full_mask)  # (N, T0 + steps, V)
+        m.setup_cache(3 * K, idx.shape[1] + steps)
+        got = [m.prefill(idx, mask).repeat_interleave(K, 0)]
+        for t in range(steps - 1):
+            slot = idx.shape[1] + t
+            got.append(m.decode(new[:, t], torch.tensor([slot]), slot + 1))
+    T0 = idx.shape[1]
+    for t, g in enumerate(got):
+        assert (g - ref[:, T0 - 1 + t]).abs().max().item() < 1e-4
+
+
+def test_errors_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path / "nothing")
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM") as e:
+        Transformer.from_pretrained(d)
+    assert "\n" not in str(e.value)
+    make_hf_model("llama", tmp_path / "l")
+    (tmp_path / "l" / "model.safetensors").rename(tmp_path / "l" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors") as e:
+        Transformer.from_pretrained(tmp_path / "l")
+    assert "\n" not in str(e.value)
+    cfg = json.loads((tmp_path / "l" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    (tmp_path / "l" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_type"):
+        Transformer.from_pretrained(tmp_path / "l")
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = make_hf_model("mistral")
+    hf.save_pretrained(tmp_path / "s", max_shard_size="40KB")
+    assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "s").glob("model-*.safetensors"))) > 1
+    ours = Transformer.from_pretrained(tmp_path / "s")
+    idx, _, _ = padded_batch(ours.args.vocab_size, [7])
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+    next((tmp_path / "s").glob("model-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="shard"):
+        Transformer.from_pretrained(tmp_path / "s")
