@@ -1,0 +1,105 @@
+"""Throughput of oracle.py's client against the raw capacity of the same local server, measured in one run.
+
+    python bench/bench_oracle.py                       # starts a tiny llama-cpp-python server on 127.0.0.1
+    python bench/bench_oracle.py --items 32 --concurrency 4 --repeats 3
+
+raw  = the same chat-completion payloads (pairwise verdicts, both orders) POSTed by bare threads over
+       keep-alive http.client connections, no parsing beyond json.loads;
+ours = oracle.judge_items (openai client, retries, ledger, tiktoken counts, result assembly), cache off.
+After a warm-up, `repeats` raw/ours pairs run back to back (alternating which goes first); reported: the median
+and quartiles of the per-pair ratios ours/raw (target >= 0.9), the ratio of medians, the client CPU per
+request of each, and the machine's load average (on a busy 2-core box single runs vary by 2x).
+"""
+import argparse, http.client, json, os, statistics, sys, tempfile, threading, time
+from urllib.parse import urlparse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(HERE, "..", "tests")]
+
+
+def raw_run(base_url, payloads, concurrency):
+    """Bare capacity: `concurrency` threads, each with one keep-alive connection, pulling payloads."""
+    u, it, lock = urlparse(base_url), iter(range(len(payloads))), threading.Lock()
+
+    def worker():
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        while True:
+            with lock:
+                k = next(it, None)
+            if k is None:
+                return conn.close()
+            conn.request("POST", u.path + "/chat/completions", body=payloads[k],
+                         headers={"Content-Type": "application/json", "Authorization": "Bearer x"})
+            r = conn.getresponse()
+            assert r.status == 200, r.status
+            json.loads(r.read())
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--items", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=9, help="raw/ours pairs")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    ap.add_argument("--base_url", default="", help="use a running server instead of starting one")
+    ap.add_argument("--model", default="tiny")
+    args = ap.parse_args()
+    import oracle
+    os.environ.setdefault("BENCH_KEY", "x")
+    proc = None
+    if not args.base_url:
+        from llama_server import start_server
+        args.base_url, proc = start_server(tempfile.mkdtemp(), threads=args.threads)
+    try:
+        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, model=args.model, api_key_env="BENCH_KEY",
+                            cache="", concurrency=args.concurrency, extra_body='{"repeat_penalty": 1.0}')
+        items = [{"id": str(k), "prompt": f"Question {k}: name a colour you like and why.",
+                  "candidates": [f"{w} because it is {w}." * (1 + (k + j) % 3) for j, w in
+                                 enumerate(["red", "blue", "green", "amber", "teal"][:args.candidates])]}
+                 for k in range(args.items)]
+        enc = oracle.encoder_for(cfg)
+        units = [u for it in items for u in oracle.plan_item(it, cfg, None, enc, cfg.model)[0]]
+        payloads = [json.dumps({"model": cfg.model, "messages": u["messages"], "max_tokens": 1, "temperature": 0.0,
+                                "logprobs": True, "top_logprobs": cfg.top_logprobs, "repeat_penalty": 1.0}).encode()
+                    for u in units]
+        raw_run(args.base_url, payloads[:8], args.concurrency)  # warm-up
+        oracle.judge_items(items[:2], cfg, progress=False)
+        raw, ours, cpu_raw, cpu_ours = [], [], [], []
+
+        def timed(f):  # -> (requests/s, client CPU ms per request), CPU time of this process (all its threads)
+            c0, t0 = time.process_time(), time.perf_counter()
+            f()
+            return len(payloads) / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / len(payloads)
+
+        def ours_run():
+            res, summ = oracle.judge_items(items, cfg, progress=False)
+            assert summ["calls"] == len(payloads) and all(r["ok"] for r in res), summ
+        for k in range(args.repeats):  # alternate which goes first, so drift in the machine's load cancels
+            for name in (("raw", "ours") if k % 2 == 0 else ("ours", "raw")):
+                rps, cpu = timed(ours_run) if name == "ours" else timed(lambda: raw_run(args.base_url, payloads,
+                                                                                       args.concurrency))
+                (ours if name == "ours" else raw).append(rps)
+                (cpu_ours if name == "ours" else cpu_raw).append(cpu)
+        paired = sorted(b / a for a, b in zip(raw, ours))
+        print(json.dumps({"requests_per_run": len(payloads), "concurrency": args.concurrency, "pairs": args.repeats,
+                          "raw_req_per_s": [round(x, 1) for x in raw], "ours_req_per_s": [round(x, 1) for x in ours],
+                          "median_paired_ratio": round(statistics.median(paired), 3),
+                          "paired_ratio_quartiles": [round(x, 3) for x in statistics.quantiles(paired, n=4)],
+                          "ratio_of_medians": round(statistics.median(ours) / statistics.median(raw), 3),
+                          "client_cpu_ms_per_req": {"raw": round(statistics.median(cpu_raw), 2),
+                                                    "ours": round(statistics.median(cpu_ours), 2)},
+                          "target": 0.9, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}))
+    finally:
+        if proc is not None:
+            from llama_server import stop_server
+            stop_server(proc)
+
+
+if __name__ == "__main__":
+    main()
