@@ -13,6 +13,7 @@ Output lines {"id", "prompt", "candidates", "gold_index", "ok", "error", "scores
 hits, failures by kind, order disagreement, tokens, dollars). Cache: --cache JSONL, one line per answered request
 (failures are never cached, so a rerun re-asks exactly them). The API key is read from $OPENAI_API_KEY (the env
 var named by --api_key_env) and never written anywhere; a server that echoes it gets it masked as ***.
+The HTTP client (the `openai` package), retries, budget ledger and cache live in chat_api.py.
 
 Judges: "rubric" (the paper's batched prompting: all K+1 candidates in one call, a short justification and
 an additive score out of 6 each), "pairwise" (one verdict token A/B, soft P from its top log-probs, both
@@ -27,11 +28,12 @@ Departures from the paper (numbered):
 4. Candidates longer than max_judge_tokens are truncated before judging (listed in "truncated").
 5. A failed judgment is explicit (ok=False, None entries) and is never turned into a winner or a zero.
 """
-import hashlib, json, math, os, random, re, sys, threading, time, warnings
+import hashlib, json, math, os, re, sys, threading, time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
+
+from chat_api import PRICES, BudgetExceeded, Cache, Ledger, call, count_tokens, get_encoder, pool, truncate
 
 TEMPLATE_VERSION = "dno-oracle-v1"  # bump when any template below changes: it is part of every cache key
 SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."
@@ -65,11 +67,6 @@ PAIRWISE_TEMPLATE = """Which response answers the user prompt better? Consider h
 {b}
 
 Reply with one letter only: A or B."""
-# USD per 1M tokens (input, output); override or extend with --prices '{"model": [in, out]}'
-PRICES = {"gpt-4-turbo": (10.0, 30.0), "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
-          "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6)}
-
-
 @dataclass
 class Config:
     judge: str = "rubric"          # rubric | pairwise | local | synthetic
@@ -100,13 +97,6 @@ class Config:
 
 class OracleError(ValueError):
     """A user/setup mistake with a one-line message (CLIs print it and exit)."""
-
-
-class BudgetExceeded(RuntimeError):
-    """--max_usd / --max_calls hit; everything judged so far is in the cache. Carries .results, .summary."""
-    def __init__(self, msg, results=None, summary=None):
-        super().__init__(msg)
-        self.results, self.summary = results, summary
 
 
 # ----------------------------------------------------------------------------- synthetic judges
@@ -151,11 +141,8 @@ def parse_scores(text, n):
             found.setdefault(int(m.group(1)), []).append(float(s.group(1) or s.group(2)))
     for m in re.finditer(r"score\s*(?:for\s*(?:candidate|response)\s*)?#?(\d+)\s*[:=]\s*" + num, text, re.I):
         found.setdefault(int(m.group(1)), []).append(float(m.group(2)))
-    out = []
-    for i in range(1, n + 1):
-        v = set(found.get(i, []))  # conflicting scores for one candidate -> unparsable
-        out.append(v.pop() if len(v) == 1 and 0 <= min(v) <= 6 else None)
-    return out
+    vals = [set(found.get(i, [])) for i in range(1, n + 1)]  # conflicting scores for one candidate -> unparsable
+    return [v.pop() if len(v) == 1 and 0 <= min(v) <= 6 else None for v in vals]
 
 
 def verdict_prob(top):
@@ -175,132 +162,29 @@ def prompt_text(prompt):
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-# ----------------------------------------------------------------------------- tokens and money
-@lru_cache(maxsize=None)
-def get_encoder(spec):
-    """tiktoken encoder from a name or a local .tiktoken file (lines 'base64token rank'); None, with ONE warning,
-    when unavailable (named encodings download their BPE file on first use and fail offline)."""
-    import base64, tiktoken
-    try:
-        if os.path.isfile(spec):
-            with open(spec) as f:
-                ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f if ln.strip())}
-            return tiktoken.Encoding(os.path.basename(spec), pat_str=r"\s?\w+|\s?[^\w\s]+|\s+",
-                                     mergeable_ranks=ranks, special_tokens={})
-        return tiktoken.get_encoding(spec)
-    except Exception as e:
-        warnings.warn(f"tiktoken encoding {spec!r} unavailable ({type(e).__name__}); "
-                      "token counts are approximate (len(text) / 4)", stacklevel=2)
-        return None
-
-
 def encoder_for(cfg):
-    if cfg.encoding:
-        return get_encoder(cfg.encoding)
-    return get_encoder("o200k_base" if cfg.model.startswith(("gpt-4o", "gpt-4.1")) else "cl100k_base")
-
-
-def count_tokens(enc, text):
-    return len(enc.encode(text, disallowed_special=())) if enc else math.ceil(len(text) / 4)
-
-
-def truncate(enc, text, max_tokens):
-    """-> (text cut to at most max_tokens tokens, was_truncated)"""
-    if enc is None:
-        return (text, False) if len(text) <= 4 * max_tokens else (text[:4 * max_tokens], True)
-    ids = enc.encode(text, disallowed_special=())
-    return (text, False) if len(ids) <= max_tokens else (enc.decode(ids[:max_tokens]), True)
-
-
-def price_table(cfg):
-    try:
-        return {**PRICES, **{k: tuple(v) for k, v in json.loads(cfg.prices or "{}").items()}}
-    except (ValueError, TypeError, AttributeError) as e:
-        raise OracleError(f"--prices must be JSON like '{{\"model\": [in, out]}}' ({e})")
-
-
-# ----------------------------------------------------------------------------- cache
-class Cache:
-    """Append-only JSONL {"key", "value"}; one flushed + fsynced line per judgment, so a crash loses at most
-    the line being written; a torn last line is skipped on load (and the next write starts a fresh line)."""
-    def __init__(self, path):
-        self.path, self.data, self.lock, self.f = path, {}, threading.Lock(), None
-        raw = open(path, "rb").read() if path and os.path.exists(path) else b""
-        self.torn = bool(raw) and not raw.endswith(b"\n")
-        for line in raw.decode("utf-8", "replace").splitlines():
-            try:
-                rec = json.loads(line)
-                self.data[rec["key"]] = rec["value"]
-            except (ValueError, KeyError, TypeError):
-                pass  # the torn line
-
-    def put(self, key, value):
-        with self.lock:
-            self.data[key] = value
-            if self.path and self.f is None:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                self.f = open(self.path, "a", encoding="utf-8")
-                self.f.write("\n" if self.torn else "")
-            if self.f:
-                self.f.write(json.dumps({"key": key, "value": value}) + "\n")
-                self.f.flush()
-                os.fsync(self.f.fileno())
-
-    def close(self):
-        if self.f:
-            self.f.close()
-
-
-class Ledger:
-    """Calls, tokens and dollars, shared by the worker threads; enforces the hard budget before each send."""
-    def __init__(self, cfg, price):
-        self.cfg, self.lock, self.stopped = cfg, threading.Lock(), None
-        self.cost = lambda n_in, n_out: (n_in * price[0] + n_out * price[1]) / 1e6  # price: USD per 1M tokens
-        self.calls = self.retries = self.tokens_in = self.tokens_out = 0
-        self.usd = self.reserved = 0.0
-
-    def spend(self, n_in, max_out):
-        """Reserve one request (worst case: max_out output tokens) or raise BudgetExceeded."""
-        with self.lock:
-            c, est = self.cfg, self.cost(n_in, max_out)
-            if self.stopped is None and c.max_calls and self.calls >= c.max_calls:
-                self.stopped = f"--max_calls {c.max_calls} reached"
-            if self.stopped is None and c.max_usd and self.usd + self.reserved + est > c.max_usd:
-                self.stopped = f"--max_usd {c.max_usd} reached (${self.usd:.4f} spent)"
-            if self.stopped:
-                raise BudgetExceeded(self.stopped)
-            self.calls += 1
-            self.reserved += est
-            return est
-
-    def settle(self, est, n_in, n_out):
-        with self.lock:
-            self.reserved -= est
-            self.tokens_in, self.tokens_out = self.tokens_in + n_in, self.tokens_out + n_out
-            self.usd += self.cost(n_in, n_out)
+    return get_encoder(cfg.encoding or ("o200k_base" if cfg.model.startswith(("gpt-4o", "gpt-4.1")) else "cl100k_base"))
 
 
 # ----------------------------------------------------------------------------- the judges' calls
 def make_client(cfg):
-    """-> (openai client, key); the key is read from the environment, never from a flag or a file."""
+    """-> (client, key): the endpoint's pool of keep-alive connections (chat_api.py), and the key, read from the
+    environment (never from a flag or a file)."""
     key = os.environ.get(cfg.api_key_env, "")
     if not key:
         raise OracleError(f"missing API key: set ${cfg.api_key_env} (any non-empty value for a local server)")
-    return _client(cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None, key, cfg.timeout), key
+    url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    if not url.startswith(("http://", "https://")):
+        raise OracleError(f"--base_url must start with http:// or https://, got {url!r}")
+    return pool(url, cfg.timeout, key), key
 
 
-@lru_cache(maxsize=4)
-def _client(base_url, key, timeout):  # reused across calls: building one loads the CA bundle (~75 ms)
-    from openai import OpenAI
-    return OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)  # we retry ourselves
-
-
-def read_reply(data, unit, n):
+def read_reply(data, unit):
     """Chat-completion JSON -> cache value; raises on a malformed reply (retried), returns 'fail' when unparsable."""
     ch = data["choices"][0]
     if unit["kind"] == "rubric":
         text = ch["message"]["content"]
-        scores = parse_scores(text, n)
+        scores = parse_scores(text, unit["n"])
         bad = [i for i, s in enumerate(scores) if s is None]
         return {"scores": scores, "raw": text, **({"fail": "parse", "error": f"unparsable scores for candidates {bad}"}
                                                   if bad else {})}
@@ -312,51 +196,6 @@ def read_reply(data, unit, n):
     return {"p": p, "raw": pos["token"]}
 
 
-def call_api(client, key, unit, n, cfg, ledger):
-    """One request with retries on 429 / 5xx / timeouts / malformed replies (exponential backoff + jitter).
-    Returns a cache value, or {"fail": kind, "error": msg} after the retries -- never a default winner."""
-    import openai
-    body = dict(model=cfg.model, messages=unit["messages"], max_tokens=unit["max_tokens"],
-                temperature=cfg.temperature, **(json.loads(cfg.extra_body) if cfg.extra_body else {}))
-    if unit["kind"] == "verdict":
-        body.update(logprobs=True, top_logprobs=max(1, cfg.top_logprobs))  # llama.cpp needs top_logprobs >= 1
-    rng, wait = random.Random(f"{cfg.seed}:{unit['key']}"), 0.0
-    for attempt in range(cfg.retries + 1):
-        if attempt:
-            with ledger.lock:
-                ledger.retries += 1
-            time.sleep(max(wait, min(30.0, cfg.backoff * 2 ** (attempt - 1)) * (0.5 + rng.random())))
-        est = ledger.spend(unit["n_in"], unit["max_tokens"])  # may raise BudgetExceeded
-        n_in = n_out = 0  # failed requests are not billed
-        try:
-            # the openai client's raw POST (its documented escape hatch): same auth, timeouts and error classes
-            # as chat.completions.create, without building pydantic objects -- a third of the client's CPU time
-            data = json.loads(client.post("/chat/completions", body=body, cast_to=bytes))
-            value = read_reply(data, unit, n)
-            if len(key) >= 8 and key in json.dumps(value):  # a server echoing the key must not get it cached
-                value = json.loads(json.dumps(value).replace(key, "***"))
-            u = data.get("usage") or {}  # the server's own counts when it reports them
-            n_in = u.get("prompt_tokens") or unit["n_in"]
-            n_out = u.get("completion_tokens") or unit["max_tokens"]
-            return value
-        except openai.APIConnectionError as e:  # incl. APITimeoutError
-            fail = ("timeout" if isinstance(e, openai.APITimeoutError) else "connection", e)
-        except openai.APIStatusError as e:
-            c = e.status_code
-            fail = ("rate_limit" if c == 429 else "server_error" if c >= 500 else f"http_{c}", e)
-            ra = e.response.headers.get("retry-after", "")  # the server's own advice, in seconds
-            wait = min(60.0, float(ra)) if ra.replace(".", "", 1).isdigit() else 0.0
-            if c < 500 and c not in (408, 409, 429):
-                break  # other 4xx: retrying cannot help
-        except (openai.APIError, AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
-            fail = ("bad_response", e)
-        finally:
-            ledger.settle(est, n_in, n_out)
-    msg = f"{type(fail[1]).__name__}: {fail[1]}"
-    # never leak the key (keys under 8 chars, like "x" for a local server, are no secret and would mangle text)
-    return {"fail": fail[0], "error": (msg.replace(key, "***") if len(key) >= 8 else msg)[:300]}
-
-
 def run_local(units, cfg, ledger, done):
     """Local judge: the pairwise prompt through a model.py Transformer; P(A) read from the next-token
     log-softmax over the verdict tokens, batches left-padded."""
@@ -366,14 +205,12 @@ def run_local(units, cfg, ledger, done):
     path = cfg.local_model or cfg.model
     if not os.path.isdir(path):
         raise OracleError(f"local judge model {path!r} is not a directory (--local_model)")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = Transformer.from_pretrained(path).eval()
+    tok, model = AutoTokenizer.from_pretrained(path), Transformer.from_pretrained(path).eval()
     letters = {v: {ids[0] for ids in (tok.encode(s, add_special_tokens=False) for s in (v, " " + v)) if len(ids) == 1}
                for v in "AB"}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for s in range(0, len(units), cfg.local_batch_size):
-        chunk = units[s:s + cfg.local_batch_size]
-        rows = []
+        chunk, rows = units[s:s + cfg.local_batch_size], []
         for u in chunk:
             ledger.spend(0, 0)
             text = (tok.apply_chat_template(u["messages"], tokenize=False, add_generation_prompt=True)
@@ -399,10 +236,8 @@ def plan_item(item, cfg, fn, enc, judge_id):
     h = lambda *parts: hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     if fn is not None:
         return [{"key": h(judge_id, TEMPLATE_VERSION, prompt, cands), "kind": "fn", "item": item}], []
-    truncated = []
-    for i, c in enumerate(cands):
-        cands[i], cut = truncate(enc, c, cfg.max_judge_tokens)
-        truncated += [i] if cut else []
+    cut = [truncate(enc, c, cfg.max_judge_tokens) for c in cands]
+    cands, truncated = [c for c, _ in cut], [i for i, (_, was) in enumerate(cut) if was]
     text, dec = prompt_text(prompt), {"temperature": cfg.temperature, "extra_body": cfg.extra_body}
 
     def unit(kind, content, order, max_tokens):
@@ -423,19 +258,18 @@ def assemble(item, units, values, truncated, cfg):
     """Cache values of one item's units -> the contract's result dict (P[i][j] = P(cand i > cand j))."""
     n, vals = len(item["candidates"]), [values.get(u["key"]) for u in units]
     res = {"id": item["id"], "ok": False, "error": None, "scores": None, "P": None, "disagreement": None,
-           "cached": all(u["key"] in values and values[u["key"]].get("_cached") for u in units),
+           "cached": all(v is not None and v.get("_cached") for v in vals),
            "truncated": truncated, "max_judge_tokens": cfg.max_judge_tokens}
     if any(v is None for v in vals):
-        return {**res, "cached": False, "error": "not judged: budget exhausted"}
-    fails = [v for v in vals if "fail" in v]
-    first = vals[0] if vals else {}
-    if "scores" in first or (units and units[0]["kind"] == "rubric"):
+        return {**res, "error": "not judged: budget exhausted"}
+    first, fails = vals[0], [v for v in vals if "fail" in v]
+    if "scores" in first or units[0]["kind"] == "rubric":  # P[i][j] from comparing scores (departure 3)
         s = first.get("scores")
         P = None if s is None else [[0.5 if i == j else None if s[i] is None or s[j] is None else
                                      0.5 + 0.5 * ((s[i] > s[j]) - (s[i] < s[j])) for j in range(n)] for i in range(n)]
         res.update(scores=s, P=P, rationale=first.get("raw"))
     else:
-        if units and units[0]["kind"] == "fn":
+        if units[0]["kind"] == "fn":
             P = first["P"]
         else:  # both orders of each pair, averaged: P(i > j) = (p(i first wins) + 1 - p(j first wins)) / 2
             p = {u["pair"]: v.get("p") for u, v in zip(units, vals)}
@@ -446,10 +280,10 @@ def assemble(item, units, values, truncated, cfg):
             res["disagreement"] = sum((a - .5) * (b - .5) > 0 for a, b in both) / len(both) if both else None
         known = [[x for j, x in enumerate(row) if j != i and x is not None] for i, row in enumerate(P)]
         res.update(P=P, scores=[sum(k) / len(k) if k else None for k in known])  # win-rates
-    bad = fails[0] if fails else None
-    res["ok"] = bad is None and P is not None and all(x is not None for row in P for x in row)
-    if bad:
-        res["error"] = f"{bad['fail']}: {bad['error']}" + (f" (+{len(fails) - 1} more)" if len(fails) > 1 else "")
+    res["ok"] = not fails and P is not None and all(x is not None for row in P for x in row)
+    if fails:
+        more = f" (+{len(fails) - 1} more)" if len(fails) > 1 else ""
+        res["error"] = f"{fails[0]['fail']}: {fails[0]['error']}{more}"
     return res
 
 
@@ -462,32 +296,46 @@ def check_inputs(items, cfg, fn):
     if fn is None and cfg.judge not in ("rubric", "pairwise", "local"):
         raise OracleError(f"unknown --judge {cfg.judge!r}; choose rubric, pairwise, local or synthetic")
     for it in items:
-        if not isinstance(it, dict) or "id" not in it or "prompt" not in it or not isinstance(
-                it.get("candidates"), list) or not all(isinstance(c, str) for c in it["candidates"]):
+        if not (isinstance(it, dict) and "id" in it and "prompt" in it and isinstance(it.get("candidates"), list)
+                and all(isinstance(c, str) for c in it["candidates"])):
             raise OracleError(f"bad item {str(it)[:80]!r}: need 'id', 'prompt' and 'candidates' (a list of strings)")
-    try:
-        assert isinstance(json.loads(cfg.extra_body or "{}"), dict)
-    except (ValueError, AssertionError):
-        raise OracleError(f"--extra_body must be a JSON object, got {cfg.extra_body!r}")
+    for flag, text in (("extra_body", cfg.extra_body), ("prices", cfg.prices)):
+        try:
+            obj = json.loads(text or "{}")
+            assert isinstance(obj, dict) and (flag == "extra_body" or all(len(v) == 2 for v in obj.values()))
+        except (ValueError, AssertionError, TypeError):
+            raise OracleError(f"--{flag} must be a JSON object (--prices: {{\"model\": [in, out]}}), got {text!r}")
     return fn
 
 
-def run_api(pending, cfg, ledger, cache, done):
-    """Bounded concurrency: cfg.concurrency threads; each result is cached by the worker as soon as it lands,
-    so an interrupt or a budget stop loses at most the requests in flight."""
-    client, key = make_client(cfg)
+def run_fn(pending, fn, ledger, done):
+    """A synthetic judge: one call per item, its answer checked for shape."""
+    for u in pending:
+        ledger.spend(0, 0)
+        n, v = len(u["item"]["candidates"]), fn(u["item"]["prompt"], list(u["item"]["candidates"]))
+        if not isinstance(v, dict) or not (len(v.get("scores") or []) == n or len(v.get("P") or []) == n):
+            raise OracleError(f"judge {fn.__name__} returned {str(v)[:60]}; want {{'scores': [n]}} or {{'P': n x n}}")
+        done(u, v)
 
-    def work(u):
-        v = call_api(client, key, u, u["n"], cfg, ledger)
-        if "fail" not in v:  # failures are not cached: a rerun asks again
-            cache.put(u["key"], v)
-        return v
+
+def run_api(pending, cfg, ledger, done):
+    """Bounded concurrency: cfg.concurrency threads; `done` caches each answer as soon as it lands (in the
+    worker), so an interrupt or a budget stop loses at most the requests in flight."""
+    (client, key), extra = make_client(cfg), json.loads(cfg.extra_body or "{}")
+
+    def work(u):  # one judge request through chat_api.call: retries, budget, key scrubbing
+        body = dict(model=cfg.model, messages=u["messages"], max_tokens=u["max_tokens"], temperature=cfg.temperature,
+                    **extra)
+        if u["kind"] == "verdict":
+            body.update(logprobs=True, top_logprobs=max(1, cfg.top_logprobs))  # llama.cpp needs top_logprobs >= 1
+        done(u, call(client, key, body, lambda data: read_reply(data, u), ledger, n_in=u["n_in"],
+                     max_out=u["max_tokens"], retries=cfg.retries, backoff=cfg.backoff, seed=f"{cfg.seed}:{u['key']}"))
     with ThreadPoolExecutor(max(1, cfg.concurrency)) as ex:
-        futs = {ex.submit(work, u): u for u in pending}
+        futs = [ex.submit(work, u) for u in pending]
         try:
             for f in as_completed(futs):
                 if not isinstance(f.exception(), BudgetExceeded):
-                    done(futs[f], f.result())
+                    f.result()
         finally:
             ex.shutdown(cancel_futures=True)  # on Ctrl-C / an error: send nothing more
 
@@ -497,57 +345,52 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     from tqdm import tqdm
     t0, fn = time.time(), check_inputs(items, cfg, fn)
     api = fn is None and cfg.judge != "local"
-    price = price_table(cfg).get(cfg.model) if api else (0.0, 0.0)
+    price = {**PRICES, **json.loads(cfg.prices or "{}")}.get(cfg.model) if api else (0.0, 0.0)
     if price is None and cfg.max_usd:
         raise OracleError(f"no price known for model {cfg.model!r}: pass --prices '{{\"{cfg.model}\": [in, out]}}'")
-    ledger, enc = Ledger(cfg, price or (0.0, 0.0)), encoder_for(cfg) if api else None  # local: ~4 chars/token
-    local = os.path.abspath(cfg.local_model or cfg.model)
-    judge_id = f"fn:{fn.__name__}" if fn else cfg.model if api else f"local:{local}"
+    ledger = Ledger(price or (0.0, 0.0), cfg.max_usd, cfg.max_calls)
+    enc = encoder_for(cfg) if api else None  # local: ~4 chars/token
+    local = f"local:{os.path.abspath(cfg.local_model or cfg.model)}"
+    judge_id = f"fn:{fn.__name__}" if fn else cfg.model if api else local
     plans = [plan_item(it, cfg, fn, enc, judge_id) for it in items]
-    cache, values, pending = Cache(cfg.cache), {}, {}
-    for units, _ in plans:
-        for u in units:
-            if u["key"] in cache.data:
-                values[u["key"]] = {**cache.data[u["key"]], "_cached": True}
-            else:
-                pending.setdefault(u["key"], u)
+    cache, values, pending, lock = Cache(cfg.cache), {}, {}, threading.Lock()
+    for u in (u for units, _ in plans for u in units):
+        if u["key"] in cache.data:
+            values[u["key"]] = {**cache.data[u["key"]], "_cached": True}
+        else:
+            pending.setdefault(u["key"], u)
     hits, pending = sum(u["key"] in values for units, _ in plans for u in units), list(pending.values())
     bar = tqdm(total=len(pending), disable=not progress, desc=f"judge[{fn.__name__ if fn else cfg.judge}]", unit="call")
 
-    def done(u, v, store=False):
-        values[u["key"]] = v
-        if store and "fail" not in v:
+    def done(u, v):  # called by the worker threads too
+        if "fail" not in v:  # failures are not cached: a rerun asks again
             cache.put(u["key"], v)
-        bar.update(1)
+        with lock:
+            values[u["key"]] = v
+            bar.update(1)
     try:
         if fn is not None:
-            for u in pending:
-                ledger.spend(0, 0)
-                n, v = len(u["item"]["candidates"]), fn(u["item"]["prompt"], list(u["item"]["candidates"]))
-                if not isinstance(v, dict) or not (len(v.get("scores") or []) == n or len(v.get("P") or []) == n):
-                    raise OracleError(f"judge {fn.__name__} returned {str(v)[:60]}; want {{'scores': [n]}} "
-                                      "or {'P': n x n}")
-                done(u, v, store=True)
+            run_fn(pending, fn, ledger, done)
         elif cfg.judge == "local":
-            run_local(pending, cfg, ledger, lambda u, v: done(u, v, store=True))
+            run_local(pending, cfg, ledger, done)
         elif pending:
-            run_api(pending, cfg, ledger, cache, done)
+            run_api(pending, cfg, ledger, done)
     except BudgetExceeded:
         pass  # ledger.stopped holds the reason; everything finished so far is already in the cache
     finally:
         bar.close()
         cache.close()
     results = [assemble(it, units, values, tr, cfg) for it, (units, tr) in zip(items, plans)]
-    fails = dict(Counter(v["fail"] for v in values.values() if "fail" in v))
     dis = [r["disagreement"] for r in results if r["disagreement"] is not None]
     summary = {"items": len(items), "ok": sum(r["ok"] for r in results), "calls": ledger.calls,
-               "retries": ledger.retries, "cache_hits": hits, "failures": fails,
+               "retries": ledger.retries, "cache_hits": hits,
+               "failures": dict(Counter(v["fail"] for v in values.values() if "fail" in v)),
                "order_disagreement": sum(dis) / len(dis) if dis else None, "tokens_in": ledger.tokens_in,
                "tokens_out": ledger.tokens_out, "usd": round(ledger.usd, 6), "price_known": price is not None,
                "truncated": sum(len(r["truncated"]) for r in results), "seconds": round(time.time() - t0, 3)}
     if ledger.stopped:
-        raise BudgetExceeded(f"budget exhausted: {ledger.stopped}; {sum(r['ok'] for r in results)}/{len(items)} "
-                             "items judged and cached (rerun with a larger budget to resume)", results, summary)
+        raise BudgetExceeded(f"budget exhausted: {ledger.stopped}; {summary['ok']}/{len(items)} items judged and "
+                             "cached (rerun with a larger budget to resume)", results, summary)
     return results, summary
 
 
@@ -566,13 +409,13 @@ def load_samples(path):
     items = []
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                rec = json.loads(line)
-                cands = list(rec["samples"]) + ([rec["gold"]] if rec.get("gold") is not None else [])
-                items.append({"id": str(rec.get("id", ln)), "prompt": rec["prompt"], "candidates": cands,
-                              "gold_index": len(cands) - 1 if rec.get("gold") is not None else None})
+                if line.strip():
+                    rec = json.loads(line)
+                    gold = [rec["gold"]] if rec.get("gold") is not None else []
+                    cands = list(rec["samples"]) + gold
+                    items.append({"id": str(rec.get("id", ln)), "prompt": rec["prompt"], "candidates": cands,
+                                  "gold_index": len(cands) - 1 if gold else None})
             except (ValueError, KeyError, TypeError) as e:
                 raise OracleError(f"{path}:{ln}: bad samples line ({type(e).__name__}: {e})")
     return items
@@ -590,18 +433,16 @@ def main(argv=None):
     print(json.dumps({"config": asdict(cfg)}), file=sys.stderr)  # holds the key's env var NAME only
     try:
         items = load_samples(cfg.samples)
-        results, summary = judge_items(items, cfg)
+        results, s = judge_items(items, cfg)
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(cfg.out, "w", encoding="utf-8") as f:
             for it, r in zip(items, results):
-                f.write(json.dumps({**r, "prompt": it["prompt"], "candidates": it["candidates"],
-                                    "gold_index": it["gold_index"]}) + "\n")
+                f.write(json.dumps({**r, **{k: it[k] for k in ("prompt", "candidates", "gold_index")}}) + "\n")
     except BudgetExceeded as e:
         print(json.dumps({"summary": e.summary}), file=sys.stderr)
         sys.exit(f"error: {e}")
     except (OracleError, OSError) as e:
         sys.exit(f"error: {e}")
-    s = summary
     print(f"judged {s['items']} items ({s['ok']} ok) | calls {s['calls']} (retries {s['retries']}) | cache hits "
           f"{s['cache_hits']} | failures {s['failures']} | order disagreement {s['order_disagreement']} | tokens "
           f"{s['tokens_in']} in / {s['tokens_out']} out | ${s['usd']:.4f} | {s['seconds']}s")

@@ -5,16 +5,28 @@
 
 raw  = the same chat-completion payloads (pairwise verdicts, both orders) POSTed by bare threads over
        keep-alive http.client connections, no parsing beyond json.loads;
-ours = oracle.judge_items (openai client, retries, ledger, tiktoken counts, result assembly), cache off.
+ours = oracle.judge_items (chat_api.py client, retries, ledger, token counts, result assembly), cache off.
 After a warm-up, `repeats` raw/ours pairs run back to back (alternating which goes first); reported: the median
-and quartiles of the per-pair ratios ours/raw (target >= 0.9), the ratio of medians, the client CPU per
-request of each, and the machine's load average (on a busy 2-core box single runs vary by 2x).
+and quartiles of the per-pair ratios ours/raw (target >= 0.9), the ratio of medians, the client and server CPU
+per request of each, and the machine's load average (on a busy 2-core box single runs vary by 2x). Because the
+wall-clock ratios swing with other people's load, the CPU figures also give the load-independent ratio a
+CPU-bound machine would show: (server + client CPU per request, raw) / (the same, ours).
 """
 import argparse, http.client, json, os, statistics, sys, tempfile, threading, time
 from urllib.parse import urlparse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(HERE, "..", "tests")]
+
+
+def cpu_seconds(pid):
+    """user + system CPU seconds of a process, all its threads (Linux /proc); None when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()  # fields after the command name; utime, stime are 14, 15
+        return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def raw_run(base_url, payloads, concurrency):
@@ -70,30 +82,35 @@ def main():
                     for u in units]
         raw_run(args.base_url, payloads[:8], args.concurrency)  # warm-up
         oracle.judge_items(items[:2], cfg, progress=False)
-        raw, ours, cpu_raw, cpu_ours = [], [], [], []
+        rps, cpu, srv = {"raw": [], "ours": []}, {"raw": [], "ours": []}, {"raw": [], "ours": []}
+        server_pid = proc.pid if proc is not None else None
 
-        def timed(f):  # -> (requests/s, client CPU ms per request), CPU time of this process (all its threads)
-            c0, t0 = time.process_time(), time.perf_counter()
+        def timed(f):  # -> (requests/s, client CPU ms/request (this process, all threads), server CPU ms/request)
+            s0, c0, t0 = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
             f()
-            return len(payloads) / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / len(payloads)
+            t, c, s1, n = time.perf_counter() - t0, time.process_time() - c0, cpu_seconds(server_pid), len(payloads)
+            return n / t, 1e3 * c / n, None if None in (s0, s1) else 1e3 * (s1 - s0) / n
 
         def ours_run():
             res, summ = oracle.judge_items(items, cfg, progress=False)
             assert summ["calls"] == len(payloads) and all(r["ok"] for r in res), summ
         for k in range(args.repeats):  # alternate which goes first, so drift in the machine's load cancels
             for name in (("raw", "ours") if k % 2 == 0 else ("ours", "raw")):
-                rps, cpu = timed(ours_run) if name == "ours" else timed(lambda: raw_run(args.base_url, payloads,
-                                                                                       args.concurrency))
-                (ours if name == "ours" else raw).append(rps)
-                (cpu_ours if name == "ours" else cpu_raw).append(cpu)
-        paired = sorted(b / a for a, b in zip(raw, ours))
+                r, c, sv = timed(ours_run if name == "ours" else lambda: raw_run(args.base_url, payloads,
+                                                                                 args.concurrency))
+                rps[name].append(r), cpu[name].append(c), srv[name].append(sv)
+        paired = sorted(b / a for a, b in zip(rps["raw"], rps["ours"]))
+        med = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+        med_srv = {k: round(statistics.median(v), 2) if None not in v else None for k, v in srv.items()}
         print(json.dumps({"requests_per_run": len(payloads), "concurrency": args.concurrency, "pairs": args.repeats,
-                          "raw_req_per_s": [round(x, 1) for x in raw], "ours_req_per_s": [round(x, 1) for x in ours],
+                          "raw_req_per_s": [round(x, 1) for x in rps["raw"]],
+                          "ours_req_per_s": [round(x, 1) for x in rps["ours"]],
                           "median_paired_ratio": round(statistics.median(paired), 3),
                           "paired_ratio_quartiles": [round(x, 3) for x in statistics.quantiles(paired, n=4)],
-                          "ratio_of_medians": round(statistics.median(ours) / statistics.median(raw), 3),
-                          "client_cpu_ms_per_req": {"raw": round(statistics.median(cpu_raw), 2),
-                                                    "ours": round(statistics.median(cpu_ours), 2)},
+                          "ratio_of_medians": round(statistics.median(rps["ours"]) / statistics.median(rps["raw"]), 3),
+                          "client_cpu_ms_per_req": med, "server_cpu_ms_per_req": med_srv,
+                          "cpu_bound_ratio": None if None in med_srv.values() else
+                          round((med["raw"] + med_srv["raw"]) / (med["ours"] + med_srv["ours"]), 3),
                           "target": 0.9, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}))
     finally:
         if proc is not None:

@@ -54,17 +54,24 @@ def nonsense_reply(req):
 
 
 class FaultServer:
-    def __init__(self, upstream=None, faults=(), hang=2.0, delay=0.0, retry_after="0"):
+    def __init__(self, upstream=None, faults=(), hang=2.0, delay=0.0, retry_after="0", idle_timeout=None):
         self.upstream, self.faults, self.hang, self.delay = upstream, list(faults), hang, delay
         self.retry_after = retry_after  # the Retry-After header sent with a 429
         self.lock, self.requests, self.auth_seen, self.inflight, self.max_inflight = threading.Lock(), 0, [], 0, 0
+        self.connections = 0  # TCP connections accepted
         srv = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = idle_timeout  # seconds a kept-alive connection may sit idle before the server closes it
 
             def log_message(self, *a):
                 pass
+
+            def setup(self):
+                super().setup()
+                with srv.lock:
+                    srv.connections += 1
 
             def send(self, code, body, headers=()):
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -1,6 +1,6 @@
 """oracle.py: parsing, soft P, both orders, cache, budget, retries, key hygiene -- against a fault-injecting
 fake server (tests/fault_proxy.py), a real llama-cpp-python server (tests/llama_server.py) and model.py."""
-import base64, json, math, warnings
+import base64, json, math, time, warnings
 
 import pytest
 
@@ -142,7 +142,6 @@ def test_faults_are_retried(tmp_path, key):
 
 
 def test_retry_after_is_honoured(tmp_path, key):
-    import time
     with FaultServer(faults=["429"], retry_after="0.6") as srv:
         t0 = time.perf_counter()
         res, s = judge_items(ITEMS[:1], api_cfg(tmp_path, srv.url, concurrency=1, backoff=0.01), progress=False)
@@ -179,6 +178,17 @@ def test_concurrency(tmp_path, key):
     assert [r["P"] for r in res4] == [r["P"] for r in res1]
 
 
+def test_connections_are_reused_and_stale_ones_replaced(tmp_path, key):
+    cfg = api_cfg(tmp_path, None, cache="", concurrency=2)
+    with FaultServer(idle_timeout=0.3) as srv:
+        cfg.base_url = srv.url
+        judge_items(ITEMS, cfg, progress=False)
+        assert srv.requests == 18 and srv.connections <= 2  # keep-alive: one connection per worker
+        time.sleep(0.6)  # the server drops the idle connections; the client resends on fresh ones, no retry
+        res, s = judge_items(ITEMS, cfg, progress=False)
+        assert all(r["ok"] for r in res) and s["retries"] == 0 and s["failures"] == {} and srv.requests == 36
+
+
 def test_budget_stop_and_resume(tmp_path, key):
     cfg = api_cfg(tmp_path, None, max_calls=5, concurrency=3)
     with FaultServer() as srv:
@@ -200,7 +210,7 @@ def test_budget_stop_and_resume(tmp_path, key):
 
 
 def test_interrupt_stops_sending_and_keeps_answers(tmp_path, key):
-    import _thread, threading, time
+    import _thread, threading
     items = [{"id": str(k), "prompt": "p", "candidates": ["a" * k, "b", "c"]} for k in range(20)]  # 120 requests
     cfg = api_cfg(tmp_path, None, concurrency=2)
     with FaultServer(delay=0.02) as srv:
