@@ -1,0 +1,455 @@
+"""The built-in offline demo task: sort a short list of digits, judged by a program.
+
+    python demo_task.py                                   # a few prompts, the teacher's answers, their scores
+    python train.py --out runs/demo                       # the default DNO demo (CPU, ~5 min, no download)
+    python train.py --judge demo_cyclic --out runs/cyc    # the intransitive preset ...
+    python demo_task.py --out runs/cyc                    # ... then DNO vs a Bradley-Terry-reward baseline
+
+The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
+  prompt   "sort: 7 2 9 2\n"      (3..7 digits)
+  response "2 2 7 9"               (separated by " ", "," or "|": the response's *style*)
+A programmatic, imperfect teacher plays GPT-4-Turbo: it writes both the SFT demonstrations and the gold
+responses. On lists of 4+ digits it usually botches the tail (swaps the last two digits: score 5, or moves the
+largest one two places left: score 4), one late decision that a student imitates faithfully. The student is a
+tiny Llama (model.py) fine-tuned on the teacher's demonstrations, mistakes included, so it starts level with the
+teacher; DNO's own samples + the judge then find the answers that beat the teacher's and move the policy there.
+
+Judges (signature `fn(prompt, candidates)` of oracle.py):
+  demo         additive 6-point rubric per candidate (as the paper's listwise GPT-4 judge): {"scores": [...]}
+    +1 format   digits joined by one consistent separator
+    +1 count    as many digits as the prompt
+    +1 multiset the same digits as the prompt
+    +3 order    3 - min(3, #inversions), only when the count is right
+  demo_cyclic  pairwise P(y > y') = sigmoid(2 * (rubric(y) - rubric(y')) + 1.5 * cycle(style(y), style(y')))
+               where the styles beat each other in a cycle: " " > "," > "|" > " ". It is intransitive
+               (A > B > C > A among equally correct answers), so no Bradley-Terry reward can express it.
+
+Departures from the paper (numbered):
+  1. The task, the teacher and the judges are programs, not UltraFeedback / GPT-4-Turbo.
+  2. The policy is a ~0.14M-parameter char-level Llama pretrained here by SFT on teacher demonstrations,
+     not Orca-2.5 (7B).
+  3. compare_bt's baseline (a Bradley-Terry reward over (rubric score, style) fitted by logistic regression on
+     the same P annotations, then best-of-n sampling from the initial policy under it) is ours; the paper
+     argues the BT limitation in theory but runs no such baseline. Its candidate policies include the
+     teacher answering in one fixed style: the exploiters that a cyclic preference rewards.
+"""
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+STYLES = (" ", ",", "|")  # the three response styles; cycle: STYLES[i] beats STYLES[i + 1 (mod 3)]
+TEACHER_STYLE_P = (0.55, 0.30, 0.15)  # the teacher's style mix (uneven, so a BT fit has a favourite)
+P_TAIL = 0.85   # teacher: P(botches the tail | >= LONG digits, the largest one unique)
+P_ROTATE = 0.4  # ... of which this share is a rotation (score 4), the rest an adjacent swap (score 5)
+LONG = 4
+MIN_LEN, MAX_LEN = 3, 7
+PROMPT_RE = re.compile(r"sort: ([0-9](?: [0-9])*)\n?$")
+
+
+# ----------------------------------------------------------------------------- the task
+
+def make_prompt(rng):
+    """One prompt 'sort: d d d\\n' with MIN_LEN..MAX_LEN random digits."""
+    n = rng.randint(MIN_LEN, MAX_LEN)
+    return "sort: " + " ".join(str(rng.randint(0, 9)) for _ in range(n)) + "\n"
+
+
+def parse_prompt(prompt):
+    m = PROMPT_RE.match(prompt.strip(" ") if isinstance(prompt, str) else "")
+    if m is None:
+        raise ValueError(f"not a demo prompt (expected 'sort: d d d'): {prompt!r}")
+    return [int(c) for c in m.group(1).split(" ")]
+
+
+def teacher(prompt, rng):
+    """The imperfect teacher: the sorted digits in a random style, except that on lists of >= LONG digits it
+    botches the tail with probability P_TAIL (one decision late in the answer, which a student imitates):
+      - "tail swap"     (share 1 - P_ROTATE): the last two digits swapped          -> 1 inversion, score 5
+      - "tail rotation" (share P_ROTATE): the largest digit moved two places left -> 2 inversions, score 4"""
+    digits = sorted(parse_prompt(prompt))
+    style = rng.choices(STYLES, weights=TEACHER_STYLE_P)[0]
+    if len(digits) >= LONG and digits[-2] < digits[-1] and rng.random() < P_TAIL:
+        if rng.random() < P_ROTATE:
+            digits[-3:] = [digits[-1], digits[-3], digits[-2]]
+        else:
+            digits[-2:] = [digits[-1], digits[-2]]
+    return style.join(str(d) for d in digits)
+
+
+def teacher_error_rate(prompt):
+    """P(the teacher's answer to prompt is not perfect), by design."""
+    digits = sorted(parse_prompt(prompt))
+    return P_TAIL if len(digits) >= LONG and digits[-2] < digits[-1] else 0.0
+
+
+def parse_response(text):
+    """(digits, style) of a well-formed response, or (digits found, None) if the format is broken."""
+    text = text.strip()
+    digits = [int(c) for c in text if c.isdigit()]
+    for s in STYLES:
+        if re.fullmatch(r"[0-9](?:%s[0-9])*" % re.escape(s), text):
+            return digits, s
+    return digits, None
+
+
+def inversions(xs):
+    return sum(1 for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[i] > xs[j])
+
+
+def rubric(prompt, response):
+    """The additive 0..6 score of one response (see the module docstring)."""
+    want = parse_prompt(prompt)
+    got, style = parse_response(response)
+    score = int(style is not None)
+    if len(got) == len(want):
+        score += 1 + max(0, 3 - inversions(got))
+    score += int(sorted(got) == sorted(want))
+    return score
+
+
+def style_of(response):
+    return parse_response(response)[1]
+
+
+def cycle(a, b):
+    """+1 if style a beats style b in the cycle " " > "," > "|" > " ", -1 if it loses, 0 otherwise."""
+    if a is None or b is None or a == b:
+        return 0
+    return 1 if (STYLES.index(a) + 1) % 3 == STYLES.index(b) else -1
+
+
+def pref(prompt, a, b, score_a=None, score_b=None):
+    """P(a > b | prompt) of the intransitive judge; pref(a, b) + pref(b, a) == 1."""
+    sa = rubric(prompt, a) if score_a is None else score_a
+    sb = rubric(prompt, b) if score_b is None else score_b
+    z = 2.0 * (sa - sb) + 1.5 * cycle(style_of(a), style_of(b))
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def demo(prompt, candidates):
+    """The default judge: listwise rubric scores 0..6 (like the paper's batched GPT-4 call)."""
+    return {"scores": [float(rubric(prompt, c)) for c in candidates]}
+
+
+def demo_cyclic(prompt, candidates):
+    """The intransitive judge: an n x n table P[i][j] = P(candidate i > candidate j)."""
+    s = [rubric(prompt, c) for c in candidates]
+    n = len(candidates)
+    P = [[0.5 if i == j else pref(prompt, candidates[i], candidates[j], s[i], s[j]) for j in range(n)]
+         for i in range(n)]
+    return {"P": P}
+
+
+JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic}
+
+
+# ----------------------------------------------------------------------------- tokenizer, model, SFT
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHARS = list(" \n0123456789,|:") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(path=None):
+    """A char-level PreTrainedTokenizerFast (46 ids: 5 specials, space, newline, digits, ',|:', a-z)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + CHARS)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is one token
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    if path is not None:
+        tok.save_pretrained(str(path))
+    return tok
+
+
+def hf_config(vocab_size, dim, n_layers, n_heads, ffn):
+    """A Llama config dict in the Hugging Face layout (read by model.ModelArgs.from_hf_config)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+            "hidden_size": dim, "intermediate_size": ffn, "num_hidden_layers": n_layers,
+            "num_attention_heads": n_heads, "num_key_value_heads": n_heads, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32"}
+
+
+def sft_batch(tok, rows):
+    """Right-padded (idx, targets, mask): next-token targets, loss on the response and its </s> only."""
+    import torch
+
+    seqs, masks = [], []
+    for prompt, response in rows:
+        p = tok.encode(prompt)
+        r = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+        seqs.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in seqs])  # (B, T)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks])  # (B, T)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
+    """Supervised fine-tuning on (prompt, teacher response) rows with AdamW and a cosine schedule."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * (min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx, tgt, mask = sft_batch(tok, rng.sample(rows, batch_size))
+        logits = model(idx)  # (B, T, V)
+        logits = getattr(logits, "logits", logits)
+        nll = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")  # (B*T,)
+        loss = (nll * mask.flatten()).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"sft step {step:4d} | loss {loss.item():.4f}")
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- prepare: tokenizer + SFT'd init
+
+@dataclass
+class Config:
+    out: str = ""                 # compare_bt: the folder of `python train.py --judge demo_cyclic --out DIR`
+    seed: int = 0                 # seeds the prompts, the teacher and the SFT
+    n_prompts: int = 1000         # prompts.jsonl rows (train.py cuts them into T slices + validation)
+    n_demos: int = 4000           # teacher demonstrations for SFT (prompts disjoint from prompts.jsonl's)
+    dim: int = 64                 # tiny Llama: hidden size
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn: int = 256                # SwiGLU hidden size
+    sft_steps: int = 600
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    bt_n: int = 5                 # compare_bt: best-of-n under the fitted BT reward
+    bt_prompts: int = 200         # compare_bt: held-out prompts for the policy-vs-policy table
+
+
+def prompt_rows(n, seed, salt, exclude=()):
+    """n rows {"id", "prompt", "gold"} with distinct prompts not in exclude; gold = the teacher's response."""
+    rng, seen, rows = random.Random(f"{salt}-{seed}"), set(exclude), []
+    while len(rows) < n:
+        p = make_prompt(rng)
+        if p not in seen:
+            seen.add(p)
+            rows.append({"id": f"{salt}-{len(rows)}", "prompt": p, "gold": teacher(p, rng)})
+    return rows
+
+
+def build_model(cfg, vocab_size, seed):
+    import torch
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_hf_config(hf_config(vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn)))
+    for name, p in model.named_parameters():  # GPT-2 / transformers-style init: N(0, 0.02), norms at 1
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def prepare(out_dir, seed=0, cfg=None, log=print):
+    """Build the tokenizer and the tiny Llama, SFT it on teacher demonstrations, save it in the HF layout to
+    out_dir/init, and write out_dir/prompts.jsonl. Cached: reruns with the same settings do nothing."""
+    import torch
+
+    cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
+    model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
+    stamp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "bt_n", "bt_prompts")}
+    stamp["task"] = [TEACHER_STYLE_P, P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
+    stamp_path = os.path.join(model_dir, "demo_task.json")
+    if os.path.exists(stamp_path) and os.path.exists(prompts_path):
+        with open(stamp_path) as f:
+            if json.load(f) == json.loads(json.dumps(stamp)):
+                log(f"demo_task: reusing {model_dir} and {prompts_path}")
+                return model_dir, prompts_path
+    os.makedirs(model_dir, exist_ok=True)
+    if os.path.exists(stamp_path):
+        os.remove(stamp_path)  # stale: rebuilding
+    t0 = time.time()
+    tok = make_tokenizer()
+    rows = prompt_rows(cfg.n_prompts, cfg.seed, "p")
+    demos = [(r["prompt"], r["gold"]) for r in prompt_rows(cfg.n_demos, cfg.seed, "sft", {r["prompt"] for r in rows})]
+    with torch.random.fork_rng():  # leaves the caller's torch RNG as it was
+        model = build_model(cfg, len(tok), cfg.seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"demo_task: SFT of a {n_params / 1e6:.2f}M-param Llama on {len(demos)} teacher demonstrations")
+        sft(model, tok, demos, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.seed, log=log)
+    model.save_pretrained(model_dir, tokenizer=tok)
+    tmp = prompts_path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, prompts_path)
+    with open(stamp_path, "w") as f:  # written last: its presence means everything above is complete
+        json.dump(stamp, f)
+    log(f"demo_task: wrote {model_dir} and {prompts_path} in {time.time() - t0:.0f}s")
+    return model_dir, prompts_path
+
+
+# ----------------------------------------------------------------------------- DNO vs a Bradley-Terry reward
+
+def features(prompt, response):
+    """What the BT reward sees of a response: [rubric score, style " ", style ",", style "|"] (broken = none)."""
+    s = style_of(response)
+    return [float(rubric(prompt, response))] + [float(s == x) for x in STYLES]
+
+
+def fit_bt(annotations, steps=500, lr=0.5, l2=1e-3):
+    """Bradley-Terry reward r(x, y) = w . features(x, y), fitted by logistic regression on the soft labels
+    P(y_i > y_j | x) of every judged pair: the best a scalar reward can do with these annotations."""
+    import torch
+
+    X, Y = [], []
+    for prompt, cands, P in annotations:
+        f = [features(prompt, c) for c in cands]
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                if P[i][j] is not None:
+                    X.append([a - b for a, b in zip(f[i], f[j])])
+                    Y.append(P[i][j])
+    if not X:
+        raise ValueError("no judged pairs to fit a Bradley-Terry reward on")
+    X, Y = torch.tensor(X), torch.tensor(Y)  # (N, F), (N,)
+    w = torch.zeros(X.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=lr, max_iter=steps)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w, Y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().tolist()
+
+
+def read_annotations(out):
+    """(prompt, candidates, P) of every training prompt judged in a train.py run (K samples + gold)."""
+    def jsonl(p):
+        with open(p) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    prompts = {r["id"]: r for r in jsonl(os.path.join(out, "demo", "prompts.jsonl"))}
+    got, t = [], 1
+    while os.path.exists(os.path.join(out, f"iter_{t}", "judgments", "done")):
+        samples = jsonl(os.path.join(out, f"iter_{t}", "samples", "samples.jsonl"))
+        for s, res in zip(samples, jsonl(os.path.join(out, f"iter_{t}", "judgments", "judgments.jsonl"))):
+            row = prompts[s["id"]]
+            if res["ok"] and res.get("P"):
+                got.append((row["prompt"], [x["text"] for x in s["samples"]] + [row["gold"]], res["P"]))
+        t += 1
+    return got, t - 1
+
+
+def compare_bt(out, n=5, n_prompts=200, seed=0, log=print):
+    """DNO (train.py --judge demo_cyclic) vs best-of-n under a BT reward fitted on the same annotations: the
+    policy-vs-policy win-rate table under the intransitive judge and each policy's worst case. -> dict."""
+    import torch
+    from transformers import AutoTokenizer
+    from model import Transformer
+    from sample import generate
+
+    if not os.path.exists(os.path.join(out, "best.json")) or not os.path.isdir(os.path.join(out, "demo")):
+        raise FileNotFoundError(f"{out}: no finished demo run (first: python train.py --judge demo_cyclic "
+                                f"--out {out})")
+    annotations, T = read_annotations(out)
+    w = fit_bt(annotations)
+    log(f"BT reward fitted on {len(annotations)} judged prompts of {T} iterations: "
+        f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')")
+    with open(os.path.join(out, "best.json")) as f:
+        best = json.load(f)["model"]
+    with open(os.path.join(out, "demo", "prompts.jsonl")) as f:
+        known = {json.loads(line)["prompt"] for line in f if line.strip()}
+    rows = prompt_rows(n_prompts, seed, "bt", known)  # held out from every prompt the run saw
+    prompts = [r["prompt"] for r in rows]
+
+    def sample(path, k):
+        model, tok = Transformer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        outs = generate(model, tok, prompts, num_samples=k, max_new_tokens=24, temperature=0.7, top_p=0.95,
+                        seed=seed + 7, ids=[r["id"] for r in rows])
+        return [[s["text"] for s in o] for o in outs]
+    init = sample(os.path.join(out, "demo", "init"), n)
+    reward = lambda p, y: sum(a * b for a, b in zip(w, features(p, y)))
+    iterates = [os.path.join(out, f"iter_{t}", "checkpoint") for t in range(1, T + 1)]
+    iterates = [sample(p, 1) for p in iterates if os.path.exists(os.path.join(p, "config.json"))]
+    policies = {"init (pi_1)": [o[0] for o in init],
+                f"DNO ({best})": [o[0] for o in sample(best if os.path.isabs(best) else os.path.join(out, best), 1)],
+                # the uniform mixture of pi_2..pi_{T+1}: prompt k answered by iterate k mod T (the average of
+                # iterates is what converges on a cyclic game, Sec. 3 / PAPER.md)
+                "DNO mixture": [iterates[k % len(iterates)][k][0] for k in range(len(rows))] if iterates else None,
+                f"BT best-of-{n}": [max(o, key=lambda y: reward(p, y)) for p, o in zip(prompts, init)],
+                "teacher": [r["gold"] for r in rows]}
+    for s in STYLES:  # exploiters: the teacher's answer always in one style
+        policies[f"teacher {s!r}"] = [r["gold"].replace(style_of(r["gold"]) or " ", s) for r in rows]
+    policies = {k: v for k, v in policies.items() if v is not None}
+    names = list(policies)
+    table = {a: {b: sum(pref(p, x, y) for p, x, y in zip(prompts, policies[a], policies[b])) / len(prompts)
+                 for b in names if b != a} for a in names}
+    report = {}
+    log(f"{'policy':24s} | mean score | styles ' ' ',' '|' | worst-case win-rate (vs)")
+    for a in names:
+        worst = min(table[a], key=table[a].get)
+        sc = [rubric(p, y) for p, y in zip(prompts, policies[a])]
+        st = [sum(style_of(y) == s for y in policies[a]) / len(prompts) for s in STYLES]
+        report[a] = {"mean_score": sum(sc) / len(sc), "styles": st, "worst": table[a][worst], "worst_vs": worst}
+        log(f"{a:24s} |   {sum(sc) / len(sc):5.2f}    | {st[0]:.2f} {st[1]:.2f} {st[2]:.2f} | "
+            f"{table[a][worst]:.3f} ({worst})")
+    return {"w": w, "table": table, "policies": report}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def cli(cls, argv=None):
+    """Flags generated from the dataclass: --name value; bools parse true/false/1/0."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(cls):
+        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
+        p.add_argument(f"--{f.name}", type=typ, default=f.default)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def show(n=6, seed=0):
+    """A few prompts, the teacher's answers and both judges' view of them."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        p = make_prompt(rng)
+        y = teacher(p, rng)
+        print(f"{p.strip():24s} -> teacher {y!r:18s} score {rubric(p, y)}/6   "
+              f"(P(teacher err) = {teacher_error_rate(p):.2f})")
+    p = "sort: 4 1 3 0\n"
+    cands = ["0 1 3 4", "0,1,3,4", "0|1|3|4", "0 1 4 3", "1 3 4", "0 1 3 4 4 4"]
+    print(f"\n{p.strip()}: candidates {cands}\n  demo scores  {demo(p, cands)['scores']}")
+    P = demo_cyclic(p, cands[:3])["P"]
+    print("  demo_cyclic P among the 3 correct styles (row beats column):")
+    for c, row in zip(cands[:3], P):
+        print(f"    {c!r:10s} " + " ".join(f"{x:.2f}" for x in row))
+
+
+if __name__ == "__main__":
+    cfg = cli(Config)
+    try:
+        if cfg.out:
+            compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed)
+        else:
+            show(seed=cfg.seed)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
