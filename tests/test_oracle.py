@@ -267,7 +267,8 @@ def test_bad_inputs_are_one_line_errors():
         judge_items(ITEMS, Config(cache=""), fn=lambda p, c: {"scores": [1.0]}, progress=False)
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CLI's default --out / --cache land here, not in the repo
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "x", "samples": ["a"]}\n{"id": 2, "prompt": \n')
     with pytest.raises(SystemExit, match=r"^error: .*bad.jsonl:2: bad samples line"):
