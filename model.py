@@ -4,6 +4,7 @@
     from model import Transformer
     m = Transformer.from_pretrained("Qwen2.5-0.5B-Instruct/", dtype=torch.bfloat16, device="cuda")
     logits = m(idx)                                   # (B, T) token ids -> (B, T, V) float32 logits
+    logp = m(idx, select=sel, targets=tgt)            # training: log p(tgt) (N,) at the N positions where sel (B, T)
     m.save_pretrained("out/", tokenizer=tok)          # transformers.AutoModelForCausalLM loads this folder
 
 Covers what transformers saves for LlamaForCausalLM (grouped-query attention, rope_theta, "llama3" and "linear"
@@ -227,6 +228,41 @@ def make_mask(key_valid, q_slots, window=0):
     return m | (k_slots == q_slots[:, None])
 
 
+class HeadLogp(torch.autograd.Function):
+    """log softmax(h W^T)[target] per row with a single (N, V) buffer. Forward: logits -> exp(logits - rowmax) in
+    place, kept for backward; backward scales it in place into the logits' gradient, g (onehot - softmax), then
+    two matmuls. (Autograd through lm_head, logsumexp and gather would hold two or three (N, V) tensors and make
+    several more passes over them.) One backward only. Under autocast the matmuls run in the autocast dtype and
+    the exp/sums in float32."""
+    @staticmethod
+    def forward(ctx, h, w, targets):  # h (N, C), w (V, C), targets (N,) long
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        acc = torch.promote_types(dt, torch.float32)                       # softmax math in >= float32
+        hc, wc = h.to(dt), w.to(dt)
+        logits = hc @ wc.t()                                               # (N, V)
+        zt = logits.gather(-1, targets[:, None]).squeeze(-1).to(acc)      # (N,) target logit
+        m = logits.amax(-1, keepdim=True).to(acc)                          # (N, 1)
+        s = torch.empty(len(h), dtype=acc, device=h.device)                # (N,) sum exp(z - m)
+        for r in range(0, len(h), 1024):                                   # row chunks bound the temporaries
+            e = logits[r:r + 1024].to(acc).sub_(m[r:r + 1024]).exp_()     # in place when float32
+            s[r:r + 1024] = e.sum(-1)
+            logits[r:r + 1024].copy_(e)
+        ctx.save_for_backward(hc, wc, targets, logits, s)
+        ctx.dtypes = h.dtype, w.dtype
+        return zt - m.squeeze(-1) - s.log()                                # (N,) z_t - logsumexp(z)
+
+    @staticmethod
+    def backward(ctx, g):  # g (N,) d loss / d logp
+        hc, wc, targets, e, s = ctx.saved_tensors
+        scale = -g.to(s.dtype) / s                                         # (N,) softmax = e / s
+        for r in range(0, len(e), 1024):
+            e[r:r + 1024].copy_(e[r:r + 1024].to(s.dtype).mul_(scale[r:r + 1024, None]))   # -g softmax
+        e.scatter_add_(1, targets[:, None], g[:, None].to(e.dtype))        # + g onehot: d loss / d logits
+        gh = (e @ wc).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None    # (N, C)
+        gw = (e.t() @ hc).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None  # (V, C)
+        return gh, gw, None
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -248,18 +284,25 @@ class Transformer(nn.Module):
         emb = torch.cat((f, f), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _trunk(self, idx, pos, mask, slots=None, kv_len=None, last_only=False):
+    def _trunk(self, idx, pos, mask, slots=None, kv_len=None, last_only=False, select=None, targets=None):
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = self._rope(pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, slots, kv_len)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()  # (B, T, V)
+        if select is not None:      # only the rows that are scored go through the norm and the vocab projection
+            x = x[select]           # (N, C)
+            if targets is not None:
+                return HeadLogp.apply(self.norm(x), self.lm_head.weight, targets)  # (N,) log p(target)
+        return self.lm_head(self.norm(x)).float()  # (B, T, V), or (N, V) with select
 
-    def forward(self, idx, attention_mask=None):
+    def forward(self, idx, attention_mask=None, select=None, targets=None):
         """idx (B, T) -> logits (B, T, V) float32, no cache. attention_mask (B, T) {0,1} for LEFT-padded batches;
-        training uses right padding and passes none (fused causal attention)."""
+        training uses right padding and passes none (fused causal attention).
+        select (B, T) bool: return only the selected positions' logits (N, V), N = select.sum(), row-major order
+        (training scores response tokens only; the vocab projection is a large share of a small model's FLOPs).
+        targets (N,) long, with select: return log p(targets) (N,) float32 through HeadLogp (no (N, V) grad graph)."""
         B, T = idx.shape
         q_slots = torch.arange(T, device=idx.device)
         if attention_mask is None:
@@ -269,7 +312,7 @@ class Transformer(nn.Module):
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # per-row positions under left padding
             mask = make_mask(attention_mask.bool(), q_slots, self.args.sliding_window)
-        return self._trunk(idx, pos, mask)
+        return self._trunk(idx, pos, mask, select=select, targets=targets)
 
     # ---- KV cache (sample.py) ----
     def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):

@@ -11,6 +11,14 @@ runs `warmup` optimizer steps, then times `steps` more; the fastest step over `r
 reported (the machine may be shared). Peak memory: CUDA max_memory_allocated over the timed
 steps; on CPU the peak resident set size above what it was just before the timed steps (polled every 5 ms;
 glibc's mmap threshold is pinned at 64 KB so that freed tensors leave the RSS and it tracks live memory).
+What each side runs (same model weights, same pairs, batch 64 = 8 micro-batches of 8 pairs, AdamW, clip 1.0, beta =
+eta = 0.1, activation checkpointing per block in both, float32 on CPU / bf16 autocast on CUDA):
+    dno  train.train_step: pairs sorted by length into micro-batches; chosen and rejected in one right-padded forward;
+         the vocab projection + log-softmax only at the response positions (model(idx, select, targets), fused
+         backward), DNO-Prct loss = DPO's sigmoid loss with reference pi_t (dno.dno_loss).
+    trl  DPOTrainer (sigmoid loss, precompute_ref_log_probs=True): chosen and rejected in one forward, its chunked
+         fused LM head (on CPU it scores every position; it compacts to completion tokens only on Triton devices)
+         and its per-step metrics (entropy, mean logits, top-1), shuffled batches.
 MFU = (6 N + 12 L d T) FLOPs per real (non-pad) token (the PaLM count; N = parameters without the embedding table,
 T = mean sequence length) per second, over the GPU's dense bf16 peak (--peak_tflops, H100 SXM: 989).
 """
@@ -34,7 +42,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 class Config:
     device: str = "cpu"          # cpu | cuda
     impl: str = "both"           # both | dno | trl
-    shape: str = ""              # small | qwen0.5b; "" = small on CPU, qwen0.5b on CUDA
+    shape: str = ""              # small | medium | qwen0.5b; "" = small on CPU, qwen0.5b on CUDA
     pairs: int = 64              # effective batch (pairs per optimizer step), as the paper
     micro_batch: int = 8         # pairs per forward (gradient accumulation makes up the rest)
     prompt_len: int = 32         # prompt characters (= tokens: char-level tokenizer)
@@ -59,9 +67,12 @@ def cli(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
-SHAPES = {  # transformers config fields; vocab is the char tokenizer's unless the shape sets a real one
+SHAPES = {  # transformers config fields. The text is char-level (ids < 102) but the vocab is a real tokenizer's:
+    # the vocab projection's share of the FLOPs is what sets the cost of the log-probs (printed with the results)
     "small": dict(arch="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2),
+                  num_key_value_heads=2, vocab_size=32000),                 # Llama-2 / Mistral tokenizer size
+    "medium": dict(arch="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4, vocab_size=32000),                # lm_head ~half the FLOPs (small: ~4/5)
     "qwen0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                      num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
 }
@@ -235,6 +246,15 @@ def main():
     res = {}
     with tempfile.TemporaryDirectory() as d:
         prepare(cfg, d)
+        c = json.load(open(os.path.join(d, "model", "config.json")))
+        head = c["hidden_size"] * c["vocab_size"]
+        print(f"model: {c['model_type']} d={c['hidden_size']} L={c['num_hidden_layers']} ffn={c['intermediate_size']} "
+              f"V={c['vocab_size']}; lm_head = {100 * 6 * head / flops_per_token(os.path.join(d, 'model'), 0):.0f}% "
+              f"of the matmul FLOPs per token")
+        print("dno: train.train_step: length-sorted micro-batches, chosen+rejected in one forward, vocab projection "
+              "and log-softmax only at response positions (fused)\n"
+              "trl: DPOTrainer(precompute_ref_log_probs): chosen+rejected in one forward, chunked fused LM head over "
+              "every position on CPU (completion positions only on Triton GPUs), entropy/top-1 metrics")
         for impl in impls * cfg.repeats:                        # alternate, keep each one's best run
             argv = [f"--{k}={v}" for k, v in {**asdict(cfg), "impl": impl, "workdir": d}.items()]
             p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
