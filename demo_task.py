@@ -4,6 +4,9 @@
     python train.py --out runs/demo                       # the default DNO demo (CPU, ~5 min, no download)
     python train.py --judge demo_cyclic --out runs/cyc    # the intransitive preset ...
     python demo_task.py --out runs/cyc                    # ... then DNO vs a Bradley-Terry-reward baseline
+    DEMO_BT_REWARD=runs/cyc/bt_reward.json python train.py --judge demo_bt --out runs/bt \
+        --model runs/cyc/demo/init --prompts runs/cyc/demo/prompts.jsonl   # the same loop on the fitted BT reward
+    python demo_task.py --out runs/cyc --bt_run runs/bt   # ... adds it (best iterate and mixture) to the table
 
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
   prompt   "sort: 7 2 9 2\n"      (3..7 digits)
@@ -145,7 +148,20 @@ def demo_cyclic(prompt, candidates):
     return {"P": P}
 
 
-JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic}
+def demo_bt(prompt, candidates):
+    """The Bradley-Terry baseline's judge: listwise scores = the BT reward w . features(y) that compare_bt fitted on
+    a demo_cyclic run's annotations (weights read from the JSON file named by $DEMO_BT_REWARD). Driving train.py
+    with it gives the baseline the same loop, prompts and budget as DNO; only the preference model differs."""
+    path = os.environ.get("DEMO_BT_REWARD", "")
+    if not path or not os.path.exists(path):
+        raise ValueError("judge demo_bt needs DEMO_BT_REWARD=RUN/bt_reward.json (written by python demo_task.py "
+                         "--out RUN on a finished demo_cyclic run)")
+    with open(path) as f:
+        w = json.load(f)["w"]
+    return {"scores": [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]}
+
+
+JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_bt": demo_bt}
 
 
 # ----------------------------------------------------------------------------- tokenizer, model, SFT
@@ -242,6 +258,7 @@ class Config:
     sft_lr: float = 3e-3
     bt_n: int = 5                 # compare_bt: best-of-n under the fitted BT reward
     bt_prompts: int = 200         # compare_bt: held-out prompts for the policy-vs-policy table
+    bt_run: str = ""              # compare_bt: also the folder of a train.py run driven by --judge demo_bt
 
 
 def prompt_rows(n, seed, salt, exclude=()):
@@ -274,7 +291,7 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
-    stamp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "bt_n", "bt_prompts")}
+    stamp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "bt_n", "bt_prompts", "bt_run")}
     stamp["task"] = [TEACHER_STYLE_P, P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
     stamp_path = os.path.join(model_dir, "demo_task.json")
     if os.path.exists(stamp_path) and os.path.exists(prompts_path):
@@ -359,7 +376,7 @@ def read_annotations(out):
     return got, t - 1
 
 
-def compare_bt(out, n=5, n_prompts=200, seed=0, log=print):
+def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run=""):
     """DNO (train.py --judge demo_cyclic) vs best-of-n under a BT reward fitted on the same annotations: the
     policy-vs-policy win-rate table under the intransitive judge and each policy's worst case. -> dict."""
     import torch
@@ -372,6 +389,8 @@ def compare_bt(out, n=5, n_prompts=200, seed=0, log=print):
                                 f"--out {out})")
     annotations, T = read_annotations(out)
     w = fit_bt(annotations)
+    with open(os.path.join(out, "bt_reward.json"), "w") as f:  # for train.py --judge demo_bt (the BT-loop baseline)
+        json.dump({"w": w, "features": ["score", " ", ",", "|"], "annotated_prompts": len(annotations)}, f)
     log(f"BT reward fitted on {len(annotations)} judged prompts of {T} iterations: "
         f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')")
     with open(os.path.join(out, "best.json")) as f:
@@ -397,6 +416,14 @@ def compare_bt(out, n=5, n_prompts=200, seed=0, log=print):
                 "DNO mixture": [iterates[k % len(iterates)][k][0] for k in range(len(rows))] if iterates else None,
                 f"BT best-of-{n}": [max(o, key=lambda y: reward(p, y)) for p, o in zip(prompts, init)],
                 "teacher": [r["gold"] for r in rows]}
+    if bt_run:  # the same DNO loop driven by the fitted BT reward: its best iterate and the mixture of its iterates
+        with open(os.path.join(bt_run, "best.json")) as f:
+            bt_best = json.load(f)["model"]
+        policies[f"BT-loop ({bt_best})"] = [o[0] for o in sample(
+            bt_best if os.path.isabs(bt_best) else os.path.join(bt_run, bt_best), 1)]
+        bt_its = [os.path.join(bt_run, f"iter_{t}", "checkpoint") for t in range(1, T + 1)]
+        bt_its = [sample(p, 1) for p in bt_its if os.path.exists(os.path.join(p, "config.json"))]
+        policies["BT-loop mixture"] = [bt_its[k % len(bt_its)][k][0] for k in range(len(rows))] if bt_its else None
     for s in STYLES:  # exploiters: the teacher's answer always in one style
         policies[f"teacher {s!r}"] = [r["gold"].replace(style_of(r["gold"]) or " ", s) for r in rows]
     policies = {k: v for k, v in policies.items() if v is not None}
@@ -448,7 +475,7 @@ if __name__ == "__main__":
     cfg = cli(Config)
     try:
         if cfg.out:
-            compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed)
+            compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed, bt_run=cfg.bt_run)
         else:
             show(seed=cfg.seed)
     except (ValueError, OSError) as e:

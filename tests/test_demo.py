@@ -119,26 +119,33 @@ def test_fit_bt_prefers_correct_answers_and_cannot_express_the_cycle():
     assert d.pref(P, "0 1 3 4".replace(" ", beaten_by), "0 1 3 4".replace(" ", top)) > 0.5
 
 
-def test_reduced_demo_run_shows_the_claims(tmp_path):
-    """train.py on the demo at reduced size (400 SFT steps, T = 2, 150 prompts per iteration, 150 validation
-    prompts). Asserted: every DNO iterate beats pi_1, the last one beats the gold teacher (> 50%) and gains on
-    pi_1's own win-rate vs gold; length and pair provenance are reported and samples beat the gold in every
-    iteration. NOT asserted: a strict rise at every iteration. At this size one standard error of a win-rate is
-    ~0.03 and later iterations (lr halved each time) move the policy by about that much: we measured
-    vs_init 0.565 -> 0.598 -> 0.565 for T = 3 here, and 0.655 -> 0.693 -> 0.685 at full size."""
+@pytest.fixture(scope="module")
+def sft_demo(tmp_path_factory):
+    """One SFT'd demo model (tokenizer + pi_1 + prompts), shared by the module's end-to-end tests."""
+    torch.set_num_threads(2)
+    cfg = d.Config(sft_steps=400, n_prompts=400)
+    return d.prepare(str(tmp_path_factory.mktemp("sft") / "demo"), 0, cfg, log=lambda *a: None)
+
+
+def test_reduced_demo_run_shows_the_claims(tmp_path, sft_demo):
+    """train.py on the demo at reduced size (400 SFT steps, T = 2, 120 prompts per iteration, 120 validation
+    prompts, greedy evaluation as in the defaults). Asserted: every DNO iterate beats pi_1, the second one more
+    than the first, and the last one beats the gold teacher (> 50%); length and pair provenance are reported and
+    samples beat the gold in every iteration. One standard error of a win-rate is ~0.03 here; the measured gaps
+    are ~3 of them. The full-size default run (T = 3) shows the rise at every iteration."""
     import train
     torch.set_num_threads(2)
-    cfg = d.Config(sft_steps=400, n_prompts=450)
-    m, p = d.prepare(str(tmp_path / "demo"), 0, cfg, log=lambda *a: None)
+    m, p = sft_demo
     out = str(tmp_path / "run")
-    train.main(["--out", out, "--model", m, "--prompts", p, "--iterations", "2", "--prompts_per_iter", "150",
-                "--num_val", "150", "--max_new_tokens", "24", "--batch_size", "32", "--micro_batch", "32"])
+    train.main(["--out", out, "--model", m, "--prompts", p, "--iterations", "2", "--prompts_per_iter", "120",
+                "--num_val", "120", "--max_new_tokens", "20", "--eval_temperature", "0", "--lr", "8e-5",
+                "--lr_decay", "1.0", "--batch_size", "32", "--micro_batch", "32"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["iter"] for r in rows] == [0, 1, 2]
     vs_init = [r["winrate_vs_init"] for r in rows]
     vs_gold = [r["winrate_vs_gold"] for r in rows]
     print("vs_init", vs_init, "vs_gold", vs_gold, "len", [r["mean_length"] for r in rows])
-    assert min(vs_init[1:]) > 0.53
+    assert min(vs_init[1:]) > 0.53 and vs_init[2] > vs_init[1]      # measured 0.542 -> 0.625, 0.558 -> 0.654
     assert vs_gold[-1] > 0.5 and vs_gold[-1] > vs_gold[0] + 0.02
     assert all(r["mean_length"] > 4 for r in rows)
     assert all(r["provenance"]["sample>gold"] > 0 for r in rows[1:])
