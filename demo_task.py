@@ -174,12 +174,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(path=None):
-    """A char-level PreTrainedTokenizerFast (46 ids: 5 specials, space, newline, digits, ',|:', a-z)."""
+def make_tokenizer(path=None, chars=CHARS):
+    """A char-level PreTrainedTokenizerFast: 5 specials, then one id per character (the demo's 41: space, newline,
+    digits, ',|:', a-z), with a ChatML template; saved to `path` if given. The tests build theirs with it too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + CHARS)}, unk_token="<pad>"))
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + list(chars))}, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is one token
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",

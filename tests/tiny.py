@@ -8,29 +8,12 @@ import string
 
 import torch
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-
 
 def make_tokenizer(path=None):
-    """A char-level PreTrainedTokenizerFast (printable ASCII + 5 specials, ~105 ids) with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is a token
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tok.chat_template = CHAT_TEMPLATE
-    if path is not None:
-        tok.save_pretrained(str(path))
-    return tok
+    """A char-level PreTrainedTokenizerFast (printable ASCII + 5 specials, 102 ids) with a ChatML template:
+    <pad>=0 <s>=1 </s>=2 <|im_start|>=3 <|im_end|>=4; plain text gets no BOS."""
+    import demo_task
+    return demo_task.make_tokenizer(path, chars=[c for c in string.printable if c not in "\r\x0b\x0c"])
 
 
 def hf_config(arch, vocab_size, **overrides):
@@ -77,7 +60,8 @@ def make_hf_model(arch, path=None, seed=0, **overrides):
 
 
 if __name__ == "__main__":
-    import tempfile
+    import os, sys, tempfile
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: demo_task
 
     with tempfile.TemporaryDirectory() as d:
         tok = make_tokenizer(d + "/tok")
