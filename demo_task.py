@@ -43,7 +43,8 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+from cli import cli
 
 STYLES = (" ", ",", "|")  # the three response styles; cycle: STYLES[i] beats STYLES[i + 1 (mod 3)]
 TEACHER_STYLE_P = (0.55, 0.30, 0.15)  # the teacher's style mix (uneven, so a BT fit has a favourite)
@@ -444,15 +445,6 @@ def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run=""):
 
 
 # ----------------------------------------------------------------------------- command line
-
-def cli(cls, argv=None):
-    """Flags generated from the dataclass: --name value; bools parse true/false/1/0."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(cls):
-        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
 
 
 def show(n=6, seed=0):

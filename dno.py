@@ -49,15 +49,15 @@ Departures from the paper (deliberate, numbered):
        the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass rounds to 0.
 Not a departure: sequence log-probs are sums over response tokens, as in the paper (never means).
 """
-import argparse
 import math
 import random
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cli import cli
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -301,15 +301,6 @@ class Config:
     eta: float = 0.1           # learning rate of Alg. 1, step 2 (the paper's beta: 0.1 or 0.05)
     iters: int = 1000          # T, iterations of Alg. 1
     log_every: int = 50        # print one line every this many iterations (1 = every iteration)
-
-
-def cli(cls, argv=None):
-    """Flags from the dataclass fields: each field -> --name; bools parse true/false/1/0."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(cls):
-        parse = (lambda v: str(v).lower() in ("1", "true", "yes")) if f.type is bool else f.type
-        ap.add_argument(f"--{f.name}", type=parse, default=f.default)
-    return cls(**vars(ap.parse_args(argv)))
 
 
 def main(cfg):

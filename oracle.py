@@ -31,9 +31,10 @@ Departures from the paper (numbered):
 import hashlib, json, math, os, re, sys, threading, time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from chat_api import PRICES, BudgetExceeded, Cache, Ledger, call, count_tokens, get_encoder, pool, truncate
+from cli import cli
 
 TEMPLATE_VERSION = "dno-oracle-v1"  # bump when any template below changes: it is part of every cache key
 SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."
@@ -395,13 +396,6 @@ def judge_items(items, cfg, *, fn=None, progress=True):
 
 
 # ----------------------------------------------------------------------------- CLI
-def cli(cls, argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(cls):
-        conv = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        ap.add_argument(f"--{f.name}", type=conv, default=f.default)
-    return cls(**vars(ap.parse_args(argv)))
 
 
 def load_samples(path):

@@ -23,8 +23,6 @@ Departures:
     gives different samples on the two devices (as does any change of dtype or hardware).
  4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line number).
 """
-import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from cli import cli
 from model import ModelArgs, Transformer
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
@@ -53,15 +52,6 @@ class Config:
     dtype: str = "float32"        # float32 | bfloat16 | float16
     device: str = "cpu"
     compile: bool = False         # torch.compile the decode step (CUDA graphs); off on CPU
-
-
-def cli(cls, argv=None):
-    """Flags generated from the dataclass fields: --name value; bools accept true/false/1/0."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(cls):
-        kind = {bool: lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}.get(f.type, f.type)
-        p.add_argument(f"--{f.name}", type=kind, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
 
 
 def encode_prompt(tokenizer, prompt) -> list:

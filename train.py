@@ -44,7 +44,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -55,6 +55,7 @@ import dno
 import oracle
 from model import Transformer
 from sample import encode_prompt, generate
+from cli import cli
 
 STAGES = ["samples", "judgments", "pairs", "reference", "checkpoint", "eval"]
 
@@ -96,16 +97,6 @@ class Config:
     max_calls: int = 0              # judge budget in requests (0 = none)
     rollback: int = -1              # discard iterations > rollback before running (-1 = keep all)
     stage_pause: float = 0.0        # test hook: seconds to sleep inside each stage before it commits
-
-
-def cli(cls, argv=None):
-    """Flags generated from the dataclass: --name value; bools parse true/false/1/0."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(cls):
-        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- processes, files, manifests

@@ -30,12 +30,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from cli import cli  # noqa: E402 (after the sys.path line)
 
 
 @dataclass
@@ -56,15 +57,6 @@ class Config:
     peak_tflops: float = 989.0   # dense bf16 peak of the GPU for MFU (H100 SXM)
     seed: int = 0
     workdir: str = ""            # model + pairs (internal: set by the parent process)
-
-
-def cli(cls, argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(cls):
-        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
 
 
 SHAPES = {  # transformers config fields. The text is char-level (ids < 102) but the vocab is a real tokenizer's:
