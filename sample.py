@@ -25,6 +25,7 @@ Departures:
 """
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p
     """B prompts (token lists) -> B * K rows of raw tokens (N, steps) as a list of lists (stop ids included)."""
     dev = model.embed_tokens.weight.device
     idx, mask = left_pad(prompts)
-    (B, T0), N = idx.shape, len(prompts) * K
+    T0, N = idx.shape[1], len(prompts) * K
     S = T0 + max_new_tokens
     if static:  # round the cache length so compiled shapes repeat across batches
         S = -(-S // 256) * 256
@@ -228,29 +229,34 @@ def naive_greedy(model, prompts, max_new_tokens):
 
 
 def read_prompts(path):
-    """JSONL -> (ids, prompts); a bad line is a ValueError naming path:line."""
-    ids, prompts = [], []
-    with open(path) as f:
+    """Prompts JSONL -> rows: each line's object with "id" (default: the line number) and "line" added. A line needs
+    "prompt": a non-empty string or a list of {"role": str, "content": str} messages; a bad line is a one-line
+    ValueError naming path:line. train.py reads its prompts with this too."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path} not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"{path}:{n}: expected an object with a \"prompt\" key")
-            p = row["prompt"]
-            if not (isinstance(p, str) and p) and not (isinstance(p, list) and p and all(
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            p = row.get("prompt") if isinstance(row, dict) else None
+            if p is None:
+                raise ValueError(f"{path}:{n}: missing 'prompt'")
+            if not isinstance(p, str) and not (isinstance(p, list) and all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in p)):
-                raise ValueError(f"{path}:{n}: \"prompt\" must be a non-empty string or a list of "
+                raise ValueError(f"{path}:{n}: 'prompt' must be a string or a list of "
                                  "{\"role\": str, \"content\": str} messages")
-            ids.append(row.get("id", n))
-            prompts.append(p)
-    if not prompts:
+            if not (p.strip() if isinstance(p, str) else any(m["content"].strip() for m in p)):
+                raise ValueError(f"{path}:{n}: empty 'prompt'")
+            rows.append({**row, "id": row.get("id", n), "line": n})
+    if not rows:
         raise ValueError(f"{path}: no prompts")
-    return ids, prompts
+    return rows
 
 
 def run(cfg: Config):
@@ -258,7 +264,8 @@ def run(cfg: Config):
 
     if not cfg.prompts or not cfg.out:
         raise ValueError("--prompts IN.jsonl and --out OUT.jsonl are required with --model")
-    ids, prompts = read_prompts(cfg.prompts)
+    rows = read_prompts(cfg.prompts)
+    ids, prompts = [r["id"] for r in rows], [r["prompt"] for r in rows]
     if len(set(map(str, ids))) != len(ids):
         raise ValueError(f"{cfg.prompts}: duplicate ids")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)

@@ -54,7 +54,7 @@ import torch.distributed as dist
 import dno
 import oracle
 from model import Transformer
-from sample import encode_prompt, generate
+from sample import encode_prompt, generate, read_prompts
 from cli import cli
 
 STAGES = ["samples", "judgments", "pairs", "reference", "checkpoint", "eval"]
@@ -178,34 +178,21 @@ def write_atomic(path, text):
 
 # ----------------------------------------------------------------------------- data
 def load_prompts(path, tok, max_prompt_tokens):
-    """-> (rows, n_skipped). Line-numbered one-line errors for malformed input; over-long prompts skipped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file {path} not found")
+    """-> (rows, n_skipped). sample.read_prompts checks each line (one-line errors with the line number); here the
+    optional gold response, unique ids, and over-long prompts, which are skipped and counted (departure 1)."""
     rows, skipped, seen = [], 0, set()
-    for n, line in enumerate(open(path), 1):
-        def check(ok, msg):
-            if not ok:
-                raise ValueError(f"{path}:{n}: {msg}")
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        p = r.get("prompt") if isinstance(r, dict) else None
-        check(p is not None, "missing 'prompt'")
-        check(isinstance(p, str) or isinstance(p, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m)
-              for m in p), "'prompt' must be a string or a list of {role, content} messages")
-        check(p.strip() if isinstance(p, str) else any(str(m["content"]).strip() for m in p), "empty 'prompt'")
-        check(r.get("gold") is None or isinstance(r["gold"], str), "'gold' must be a string")
-        rid = str(r.get("id", n))
-        check(rid not in seen, f"duplicate id {rid!r}")
+    for r in read_prompts(path):
+        where, rid = f"{path}:{r['line']}", str(r["id"])
+        if not (r.get("gold") is None or isinstance(r["gold"], str)):
+            raise ValueError(f"{where}: 'gold' must be a string")
+        if rid in seen:
+            raise ValueError(f"{where}: duplicate id {rid!r}")
         seen.add(rid)
-        ids = encode_prompt(tok, p)
+        ids = encode_prompt(tok, r["prompt"])
         if len(ids) > max_prompt_tokens:                        # departure 1
             skipped += 1
             continue
-        rows.append({"id": rid, "prompt": p, "gold": r.get("gold") or None, "prompt_tokens": ids})
+        rows.append({"id": rid, "prompt": r["prompt"], "gold": r.get("gold") or None, "prompt_tokens": ids})
     return rows, skipped
 
 

@@ -120,9 +120,9 @@ def test_cli_writes_jsonl_and_reports_bad_lines(tiny, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 3] and rows[1]["prompt"][0]["content"] == "hi"
     assert all(len(r["samples"]) == 3 and len(r["finish_reasons"]) == 3 for r in rows)
-    for bad, msg in [('{"id": 1, "prompt": "ok"}\n{"prompt": \n', "in.jsonl:2: invalid JSON"),
-                     ('{"id": 1}\n', 'in.jsonl:1: expected an object with a "prompt" key'),
-                     ('{"prompt": [{"role": "user"}]}\n', "in.jsonl:1: \"prompt\" must be")]:
+    for bad, msg in [('{"id": 1, "prompt": "ok"}\n{"prompt": \n', "in.jsonl:2: malformed JSON"),
+                     ('{"id": 1}\n', "in.jsonl:1: missing 'prompt'"),
+                     ('{"prompt": [{"role": "user"}]}\n', "in.jsonl:1: 'prompt' must be")]:
         src.write_text(bad)
         with pytest.raises(ValueError, match=msg):
             sample.run(sample.cli(sample.Config, argv))
