@@ -8,7 +8,8 @@ Usage:
       --extra_body '{"repeat_penalty": 1.0}' --samples s.jsonl --out j.jsonl     # llama.cpp / vLLM / Ollama
   python oracle.py --judge local --local_model DIR --samples s.jsonl --out j.jsonl   # HF-layout model, no API
 Input lines {"id", "prompt", "samples": [...], "gold"?}; the gold response (if any) is the last candidate.
-Output lines {"id", "prompt", "candidates", "gold_index", "ok", "error", "scores", "P", "disagreement", "cached",
+Output lines {"id", "prompt", "candidates", "gold_index", "ok", "error", "scores", "score_kind" ("rubric": 0..6
+points | "winrate": row means of P), "P", "disagreement", "cached",
 "truncated", "max_judge_tokens", "rationale" (rubric)}; a summary line follows on stdout (calls, retries, cache
 hits, failures by kind, order disagreement, tokens, dollars). Cache: --cache JSONL, one line per answered request
 (failures are never cached, so a rerun re-asks exactly them). The API key is read from $OPENAI_API_KEY (the env
@@ -268,7 +269,7 @@ def assemble(item, units, values, truncated, cfg):
         s = first.get("scores")
         P = None if s is None else [[0.5 if i == j else None if s[i] is None or s[j] is None else
                                      0.5 + 0.5 * ((s[i] > s[j]) - (s[i] < s[j])) for j in range(n)] for i in range(n)]
-        res.update(scores=s, P=P, rationale=first.get("raw"))
+        res.update(scores=s, score_kind="rubric", P=P, rationale=first.get("raw"))
     else:
         if units[0]["kind"] == "fn":
             P = first["P"]
@@ -280,7 +281,7 @@ def assemble(item, units, values, truncated, cfg):
             # the two orders disagree when both say "first wins" or both say "second wins"
             res["disagreement"] = sum((a - .5) * (b - .5) > 0 for a, b in both) / len(both) if both else None
         known = [[x for j, x in enumerate(row) if j != i and x is not None] for i, row in enumerate(P)]
-        res.update(P=P, scores=[sum(k) / len(k) if k else None for k in known])  # win-rates
+        res.update(P=P, scores=[sum(k) / len(k) if k else None for k in known], score_kind="winrate")
     res["ok"] = not fails and P is not None and all(x is not None for row in P for x in row)
     if fails:
         more = f" (+{len(fails) - 1} more)" if len(fails) > 1 else ""

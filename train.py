@@ -342,15 +342,6 @@ def stage_judgments(cfg, R, t, path):
         "ok": sum(r["ok"] for r in results)}))
 
 
-def pair_kind(cfg, res):
-    """Departure 3: rubric scores -> the paper's rule; win-rates from a table P -> kind="winrate"."""
-    if cfg.judge in ("rubric", "pairwise", "local"):
-        return "rubric" if cfg.judge == "rubric" else "winrate"
-    wr = dno.winrates(res["P"])
-    same = all((s is None and np.isnan(w)) or (s is not None and abs(s - w) < 1e-9) for s, w in zip(res["scores"], wr))
-    return "winrate" if same else "rubric"
-
-
 def stage_pairs(cfg, R, t, path):
     rows, tok, ctx = {r["id"]: r for r in R["slices"][t - 1]}, R["tok"], R["context"]
     samples = read_jsonl(stage_path(R, t, "samples", "samples.jsonl"))
@@ -364,7 +355,7 @@ def stage_pairs(cfg, R, t, path):
         texts = [c if isinstance(c, str) else c["text"] for c in cands]
         gold = len(cands) - 1 if row["gold"] else None
         for p in dno.select_pairs(res["scores"], gold, [dno.is_defective(x) for x in texts],
-                                  kind=pair_kind(cfg, res)):    # Alg. 2, line 4: large-margin pairs
+                                  kind=res["score_kind"]):   # Alg. 2, line 4 (departure 3)
             current.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
                             "chosen_tokens": response_tokens(tok, row, cands[p["chosen"]], ctx),
                             "rejected_tokens": response_tokens(tok, row, cands[p["rejected"]], ctx)})

@@ -66,6 +66,8 @@ def test_synthetic_swap_symmetry(name, tmp_path):
                             Config(cache=""), fn=oracle.SYNTHETIC[name], progress=False)
     P = res[0]["P"]
     assert res[0]["ok"] and sym_ok(P) and all(P[i][i] == 0.5 for i in range(len(texts)))
+    raw = oracle.SYNTHETIC[name]("say hello", texts)  # a judge returning P gets win-rates as its scores
+    assert res[0]["score_kind"] == ("winrate" if "P" in raw else "rubric")
     for a in texts:  # swapping the candidates of a pair gives the complementary probability
         for b in texts:
             ab = judge_items([{"id": "p", "prompt": "say hello", "candidates": [a, b]}], Config(cache=""),
@@ -129,6 +131,7 @@ def test_rubric_scores_and_cost(tmp_path, key):
     for item, r in zip(ITEMS, res):
         want = [float(canned_score(c)) for c in item["candidates"]]
         assert r["ok"] and r["scores"] == want and r["rationale"].startswith("Candidate 1:")
+        assert r["score_kind"] == "rubric"
         assert r["P"][0][1] == (0.5 if want[0] == want[1] else float(want[0] > want[1]))
     assert s["usd"] == pytest.approx(s["tokens_in"])  # $1 per input token by the overriding price table
 
