@@ -198,6 +198,14 @@ def test_second_iteration_replay_and_rollback(task, baseline, tmp_path):
     assert artifacts(out) == first and len(open(log).readlines()) == n_calls   # all answers came from the cache
 
 
+def free_port():
+    """A TCP port nothing listens on now (a fixed one can still be held by an earlier run's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_process(task, baseline, tmp_path):
     """FSDP2 (gloo, CPU) over 2 ranks: reference log-probs and one training step match a single process."""
@@ -209,7 +217,7 @@ def test_torchrun_two_ranks_matches_one_process(task, baseline, tmp_path):
             shutil.rmtree(d / "iter_1" / s)
     extra = ["--max_steps", "1", "--micro_batch", "1"]          # 4 pairs: 4 micro-steps, or 2 per rank
     run_ok(task, one, *extra)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         *cmd(task, two, *extra)[1:]], env=env_for(task), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r1 = train.read_jsonl(one / "iter_1/reference/pairs.jsonl")
