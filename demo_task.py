@@ -2,11 +2,12 @@
 
     python demo_task.py                                   # a few prompts, the teacher's answers, their scores
     python train.py --out runs/demo                       # the default DNO demo (CPU, ~5 min, no download)
-    python train.py --judge demo_cyclic --out runs/cyc    # the intransitive preset ...
-    python demo_task.py --out runs/cyc                    # ... then DNO vs a Bradley-Terry-reward baseline
-    DEMO_BT_REWARD=runs/cyc/bt_reward.json python train.py --judge demo_bt --out runs/bt \
-        --model runs/cyc/demo/init --prompts runs/cyc/demo/prompts.jsonl   # the same loop on the fitted BT reward
-    python demo_task.py --out runs/cyc --bt_run runs/bt   # ... adds it (best iterate and mixture) to the table
+    python train.py --judge demo_rps --out runs/rps       # the rock-paper-scissors preset ...
+    python demo_task.py --out runs/rps                    # ... then DNO vs a Bradley-Terry-reward baseline
+    DEMO_BT_REWARD=runs/rps/bt_reward.json python train.py --judge demo_bt --out runs/bt \
+        --model runs/rps/demo/init --prompts runs/rps/demo/prompts.jsonl   # the same loop on the fitted BT reward
+    python demo_task.py --out runs/rps --bt_run runs/bt   # ... adds it (best iterate and mixture) to the table
+    (--judge demo_cyclic instead of demo_rps: the milder intransitive preset, where correctness outweighs style)
 
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
   prompt   "sort: 7 2 9 2\n"      (3..7 digits)
@@ -26,6 +27,12 @@ Judges (signature `fn(prompt, candidates)` of oracle.py):
   demo_cyclic  pairwise P(y > y') = sigmoid(2 * (rubric(y) - rubric(y')) + 1.5 * cycle(style(y), style(y')))
                where the styles beat each other in a cycle: " " > "," > "|" > " ". It is intransitive
                (A > B > C > A among equally correct answers), so no Bradley-Terry reward can express it.
+  demo_rps     pairwise P(y > y') = sigmoid(6 * (q(y) - q(y')) + 3 * cycle(style(y), style(y'))), the cycle
+               dominating: q = min(rubric, 4) for a well-formed answer, 0 for a broken one, so every answer scoring
+               4+ (the teacher's and the student's) is equally correct and the style cycle alone decides between
+               them, 0.95 to 0.05; a missing point below 4 outweighs the cycle (1 point short, winning style: 0.05).
+               Its Nash policy answers correctly in the three styles uniformly (worst-case win-rate 1/2); a policy
+               in one style loses 0.95 of the time to the style that beats it.
 
 Departures from the paper (numbered):
   1. The task, the teacher and the judges are programs, not UltraFeedback / GPT-4-Turbo.
@@ -33,8 +40,11 @@ Departures from the paper (numbered):
      not Orca-2.5 (7B).
   3. compare_bt's baseline (a Bradley-Terry reward over (rubric score, style) fitted by logistic regression on
      the same P annotations, then best-of-n sampling from the initial policy under it) is ours; the paper
-     argues the BT limitation in theory but runs no such baseline. Its candidate policies include the
-     teacher answering in one fixed style: the exploiters that a cyclic preference rewards.
+     argues the BT limitation in theory but runs no such baseline. The table is judged by the run's own judge
+     (demo_cyclic or demo_rps). Its candidate policies include the teacher answering in one fixed style (the
+     exploiters that a cyclic preference rewards) and in the three styles in turn (a Nash policy of demo_rps).
+  4. demo_rps is ours: a preference where the cycle dominates, so the paper's claim (DNO targets the Nash
+     equilibrium of a general preference; a BT reward's optimum is exploitable) can be tested on a language model.
 """
 import json
 import math
@@ -52,6 +62,9 @@ P_TAIL = 0.85   # teacher: P(botches the tail | >= LONG digits, the largest one 
 P_ROTATE = 0.4  # ... of which this share is a rotation (score 4), the rest an adjacent swap (score 5)
 LONG = 4
 MIN_LEN, MAX_LEN = 3, 7
+RPS_CAP = 4      # demo_rps: rubric points above this do not count (the teacher's 4..6 answers are equally correct)
+RPS_CYCLE = 3.0  # demo_rps: the cycle's weight; the winning style of two equally correct answers wins sigmoid(3) = 0.95
+RPS_POINT = 6.0  # demo_rps: the weight of a rubric point below the cap (twice the cycle: correctness comes first)
 PROMPT_RE = re.compile(r"sort: ([0-9](?: [0-9])*)\n?$")
 
 
@@ -135,6 +148,28 @@ def pref(prompt, a, b, score_a=None, score_b=None):
     return 1.0 / (1.0 + math.exp(-z))
 
 
+def quality_rps(prompt, response, score=None):
+    """demo_rps's correctness: the rubric capped at RPS_CAP, so every well-formed answer scoring 4+ (the teacher's,
+    botched tails included) is equally correct; a broken format is worth 0 (no neutral, style-less escape)."""
+    score = rubric(prompt, response) if score is None else score
+    return min(score, RPS_CAP) if style_of(response) is not None else 0
+
+
+def pref_rps(prompt, a, b, score_a=None, score_b=None):
+    """P(a > b | prompt) of the rock-paper-scissors judge: the style cycle decides among equally correct answers."""
+    z = RPS_POINT * (quality_rps(prompt, a, score_a) - quality_rps(prompt, b, score_b))
+    z += RPS_CYCLE * cycle(style_of(a), style_of(b))
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def pref_table(pref_fn, prompt, candidates):
+    """The n x n table P[i][j] = P(candidate i > candidate j) of a pairwise judge (diagonal 1/2)."""
+    s = [rubric(prompt, c) for c in candidates]
+    n = len(candidates)
+    return [[0.5 if i == j else pref_fn(prompt, candidates[i], candidates[j], s[i], s[j]) for j in range(n)]
+            for i in range(n)]
+
+
 def demo(prompt, candidates):
     """The default judge: listwise rubric scores 0..6 (like the paper's batched GPT-4 call)."""
     return {"scores": [float(rubric(prompt, c)) for c in candidates]}
@@ -142,27 +177,31 @@ def demo(prompt, candidates):
 
 def demo_cyclic(prompt, candidates):
     """The intransitive judge: an n x n table P[i][j] = P(candidate i > candidate j)."""
-    s = [rubric(prompt, c) for c in candidates]
-    n = len(candidates)
-    P = [[0.5 if i == j else pref(prompt, candidates[i], candidates[j], s[i], s[j]) for j in range(n)]
-         for i in range(n)]
-    return {"P": P}
+    return {"P": pref_table(pref, prompt, candidates)}
+
+
+def demo_rps(prompt, candidates):
+    """The rock-paper-scissors judge: the same table under pref_rps, where the style cycle dominates."""
+    return {"P": pref_table(pref_rps, prompt, candidates)}
 
 
 def demo_bt(prompt, candidates):
-    """The Bradley-Terry baseline's judge: listwise scores = the BT reward w . features(y) that compare_bt fitted on
-    a demo_cyclic run's annotations (weights read from the JSON file named by $DEMO_BT_REWARD). Driving train.py
-    with it gives the baseline the same loop, prompts and budget as DNO; only the preference model differs."""
+    """The Bradley-Terry baseline's judge: the table P[i][j] = sigmoid(r(y_i) - r(y_j)) of the BT reward
+    r(x, y) = w . features(y) that compare_bt fitted on a pairwise demo run's annotations (weights read from the
+    JSON file named by $DEMO_BT_REWARD). Driving train.py with it gives the baseline the same loop, prompts,
+    budget and win-rate pair rule as DNO; only the preference model differs (a transitive one)."""
     path = os.environ.get("DEMO_BT_REWARD", "")
     if not path or not os.path.exists(path):
         raise ValueError("judge demo_bt needs DEMO_BT_REWARD=RUN/bt_reward.json (written by python demo_task.py "
-                         "--out RUN on a finished demo_cyclic run)")
+                         "--out RUN on a finished demo_rps or demo_cyclic run)")
     with open(path) as f:
         w = json.load(f)["w"]
-    return {"scores": [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]}
+    r = [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]
+    return {"P": [[1.0 / (1.0 + math.exp(rj - ri)) for rj in r] for ri in r]}
 
 
-JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_bt": demo_bt}
+JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps, "demo_bt": demo_bt}
+PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}  # the pairwise judges compare_bt can build its table with
 
 
 # ----------------------------------------------------------------------------- tokenizer, model, SFT
@@ -247,7 +286,7 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
 
 @dataclass
 class Config:
-    out: str = ""                 # compare_bt: the folder of `python train.py --judge demo_cyclic --out DIR`
+    out: str = ""                 # compare_bt: the folder of `python train.py --judge demo_rps|demo_cyclic --out DIR`
     seed: int = 0                 # seeds the prompts, the teacher and the SFT
     n_prompts: int = 1000         # prompts.jsonl rows (train.py cuts them into T slices + validation)
     n_demos: int = 4000           # teacher demonstrations for SFT (prompts disjoint from prompts.jsonl's)
@@ -261,6 +300,7 @@ class Config:
     bt_n: int = 5                 # compare_bt: best-of-n under the fitted BT reward
     bt_prompts: int = 200         # compare_bt: held-out prompts for the policy-vs-policy table
     bt_run: str = ""              # compare_bt: also the folder of a train.py run driven by --judge demo_bt
+    bt_temperature: float = 0.7   # compare_bt: sampling temperature of every policy (1 = the policy itself)
 
 
 def prompt_rows(n, seed, salt, exclude=()):
@@ -293,7 +333,7 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
-    stamp = {k: v for k, v in asdict(cfg).items() if k not in ("out", "bt_n", "bt_prompts", "bt_run")}
+    stamp = {k: v for k, v in asdict(cfg).items() if not k.startswith("bt_") and k != "out"}
     stamp["task"] = [TEACHER_STYLE_P, P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
     stamp_path = os.path.join(model_dir, "demo_task.json")
     if os.path.exists(stamp_path) and os.path.exists(prompts_path):
@@ -369,31 +409,45 @@ def read_annotations(out):
     prompts = {r["id"]: r for r in jsonl(os.path.join(out, "demo", "prompts.jsonl"))}
     got, t = [], 1
     while os.path.exists(os.path.join(out, f"iter_{t}", "judgments", "done")):
-        samples = jsonl(os.path.join(out, f"iter_{t}", "samples", "samples.jsonl"))
-        for s, res in zip(samples, jsonl(os.path.join(out, f"iter_{t}", "judgments", "judgments.jsonl"))):
-            row = prompts[s["id"]]
+        samples = {s["id"]: s for s in jsonl(os.path.join(out, f"iter_{t}", "samples", "samples.jsonl"))}
+        for res in jsonl(os.path.join(out, f"iter_{t}", "judgments", "judgments.jsonl")):
+            key = res["id"].split(":", 1)[-1]  # "train{t}:<id>" or "<id>": joined by id, never by position
+            s, row = samples[key], prompts[key]
             if res["ok"] and res.get("P"):
                 got.append((row["prompt"], [x["text"] for x in s["samples"]] + [row["gold"]], res["P"]))
         t += 1
     return got, t - 1
 
 
-def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run=""):
-    """DNO (train.py --judge demo_cyclic) vs best-of-n under a BT reward fitted on the same annotations: the
-    policy-vs-policy win-rate table under the intransitive judge and each policy's worst case. -> dict."""
-    import torch
+def run_judge(out):
+    """The --judge of a train.py run (from its manifests), and its pairwise P(a > b | x) function."""
+    path = os.path.join(out, "iter_1", "judgments", "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{out}: no finished demo run (first: python train.py --judge demo_rps --out {out})")
+    with open(path) as f:
+        name = json.load(f)["config"]["judge"]
+    if name not in PREFS:
+        raise ValueError(f"{out} was judged by {name!r}; compare_bt needs a pairwise demo judge: {sorted(PREFS)}")
+    return name, PREFS[name]
+
+
+def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run="", temperature=0.7):
+    """DNO (train.py --judge demo_cyclic | demo_rps) vs best-of-n under a BT reward fitted on the same annotations:
+    the policy-vs-policy win-rate table under the run's own judge and each policy's worst case. -> dict, also
+    written to OUT/compare_bt.json."""
     from transformers import AutoTokenizer
     from model import Transformer
     from sample import generate
 
+    judge, pref_fn = run_judge(out)
     if not os.path.exists(os.path.join(out, "best.json")) or not os.path.isdir(os.path.join(out, "demo")):
-        raise FileNotFoundError(f"{out}: no finished demo run (first: python train.py --judge demo_cyclic "
-                                f"--out {out})")
+        raise FileNotFoundError(f"{out}: no finished demo run (first: python train.py --judge {judge} --out {out})")
     annotations, T = read_annotations(out)
     w = fit_bt(annotations)
     with open(os.path.join(out, "bt_reward.json"), "w") as f:  # for train.py --judge demo_bt (the BT-loop baseline)
-        json.dump({"w": w, "features": ["score", " ", ",", "|"], "annotated_prompts": len(annotations)}, f)
-    log(f"BT reward fitted on {len(annotations)} judged prompts of {T} iterations: "
+        json.dump({"w": w, "features": ["score", " ", ",", "|"], "annotated_prompts": len(annotations),
+                   "judge": judge}, f)
+    log(f"BT reward fitted on {len(annotations)} prompts judged by {judge} over {T} iterations: "
         f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')")
     with open(os.path.join(out, "best.json")) as f:
         best = json.load(f)["model"]
@@ -404,18 +458,27 @@ def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run=""):
 
     def sample(path, k):
         model, tok = Transformer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        outs = generate(model, tok, prompts, num_samples=k, max_new_tokens=24, temperature=0.7, top_p=0.95,
+        outs = generate(model, tok, prompts, num_samples=k, max_new_tokens=24, temperature=temperature, top_p=0.95,
                         seed=seed + 7, ids=[r["id"] for r in rows])
         return [[s["text"] for s in o] for o in outs]
+
+    def mixture(run):
+        """The uniform mixture unif(pi_1..pi_{T+1}) (as train.py's "mix" row): prompt k answered by iterate k mod
+        (T + 1); the average of iterates is what converges on a cyclic game (Sec. 3 / docs/paper.md)."""
+        its = [os.path.join(run, f"iter_{t}", "checkpoint") for t in range(1, T + 1)]
+        its = [sample(p, 1) for p in its if os.path.exists(os.path.join(p, "config.json"))]
+        its = [[o[:1] for o in init]] + its  # pi_1's first sample per prompt
+        return [its[k % len(its)][k][0] for k in range(len(rows))] if len(its) > 1 else None
+
+    def last(run):
+        path = os.path.join(run, f"iter_{T}", "checkpoint")
+        return [o[0] for o in sample(path, 1)] if os.path.exists(os.path.join(path, "config.json")) else None
     init = sample(os.path.join(out, "demo", "init"), n)
     reward = lambda p, y: sum(a * b for a, b in zip(w, features(p, y)))
-    iterates = [os.path.join(out, f"iter_{t}", "checkpoint") for t in range(1, T + 1)]
-    iterates = [sample(p, 1) for p in iterates if os.path.exists(os.path.join(p, "config.json"))]
     policies = {"init (pi_1)": [o[0] for o in init],
                 f"DNO ({best})": [o[0] for o in sample(best if os.path.isabs(best) else os.path.join(out, best), 1)],
-                # the uniform mixture of pi_2..pi_{T+1}: prompt k answered by iterate k mod T (the average of
-                # iterates is what converges on a cyclic game, Sec. 3 / PAPER.md)
-                "DNO mixture": [iterates[k % len(iterates)][k][0] for k in range(len(rows))] if iterates else None,
+                f"DNO last (iter_{T})": last(out),
+                "DNO mixture": mixture(out),
                 f"BT best-of-{n}": [max(o, key=lambda y: reward(p, y)) for p, o in zip(prompts, init)],
                 "teacher": [r["gold"] for r in rows]}
     if bt_run:  # the same DNO loop driven by the fitted BT reward: its best iterate and the mixture of its iterates
@@ -423,16 +486,18 @@ def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run=""):
             bt_best = json.load(f)["model"]
         policies[f"BT-loop ({bt_best})"] = [o[0] for o in sample(
             bt_best if os.path.isabs(bt_best) else os.path.join(bt_run, bt_best), 1)]
-        bt_its = [os.path.join(bt_run, f"iter_{t}", "checkpoint") for t in range(1, T + 1)]
-        bt_its = [sample(p, 1) for p in bt_its if os.path.exists(os.path.join(p, "config.json"))]
-        policies["BT-loop mixture"] = [bt_its[k % len(bt_its)][k][0] for k in range(len(rows))] if bt_its else None
+        policies[f"BT-loop last (iter_{T})"] = last(bt_run)
+        policies["BT-loop mixture"] = mixture(bt_run)
     for s in STYLES:  # exploiters: the teacher's answer always in one style
-        policies[f"teacher {s!r}"] = [r["gold"].replace(style_of(r["gold"]) or " ", s) for r in rows]
+        policies[f"teacher {s!r}"] = [restyle(r["gold"], s) for r in rows]
+    # the teacher's answers with styles rotated over the prompts: uniform styles, a Nash policy under demo_rps
+    policies["teacher uniform"] = [restyle(r["gold"], STYLES[k % 3]) for k, r in enumerate(rows)]
     policies = {k: v for k, v in policies.items() if v is not None}
     names = list(policies)
-    table = {a: {b: sum(pref(p, x, y) for p, x, y in zip(prompts, policies[a], policies[b])) / len(prompts)
+    table = {a: {b: sum(pref_fn(p, x, y) for p, x, y in zip(prompts, policies[a], policies[b])) / len(prompts)
                  for b in names if b != a} for a in names}
     report = {}
+    log(f"table judged by {judge} (the run's judge), {len(prompts)} held-out prompts, temperature {temperature}")
     log(f"{'policy':24s} | mean score | styles ' ' ',' '|' | worst-case win-rate (vs)")
     for a in names:
         worst = min(table[a], key=table[a].get)
@@ -441,7 +506,15 @@ def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run=""):
         report[a] = {"mean_score": sum(sc) / len(sc), "styles": st, "worst": table[a][worst], "worst_vs": worst}
         log(f"{a:24s} |   {sum(sc) / len(sc):5.2f}    | {st[0]:.2f} {st[1]:.2f} {st[2]:.2f} | "
             f"{table[a][worst]:.3f} ({worst})")
-    return {"w": w, "table": table, "policies": report}
+    result = {"judge": judge, "temperature": temperature, "w": w, "table": table, "policies": report}
+    with open(os.path.join(out, "compare_bt.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def restyle(response, style):
+    """The same digits joined by another separator (a broken-format response is re-joined as well)."""
+    return style.join(c for c in response if c.isdigit())
 
 
 # ----------------------------------------------------------------------------- command line
@@ -458,17 +531,18 @@ def show(n=6, seed=0):
     p = "sort: 4 1 3 0\n"
     cands = ["0 1 3 4", "0,1,3,4", "0|1|3|4", "0 1 4 3", "1 3 4", "0 1 3 4 4 4"]
     print(f"\n{p.strip()}: candidates {cands}\n  demo scores  {demo(p, cands)['scores']}")
-    P = demo_cyclic(p, cands[:3])["P"]
-    print("  demo_cyclic P among the 3 correct styles (row beats column):")
-    for c, row in zip(cands[:3], P):
-        print(f"    {c!r:10s} " + " ".join(f"{x:.2f}" for x in row))
+    for name in PREFS:
+        print(f"  {name} P among the 3 correct styles (row beats column):")
+        for c, row in zip(cands[:3], JUDGES[name](p, cands[:3])["P"]):
+            print(f"    {c!r:10s} " + " ".join(f"{x:.2f}" for x in row))
 
 
 if __name__ == "__main__":
     cfg = cli(Config)
     try:
         if cfg.out:
-            compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed, bt_run=cfg.bt_run)
+            compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed, bt_run=cfg.bt_run,
+                       temperature=cfg.bt_temperature)
         else:
             show(seed=cfg.seed)
     except (ValueError, OSError) as e:

@@ -3,16 +3,17 @@
 Usage:
     python dno.py                                 # tabular demo of Alg. 1 on an intransitive game (CPU, seconds)
     python dno.py --eta 0.5 --iters 3000 --log_every 100
-    python -m pytest -q tests/test_dno.py         # the checks below, CPU, seconds
+    python -m pytest -q tests/test_dno.py tests/test_alg1_model.py   # the checks below, CPU, seconds
 
-    from dno import sequence_logps, dno_loss, winrates, table_from_scores, select_pairs, replay
-    logp = sequence_logps(model(idx)[:, :-1], idx[:, 1:], resp_mask[:, 1:])  # (B,) summed over the response
+    from dno import batch_logps, dno_loss, winrates, table_from_scores, select_pairs, all_pairs, soft_target
+    logp, n_tokens = batch_logps(model, [(prompt_ids, response_ids), ...], device)   # (B,) summed over y
     losses, stats = dno_loss(logp_pos, logp_neg, ref_logp_pos, ref_logp_neg, target=1.0, eta=0.1)
+    r = winrates(table_from_scores(scores)); pairs = all_pairs(r)   # Alg. 1: target soft_target(r_a, r_b)
 
 What lives here: per-sequence log-probs, the one loss behind both of the paper's objectives, win-rate
-tables, the authors' pair rule, replay of earlier iterations' pairs, and Algorithm 1 run exactly on a
-small tabular game (the `python dno.py` demo). The outer loop of Alg. 2 is train.py. Step numbers below
-("Alg. 1, step 2", "Alg. 2, step 5") follow the numbered steps of the algorithms in ../shared/PAPER.md.
+tables, the authors' pair rule and Alg. 1's all pairs, replay, diagnostics of general (possibly cyclic)
+preferences, and Alg. 1 run exactly on a tabular game (the demo). Alg. 2's loop is train.py. "Alg. 1, step
+k" (1: r_t, 2: the ideal update Eq. 9, 3: the regression Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
 
 Glossary (the paper's notation):
     x, y, y'       a prompt and two responses to it.
@@ -21,11 +22,16 @@ Glossary (the paper's notation):
     P(pi > pi')    E_{y ~ pi, y' ~ pi'} P(y > y' | x); the Nash policy pi* maximises min_pi' P(pi > pi').
     pi_t           the policy at iteration t. It is also the REFERENCE of iteration t's loss:
                    the previous iterate, not the SFT model (pi_1 is the SFT model).
-    eta            the learning rate of the ideal update pi_{t+1} ~ pi_t exp(r_t / eta); in the loss it
-                   scales the log-ratio like DPO's beta (the paper used 0.1 or 0.05).
-    r_t(x, y)      P(y > pi_t | x) = E_{y' ~ pi_t} P(y > y' | x), the win-rate of y against pi_t (Alg. 1, step 1).
-                   In Alg. 2 it is estimated by the win-rate of y among the K+1 judged candidates.
+    r_t(x, y)      P(y > pi_t | x) = E_{y' ~ pi_t} P(y > y' | x) in [0, 1] (Alg. 1, step 1). Alg. 2 (line 5)
+                   estimates it by y's win-rate among the K+1 judged candidates (winrates).
+    eta            Alg. 1: the learning rate of the ideal update pi_{t+1} ~ pi_t exp(r_t / eta) (Eq. 9); in the
+                   loss it scales the log-ratio like DPO's beta; the soft-target optimum is eta * dlog(pi/pi_t)
+                   = dr_t. Alg. 2 (Eq. 13) reuses the symbol for a rescaled value: r_t -> c r_t, eta -> c eta
+                   leaves Eq. 9 unchanged and lets the hard target 1 stand for sigmoid(c dr_t) ~ 1, so DNO-Prct's
+                   proper eta is larger than Alg. 1's (Sec. 4). The authors ran 0.1 or 0.05 (TRL's DPO beta);
+                   our default 0.1 is that DPO-beta-like value, in the tabular demo too (1/eta = 10: big steps).
     y+ / y-        the chosen (positive) and rejected (negative) response of a training pair.
+    mu_1, mu_2     where Alg. 1's pairs (y_1, y_2) come from; DNO-Prct: both pi_t (its K samples) plus the gold.
     exploitability max_pi' P(pi' > pi) - 1/2 (= max over single responses y of P(y > pi) - 1/2); 0 at Nash.
 
 Departures from the paper (deliberate, numbered):
@@ -38,20 +44,28 @@ Departures from the paper (deliberate, numbered):
        more than half of its word 4-grams, or of its character 10-grams, are repeats of earlier ones.
        A defective candidate is never a positive, and is the negative of every qualifying positive
        whatever its judge score (provenance "defect"); our reading of "used as negatives".
-    3. Replay: "30% from t-1, 15% from t-2, and so on" is read as shares of the final training set,
-       halving further back (0.3, 0.15, 0.075, ...), sampled without replacement, capped by what an
-       iteration has ("up to"). The replayed pairs follow the current ones; the trainer shuffles.
+    3. Replay: "30% from t-1, 15% from t-2, and so on" is read as shares of the final training set, halving
+       with no cut-off (replay_shares(first=0.3)), sampled without replacement, capped by what an iteration
+       has ("at most"). The replayed pairs follow the current ones; the trainer shuffles.
     4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective), and
        its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
     5. Tabular demo: the Bradley-Terry baseline fits its scalar reward by maximum likelihood on all
        action pairs weighted equally, with a 1e-3 L2 penalty so the fit is finite; it is then run
        through the same exact update (Alg. 1 with the BT model's preferences). The average iterate is
        the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass rounds to 0.
+    6. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among the K+1
+       candidates (for rubric judges over table_from_scores), gold included. train.py's pair distributions:
+       "all" (all_pairs, closest to Alg. 1 with mu_1 = mu_2 = pi_t plus the gold) and "margin" (Alg. 2
+       line 6's large-margin rule, with target sigmoid(dr_t) instead of 1). all_pairs counts a defective
+       candidate as r = 0 (it loses to every other).
+    7. The diagnostics (has_cycle, copeland, ranking_disagrees: BT vs Copeland, diagnostics) are ours; the paper
+       reports none.
 Not a departure: sequence log-probs are sums over response tokens, as in the paper (never means).
 """
 import math
 import random
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +79,7 @@ from cli import cli
 def sequence_logps(logits, targets, mask):
     """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over positions where mask == 1 (the response).
 
+    The slow, obviously-correct reference (and batch_logps' test oracle): full (B, T, V) logits.
     logits (B, T, V) already aligned with targets (B, T): logits[:, t] predicts targets[:, t] (callers
     pass model(idx)[:, :-1] and idx[:, 1:]). mask (B, T) is 0 on prompt and padding. Returns (B,) float32.
     Only the target's log-prob is formed: logit - logsumexp, no (B, T, V) log-softmax is kept.
@@ -80,12 +95,40 @@ def sequence_logps(logits, targets, mask):
     return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1)       # (B,) sum, as the paper
 
 
+def autocast(device, dtype=None):
+    """dtype None: bf16 autocast on CUDA, none elsewhere; an explicit dtype autocasts on any device (CPU tests)."""
+    device = torch.device(device)
+    if dtype is None:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def batch_logps(model, seqs, device, autocast_dtype=None):
+    """log pi(y | x) summed over response tokens for [(prompt_ids, response_ids)] -> (logp (B,), n_tokens).
+    The fast twin of sequence_logps, tested against it (tests/test_fast_logps.py): one right-padded batch; the
+    vocab projection + log-softmax run on the N response positions only, fused (model.HeadLogp), so no
+    (B, T, V) logits exist. n_tokens counts prompt and response tokens (for throughput logs)."""
+    if not seqs or any(len(p) < 1 for p, _ in seqs):
+        raise ValueError("batch_logps: need at least one sequence, each with a non-empty prompt")
+    T = max(len(p) + len(r) for p, r in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)                  # (B, T), pad id 0 is masked out
+    mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)             # (B, T-1) over next-token targets
+    for i, (p, r) in enumerate(seqs):
+        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = True                 # targets that are response tokens
+    idx, sel = idx.to(device), mask.to(device)
+    with autocast(device, autocast_dtype):
+        tok = model(idx[:, :-1], select=sel, targets=idx[:, 1:][sel])  # (N,) log pi(y_t | x, y_<t), float32
+    logp = tok.new_zeros(sel.shape).masked_scatter(sel, tok).sum(-1)   # (B, T-1) -> (B,) sum, as the paper
+    return logp, sum(len(p) + len(r) for p, r in seqs)
+
+
 # ----------------------------------------------------------------------------- the loss
 
-# Alg. 1, step 3 (regression form) and Alg. 2, step 5 (DNO-Prct) are one binary cross-entropy:
+# Alg. 1, step 3 (regression form, Eq. 8) and Alg. 2, line 7 (DNO-Prct, Eq. 13) are one binary cross-entropy:
 #   h(a, b) = eta * [ log pi(y_a|x)/pi_t(y_a|x) - log pi(y_b|x)/pi_t(y_b|x) ]
 #   loss    = - [ p * log sigmoid(h) + (1 - p) * log sigmoid(-h) ]
-#   Alg. 1: p = sigmoid(r_t(x, y_a) - r_t(x, y_b))  (soft target; optimum eta * dlogratio = dr_t,
+#   Alg. 1: p = soft_target(r_t(x, y_a), r_t(x, y_b))  (= sigmoid(dr_t); optimum eta * dlogratio = dr_t,
 #           i.e. pi = pi_t exp(r_t / eta) / Z, the ideal update of Alg. 1, step 2)
 #   Alg. 2: p = 1 on (y_a, y_b) = (y+, y-)            (hard target; DPO with reference pi_t)
 # With p = 1 - eps this is label-smoothed DPO with smoothing eps. pi_t is the previous iterate.
@@ -115,7 +158,7 @@ def _table(P):
 
 
 def winrates(P):
-    """r(y_i) = mean over j != i of P[i, j] = P(y_i > y_j | x) (Alg. 2, step 3). NaN/None skipped;
+    """r(y_i) = mean over j != i of P[i, j] = P(y_i > y_j | x) (Alg. 2, line 5). NaN/None skipped;
     a candidate with no known comparison gets NaN."""
     A = _table(P)
     known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)          # (n, n)
@@ -158,7 +201,7 @@ def _provenance(i, j, gold_index):
 
 def select_pairs(scores, gold_index, defective=None, *, kind="rubric", min_positive=None, margin=None,
                  sample_margin=None):
-    """Every large-margin (y+, y-) pair among one prompt's K+1 candidates (Alg. 2, step 4).
+    """Every large-margin (y+, y-) pair among one prompt's K+1 candidates (Alg. 2, line 6).
 
     scores: rubric scores 0..6 (kind="rubric") or win-rates in [0, 1] (kind="winrate"); None/NaN =
     judge failed, never paired. gold_index: the teacher's column (None if there is none). defective:
@@ -198,17 +241,92 @@ def select_pairs(scores, gold_index, defective=None, *, kind="rubric", min_posit
     return pairs
 
 
+def soft_target(r_a, r_b):
+    """sigmoid(r_t(x, y_a) - r_t(x, y_b)): Alg. 1 step 3's regression target (Eq. 8), P(y_a preferred)."""
+    p = 1 / (1 + np.exp(-(np.asarray(r_a, dtype=np.float64) - np.asarray(r_b, dtype=np.float64))))
+    return float(p) if p.ndim == 0 else p
+
+
+def all_pairs(r, defective=None, gold_index=None):
+    """Every unordered pair of judged candidates (r_t not None/NaN), for Alg. 1's soft targets (departure 6):
+    [{"chosen", "rejected", "provenance", "margin"}] in index order, r(chosen) >= r(rejected) (ties: lower
+    index chosen), margin = r(chosen) - r(rejected) >= 0, so the target is sigmoid(margin). A defective
+    candidate counts as r = 0 (provenance "defect"); two defective candidates are not paired."""
+    s = [None if v is None or math.isnan(float(v)) else float(v) for v in r]
+    defective = [False] * len(s) if defective is None else [bool(d) for d in defective]
+    if len(defective) != len(s):
+        raise ValueError(f"all_pairs: {len(defective)} defect flags for {len(s)} candidates")
+    pairs = []
+    for i in range(len(s)):
+        for j in range(i + 1, len(s)):
+            if s[i] is None or s[j] is None or (defective[i] and defective[j]):
+                continue
+            a, b = (0.0 if defective[i] else s[i]), (0.0 if defective[j] else s[j])
+            c, d = (i, j) if (a >= b and not defective[i]) or defective[j] else (j, i)
+            kind = "defect" if defective[i] or defective[j] else _provenance(c, d, gold_index)
+            pairs.append({"chosen": c, "rejected": d, "provenance": kind, "margin": abs(a - b)})
+    return pairs
+
+
+# ----------------------------------------------------------------------------- diagnostics of general preferences
+# Over one prompt's (n, n) table P[i, j] = P(y_i > y_j | x), NaN = not judged: how far the judge's preferences
+# are from what a scalar reward (Bradley-Terry) can express (departure 7).
+
+def has_cycle(P, tol=1e-9):
+    """An intransitive triple i > j > k > i, each preference strictly above 1/2 (+ tol)."""
+    W = (np.nan_to_num(_table(P), nan=0.5) > 0.5 + tol).astype(np.int64)    # (n, n) strict wins
+    return bool(np.trace(W @ W @ W) > 0)                        # a directed 3-cycle closes a walk of length 3
+
+
+def fit_bt_table(P):
+    """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged candidates."""
+    return np.where(np.isnan(winrates(P)), np.nan, fit_bradley_terry(_table(P)))
+
+
+def copeland(P, tol=1e-9):
+    """Copeland scores (n,): pairwise majorities won + 1/2 per tie, over the judged pairs (NaN = not judged)."""
+    A = _table(P)
+    known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)             # (n, n)
+    return ((A > 0.5 + tol) & known).sum(1) + 0.5 * ((np.abs(A - 0.5) <= tol) & known).sum(1)
+
+
+def ranking_disagrees(P, tol=1e-9):
+    """True if the Bradley-Terry fit r and the Copeland ranking c (who wins the pairwise majorities) order some
+    pair strictly oppositely: c_i > c_j while r_i < r_j - tol. On a transitive table (e.g. rubric scores) they
+    agree; a lopsided loss or a cycle can split them. On a complete table BT's order is the win-rate (Borda)
+    order -- at the fit (m - 1) w_i = sum_j sigmoid(r_i - r_j) + l2 r_i rises in r_i -- so r = w there, no fit."""
+    A = _table(P)
+    w = winrates(A)
+    ok = ~np.isnan(w)                                           # judged candidates
+    r = w if not np.isnan(A[np.ix_(ok, ok)]).any() else fit_bt_table(A)
+    r, c = r[ok], copeland(A, tol)[ok]
+    return bool(((c[:, None] > c[None, :]) & (r[:, None] < r[None, :] - tol)).any())
+
+
+def diagnostics(tables):
+    """Shares over prompts: {"n", "cycle_share", "bt_disagreement_share"} (None when there are no tables)."""
+    n = len(tables)
+    share = lambda f: sum(f(P) for P in tables) / n if n else None
+    return {"n": n, "cycle_share": share(has_cycle), "bt_disagreement_share": share(ranking_disagrees)}
+
+
 # ----------------------------------------------------------------------------- replay
 
-def replay(current, previous, seed, shares=None):
-    """current + up to shares[k] of the final set drawn from previous[k] (previous[0] is iteration t-1).
+def replay_shares(first, n_previous):
+    """The paper's replay shares, "30% from t-1, 15% from t-2, and so on": [first / 2**k for k < n_previous].
+    They sum to less than 2 * first, so first in [0, 0.5) keeps the current pairs a positive share."""
+    if not 0 <= first < 0.5:
+        raise ValueError(f"replay share must be in [0, 0.5) (the halving series sums to < 2 * share), got {first}")
+    return [first / 2 ** k for k in range(n_previous)]
 
-    shares default: 0.3, 0.15, 0.075, ... (halving; departure 3). With n = len(current) and S the sum of
-    the shares used, iteration t-1-k contributes min(len(previous[k]), round(shares[k] * n / (1 - S)))
-    items, so without caps the shares hold exactly in the final set. Deterministic given seed.
-    """
+
+def replay(current, previous, seed, shares=None):
+    """current + up to shares[k] of the final set drawn from previous[k] (previous[0] is iteration t-1);
+    shares default: replay_shares(0.3, len(previous)) = 0.3, 0.15, ... (departure 3). With n = len(current) and
+    S the sum of the shares, iteration t-1-k gives min(len(previous[k]), round(shares[k] * n / (1 - S))) items,
+    so without caps the shares hold exactly in the final set. Deterministic given seed."""
     if shares is None:
-        shares = [0.3 / 2 ** k for k in range(len(previous))]
+        shares = replay_shares(0.3, len(previous))
     shares = [float(x) for x in shares][:len(previous)]
     if any(x < 0 for x in shares) or sum(shares) >= 1:
         raise ValueError(f"replay: shares must be >= 0 and sum below 1, got {shares}")
@@ -228,7 +346,8 @@ ACTIONS = ["rock", "paper", "scissors", "bland", "rambling"]
 
 def cyclic_game():
     """P[i, j] = P(action i > action j): weighted rock-paper-scissors plus two dominated actions.
-    In 2P - 1 units: paper > rock by 0.4, rock > scissors by 0.8, scissors > paper by 1.0, so the Nash policy is (1, 0.8, 0.4, 0, 0) / 2.2. Scissors crushes the two dull actions, which makes it
+    In 2P - 1 units: paper > rock by 0.4, rock > scissors by 0.8, scissors > paper by 1.0, so the Nash policy
+    is (1, 0.8, 0.4, 0, 0) / 2.2. Scissors crushes the two dull actions, which makes it
     the Bradley-Terry favourite, yet rock exploits it by 0.4."""
     P = np.array([[0.50, 0.30, 0.90, 0.75, 0.70],
                   [0.70, 0.50, 0.00, 0.75, 0.70],
@@ -261,9 +380,11 @@ def exploitability(P, pi):
 
 
 def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
-    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2 (departure 5)."""
+    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2 (departure 5);
+    NaN entries (not judged) are left out of the sum."""
     n = len(P)
-    r, off = np.zeros(n), 1 - np.eye(n)
+    off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
+    r, P = np.zeros(n), np.nan_to_num(P)
     for _ in range(steps):                                      # concave: plain gradient ascent suffices
         s = 1 / (1 + np.exp(r[None, :] - r[:, None]))           # (n, n) sigmoid(r_i - r_j)
         r += lr / n * (((P - s) * off).sum(1) - l2 * r)
@@ -298,7 +419,7 @@ def run_tabular(P, pi_1, eta, iters):
 
 @dataclass
 class Config:
-    eta: float = 0.1           # learning rate of Alg. 1, step 2 (the paper's beta: 0.1 or 0.05)
+    eta: float = 0.1           # learning rate of Alg. 1, step 2 (0.1: the authors' DPO-beta-like value)
     iters: int = 1000          # T, iterations of Alg. 1
     log_every: int = 50        # print one line every this many iterations (1 = every iteration)
 

@@ -1,11 +1,14 @@
 """A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face checkpoint I/O.
 
-    python model.py                                   # CPU demo: tiny random model, save -> load round trip
-    from model import Transformer
-    m = Transformer.from_pretrained("Qwen2.5-0.5B-Instruct/", dtype=torch.bfloat16, device="cuda")
+    python model.py                                   # CPU demo: tiny random model, save -> load, memory estimate
+    from model import Transformer, resolve_model, load_tokenizer, check_memory
+    path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
+    tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
+    m = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
     logits = m(idx)                                   # (B, T) token ids -> (B, T, V) float32 logits
     logp = m(idx, select=sel, targets=tgt)            # training: log p(tgt) (N,) at the N positions where sel (B, T)
     m.save_pretrained("out/", tokenizer=tok)          # transformers.AutoModelForCausalLM loads this folder
+    check_memory(m.args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError if a step cannot fit
 
 Covers what transformers saves for LlamaForCausalLM (grouped-query attention, rope_theta, "llama3" and "linear"
 rope scaling, optional attention/mlp bias), MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias,
@@ -18,13 +21,23 @@ prompts is LEFT-padded to a common length T0 so every row writes cache slot T0 +
 its own rope position (number of real tokens so far) and a (N, S) key-validity mask hides its padding slots.
 `prefill` runs B prompts once and writes each prompt's keys into N // B consecutive cache rows (its K samples).
 
+User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json that is not JSON, not an
+object, lacks a required key; weights garbage, truncated, mis-shaped or missing; a config whose weights alone
+exceed the device's free memory (refused from a parameter count, before anything is allocated); a hub id that is
+neither cached nor downloadable. Nothing here runs code shipped with a model: a config.json or
+tokenizer_config.json with "auto_map" is refused, and transformers is always called with trust_remote_code=False.
+save_pretrained copies the source folder's generation_config.json (an Instruct model's eos list, top_p, top_k).
+
 Departures (this file is infrastructure; the paper's model is Orca-2.5 = Mistral-7B):
  1. Rope types other than default/llama3/linear (yarn, dynamic, longrope) and per-layer sliding windows
-    (Qwen use_sliding_window) are rejected with a ValueError rather than approximated.
+    (Qwen use_sliding_window) are rejected with a ModelError rather than approximated.
  2. Padded query positions attend to themselves (finite garbage instead of NaN); their outputs are never used.
 """
 import json
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +51,12 @@ ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2For
 HF_PREFIX = {"embed_tokens.": "model.embed_tokens.", "layers.": "model.layers.", "norm.": "model.norm.",
              "lm_head.": "lm_head."}
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; we recompute it
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings")
+
+
+class ModelError(ValueError):
+    """A user mistake in a model folder, a model id or a memory budget; the message is one line naming the file."""
 
 
 @dataclass
@@ -65,29 +84,38 @@ class ModelArgs:
     pad_token_id: int = None
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict, source="config.json") -> "ModelArgs":
+        """transformers' config.json dict -> ModelArgs; ModelError naming `source` when it cannot describe a model."""
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{source}: expected a JSON object, got a JSON {type(cfg).__name__}")
         names = cfg.get("architectures") or []
-        arch = ARCHS.get(names[0]) if names else cfg.get("model_type")
+        arch = ARCHS.get(names[0]) if isinstance(names, list) and names else cfg.get("model_type")
         if arch not in ARCHS.values():
-            raise ValueError(f"unsupported architecture {names or cfg.get('model_type')!r}; "
+            raise ModelError(f"{source}: unsupported architecture {names or cfg.get('model_type')!r}; "
                              f"supported: {', '.join(ARCHS)}")
+        bad = [k for k in REQUIRED_HF_KEYS if not isinstance(cfg.get(k), int) or cfg[k] < 1]
+        if bad:
+            raise ModelError(f"{source}: {', '.join(bad)} missing or not a positive integer")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+            raise ModelError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})  # transformers v5 | v4 layout
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope_type {kind!r}; supported: default, llama3, linear")
+            raise ModelError(f"{source}: unsupported rope_type {kind!r}; supported: default, llama3, linear")
         if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-            raise ValueError("Qwen use_sliding_window=true is not supported")
-        n_heads = cfg["num_attention_heads"]
+            raise ModelError(f"{source}: Qwen use_sliding_window=true is not supported")
+        n_heads, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        if n_heads % n_kv or not (cfg.get("head_dim") or cfg["hidden_size"] % n_heads == 0):
+            raise ModelError(f"{source}: num_attention_heads={n_heads} must be a multiple of num_key_value_heads="
+                             f"{n_kv} and divide hidden_size={cfg['hidden_size']} (or give head_dim)")
         bias = bool(cfg.get("attention_bias", False))
         return cls(arch=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                   n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                   n_heads=n_heads, n_kv_heads=n_kv,
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
                    hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
                    rope_scaling={} if kind == "default" else rope,
-                   max_seq_len=cfg.get("max_position_embeddings", 8192),
+                   max_seq_len=cfg["max_position_embeddings"],
                    qkv_bias=True if arch == "qwen2" else bias, o_bias=False if arch == "qwen2" else bias,
                    mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=arch == "qwen3",
                    tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("qwen2", "qwen3"))),
@@ -365,50 +393,43 @@ class Transformer(nn.Module):
     # ---- Hugging Face checkpoint I/O ----
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        from safetensors import safe_open
-
+        """Load a local Hugging Face folder (see resolve_model for hub ids). User mistakes (bad config.json, a
+        model too large for `device`, garbage / truncated / mis-shaped / missing tensors) raise a one-line error."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}/config.json not found (expected a Hugging Face model folder)")
-        cfg = json.loads((path / "config.json").read_text())
-        args = ModelArgs.from_hf_config(cfg)
-        if (path / "model.safetensors.index.json").is_file():
-            weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
-                                    "(only safetensors checkpoints are supported)")
+        cfg = read_config(path)
+        args = ModelArgs.from_hf_config(cfg, source=path / "config.json")
+        check_fits(args, device, dtype, path / "config.json")  # before reading or allocating anything
         to_ours = {hf: ours for ours, hf in HF_PREFIX.items()}
         state = {}
-        for fname in files:
-            if not (path / fname).is_file():
-                raise FileNotFoundError(f"checkpoint shard {path / fname} not found")
-            with safe_open(str(path / fname), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    if name.endswith(IGNORED_HF_SUFFIXES) or (args.tie_embeddings and name == "lm_head.weight"):
-                        continue
-                    prefix = next((p for p in to_ours if name.startswith(p)), None)
-                    if prefix is None:
-                        raise ValueError(f"unexpected tensor {name!r} in {fname}")
-                    state[to_ours[prefix] + name[len(prefix):]] = f.get_tensor(name).to(dtype)
+        for file in weight_files(path):
+            for name, t in load_tensors(file, device, dtype, args.tie_embeddings).items():
+                prefix = next((p for p in to_ours if name.startswith(p)), None)
+                if prefix is None:
+                    raise ModelError(f"{file}: unexpected tensor {name!r}")
+                state[to_ours[prefix] + name[len(prefix):]] = t
         if args.tie_embeddings and "embed_tokens.weight" in state:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         with torch.device("meta"):
             model = cls(args)
-        missing = sorted(set(model.state_dict()) - set(state))
+        want = model.state_dict()
+        missing = sorted(set(want) - set(state))
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ModelError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        bad = [(k, tuple(state[k].shape), tuple(want[k].shape)) for k in want if state[k].shape != want[k].shape]
+        if bad:
+            raise ModelError(f"{path}: {len(bad)} tensors have the wrong shape for config.json, e.g. {bad[0][0]} "
+                             f"is {bad[0][1]}, expected {bad[0][2]}")
         model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.config = cfg  # keep every field of the original config.json for save_pretrained
+        model.source = path  # its generation_config.json (eos list, top_p, ...) is copied by save_pretrained
         return model.eval()
 
     def save_pretrained(self, path, tokenizer=None, state_dict=None):
         """Write config.json, generation_config.json, model.safetensors (+ tokenizer files). state_dict: a full
-        (gathered) state dict when the module itself is sharded, e.g. under FSDP2."""
+        (gathered) state dict when the module itself is sharded, e.g. under FSDP2. generation_config.json is the
+        source folder's, unchanged, when the model was loaded from one that has it; else built from config.json."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -424,14 +445,234 @@ class Transformer(nn.Module):
         cfg = dict(self.config, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=self.args.tie_embeddings)
         cfg.pop("torch_dtype", None)
         (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
-        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        src = getattr(self, "source", None)
+        gen = src / "generation_config.json" if src is not None else None
+        if gen is not None and gen.is_file():
+            if gen.resolve() != (path / "generation_config.json").resolve():
+                shutil.copyfile(gen, path / "generation_config.json")
+        else:
+            gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+            (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+# ---- model folders, hub ids, tokenizers: one-line errors, never custom code ----
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .py
+
+
+def one_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def read_json(file):
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({one_line(e)})") from None
+
+
+def refuse_custom_code(cfg, file):
+    """A folder whose config names its own Python classes (auto_map) is refused: we never run code from a model."""
+    if isinstance(cfg, dict) and "auto_map" in cfg:
+        raise ModelError(f"{file}: has auto_map (custom model code); refused, this repo never runs code shipped "
+                         "with a model (trust_remote_code=False)")
+
+
+def read_config(path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found (expected a Hugging Face model folder)")
+    cfg = read_json(file)
+    refuse_custom_code(cfg, file)
+    return cfg
+
+
+def weight_files(path) -> list:
+    """The safetensors files of a model folder: model.safetensors, or the shards named by its index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        wm = read_json(index)
+        if not isinstance(wm, dict) or not isinstance(wm.get("weight_map"), dict):
+            raise ModelError(f"{index}: expected an object with a weight_map")
+        files = [path / f for f in sorted(set(wm["weight_map"].values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                                "(only safetensors checkpoints are supported)")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint shard {f} not found")
+    return files
+
+
+def load_tensors(file, device, dtype, tied) -> dict:
+    """{transformers name: tensor} of one safetensors file, cast to dtype; tied: skip a stored lm_head.weight."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            return {n: f.get_tensor(n).to(dtype) for n in f.keys()
+                    if not n.endswith(IGNORED_HF_SUFFIXES) and not (tied and n == "lm_head.weight")}
+    except (SafetensorError, OSError) as e:  # garbage, truncated or unreadable
+        raise ModelError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+
+
+def hub_cache() -> str:
+    """The hub cache folder the way huggingface_hub finds it, read from the environment now (not at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+                              or os.path.join(home, "hub"))
+
+
+def resolve_model(name_or_path, what="--model") -> str:
+    """A local model folder, or a hub id ORG/NAME -> its snapshot folder in the hub cache (downloading config,
+    safetensors and tokenizer files when online; never .py files). `what` names the flag in error messages."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{what} {name_or_path}: folder has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        raise ModelError(f"{what} {name_or_path}: no such folder, and not a Hugging Face id ORG/NAME")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    cache = hub_cache()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        folder = snapshot_download(str(name_or_path), cache_dir=cache, allow_patterns=HUB_FILES,
+                                   local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{what} {name_or_path}: not in the Hugging Face cache (HF_HUB_CACHE={cache}) and "
+                         f"{'offline (HF_HUB_OFFLINE=1)' if offline else 'the hub is unreachable'}; download it once "
+                         "online, or pass a local folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:  # unknown or gated repo, bad revision, disk full
+        raise ModelError(f"{what} {name_or_path}: {type(e).__name__} from the hub ({one_line(e)})") from None
+    if not (Path(folder) / "config.json").is_file():
+        raise ModelError(f"{what} {name_or_path}: the hub snapshot {folder} has no config.json")
+    return folder
+
+
+def load_tokenizer(path):
+    """AutoTokenizer of a local folder (trust_remote_code=False; an auto_map is refused) with one-line errors."""
+    from transformers import AutoTokenizer
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} not found")
+    for name in ("config.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            refuse_custom_code(read_json(path / name), path / name)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' messages run 3-5 lines
+        raise ModelError(f"{path}: cannot load a tokenizer ({one_line(e)})") from None
+
+
+# ---- memory: estimate before anything is allocated ----
+def count_params(args: ModelArgs) -> int:
+    """Parameters of Transformer(args), counted by hand from the shapes (no allocation)."""
+    C, F, H, K, D = args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim
+    attn = 2 * C * H * D + 2 * C * K * D                                  # q, o (C x H D); k, v (C x K D)
+    attn += (H * D + 2 * K * D) * args.qkv_bias + C * args.o_bias + 2 * D * args.qk_norm
+    mlp = 3 * C * F + (2 * F + C) * args.mlp_bias                         # gate, up, down
+    layer = attn + mlp + 2 * C                                            # + two RMSNorms
+    return args.vocab_size * C * (1 if args.tie_embeddings else 2) + C + args.n_layers * layer
+
+
+def free_memory(device):
+    """Bytes free on device now: CUDA mem_get_info, CPU /proc/meminfo MemAvailable; None when unknown (then
+    nothing is checked). A container's cgroup limit is not read: its page cache would make it look full."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    if device.type != "cpu":  # mps, meta: unknown
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux
+        return None
+
+
+def check_fits(args, device, dtype, source):
+    """Refuse a config whose weights alone exceed the free memory, before the loader allocates (or loops) at all."""
+    n, free = count_params(args), free_memory(device)
+    if free is not None and n * dtype.itemsize > free:
+        raise ModelError(f"{source}: {n:,} parameters (num_hidden_layers={args.n_layers}, hidden_size={args.dim}) "
+                         f"need {n * dtype.itemsize / 2**30:.1f} GiB in {dtype} but {device} has "
+                         f"{free / 2**30:.1f} GiB free")
+
+
+def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, param_bytes=4, optimizer="adamw",
+                    act_bytes=2, seqs_per_item=1, shards=1) -> dict:
+    """Bytes one rank needs for a step on micro_batch items of seq_len tokens (seqs_per_item sequences each: 2 for
+    a DNO pair). Weights, gradients and the optimizer state (AdamW: exp_avg and exp_avg_sq in the parameter dtype,
+    fp32 in train.py; sgd: none) are split over `shards` FSDP ranks. Activations kept for backward, per token,
+    C = dim, H/K = query/kv heads, D = head_dim, F = hidden_dim, a = act_bytes (2 under bf16 autocast, 4 in fp32):
+        per layer   16 C + 4 H                 fp32 residual input and normalised output of both RMSNorms, the
+                  + a (2HD + 2KD + 4F)         attention's logsumexp; q, k, v, attention output, gate, up,
+                                               silu(gate), their product
+                  + a 2C, or a 5C (autocast)   the matmul inputs: both norm outputs, or under autocast the cast
+                                               copy each of the five q/k/v/gate/up matmuls keeps
+        grad_ckpt   4 C per layer (the block input), plus one layer's full set recomputed during backward
+        head        a (V + C) + 8 C            HeadLogp's (N, V) exp buffer and input, the final norm (N <= tokens)
+    weight_copies: a bytes per matmul weight, the cast weights kept for backward (autocast is assumed when a <
+    param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16 weights, no cast).
+    Not training (generation, sample.py): a KV cache of 2 K D a per token per layer, one layer's working set and
+    (B, V) float32 logits. The estimate leaves out allocator fragmentation and the CUDA context."""
+    if optimizer not in ("adamw", "sgd"):
+        raise ModelError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    C, F, H, K, D, V, L = (args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size,
+                           args.n_layers)
+    B = micro_batch * seqs_per_item
+    tokens, n = B * seq_len, count_params(args)
+    cast = act_bytes < param_bytes  # autocast: matmuls keep cast copies of their inputs and weights for backward
+    layer = 16 * C + 4 * H + act_bytes * (2 * H * D + 2 * K * D + 4 * F + (5 if cast else 2) * C)  # per token
+    if train:
+        kept = 4 * C * L + layer if grad_ckpt else layer * L
+        # the embedding is no matmul; under FSDP the weights arrive in bf16 already (MixedPrecisionPolicy)
+        copies = (n - V * C * (not args.tie_embeddings)) * act_bytes * cast * (shards == 1)
+        act, kv = tokens * (kept + act_bytes * (V + C) + 8 * C), 0
+    else:
+        copies, act, kv = 0, tokens * layer + B * V * 4, tokens * L * 2 * K * D * act_bytes
+    weights = n * param_bytes // shards
+    grads = weights if train else 0
+    opt = 2 * weights if train and optimizer == "adamw" else 0
+    return dict(params=n, weights=weights, grads=grads, optimizer=opt, weight_copies=copies, activations=act,
+                kv_cache=kv, total=weights + grads + opt + copies + act + kv)
+
+
+PARTS = ("weights", "grads", "optimizer", "weight_copies", "activations", "kv_cache")  # memory_estimate's sums
+
+
+def check_memory(args, device, **kw) -> dict:
+    """memory_estimate(args, **kw) plus free=bytes free on device; a one-line ModelError with what to change when
+    the total does not fit. Call it before loading or training so a run fails in seconds, not at the first OOM.
+    act_bytes, unless given, follows train.py: bf16 autocast (2) on CUDA, float32 (4) elsewhere."""
+    kw.setdefault("act_bytes", 2 if torch.device(device).type == "cuda" else 4)
+    est = memory_estimate(args, **kw)
+    est["free"] = free = free_memory(device)
+    if free is None or est["total"] <= free:
+        return est
+    fixed = est["weights"] + est["grads"] + est["optimizer"] + est["weight_copies"]
+    per_item = (est["total"] - fixed) / kw["micro_batch"]  # activations and KV cache grow with the micro-batch
+    fit = int((free - fixed) // per_item) if free > fixed else 0
+    hints = [f"lower --micro_batch to {fit}"] if fit >= 1 else []
+    ckpt = dict(kw, grad_ckpt=True)
+    if kw.get("train", True) and not kw.get("grad_ckpt") and memory_estimate(args, **ckpt)["total"] <= free:
+        hints.append("pass --grad_ckpt true")
+    hints = hints or ["use a larger device, or shard over more GPUs with torchrun" if fixed > free
+                      else "shorten the sequences or use a larger device"]
+    g = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    parts = " + ".join(f"{k.replace('_', ' ')} {g(est[k])}" for k in PARTS if est[k])
+    raise ModelError(f"needs ~{g(est['total'])} GiB on {device} ({parts}) but {g(free)} GiB is free: "
+                     f"{' or '.join(hints)}")
 
 
 if __name__ == "__main__":
@@ -449,3 +690,9 @@ if __name__ == "__main__":
         again = Transformer.from_pretrained(d)
         diff = (model(idx) - again(idx)).abs().max().item()
     print(f"{model.num_params():,} params; logits {tuple(model(idx).shape)}; save->load max |diff| {diff:.2e}")
+    mistral7b = ModelArgs(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                          head_dim=128, hidden_dim=14336)
+    for ckpt in (False, True):  # the paper's model, one pair per micro-batch, 2048 tokens, bf16 autocast, one rank
+        est = memory_estimate(mistral7b, micro_batch=1, seq_len=2048, seqs_per_item=2, grad_ckpt=ckpt)
+        print(f"Mistral-7B train step, grad_ckpt={ckpt}: " + ", ".join(f"{k} {v / 2**30:.1f} GiB"
+              for k, v in est.items() if k != "params") + f" ({est['params']:,} params)")

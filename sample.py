@@ -3,28 +3,41 @@
     python sample.py                                  # CPU demo: cached greedy == naive greedy, tokens/s
     python sample.py --model DIR --prompts IN.jsonl --out OUT.jsonl --num_samples 5 --max_new_tokens 512 \
         --temperature 0.7 --top_p 0.95 --seed 0      # add --device cuda --dtype bfloat16 --compile true on a GPU
+    python bench/bench_eos.py                         # EOS on: dropping finished rows vs lock-step vs transformers
     from sample import generate, encode_prompt
     outs = generate(model, tok, ["Hi", [{"role": "user", "content": "Hi"}]], num_samples=5)
+    outs[0][k] == {"tokens": [...], "text": "...", "finish_reason": "stop", "stop_token": 151645}
 
 IN.jsonl lines: {"id"?: any, "prompt": str | [{"role", "content"}, ...]}; OUT.jsonl lines:
-{"id", "prompt", "samples": [text] * K, "finish_reasons": ["stop" | "length"] * K}.
+{"id", "prompt", "samples": [text] * K, "finish_reasons": ["stop" | "length"] * K, "stop_tokens": [id | null] * K}
+(the stop id that ended each sample; null when it ran out of tokens). Every flag, the device and the --out
+folder are checked before the model loads.
 
 How a batch runs: B prompts are LEFT-padded to T0 tokens and prefilled once; each prompt's keys/values are
-written into K consecutive cache rows, so N = B * K rows then decode in lock-step (model.decode), all writing
-cache slot T0 + t at step t. Sampling is exact top-p by inverse CDF with three uniforms per (row, step),
-drawn from a torch.Generator seeded by hash(seed, prompt id, sample index): a sample does not depend on which
-other prompts share its batch, on batch_size, or on prompt order.
+written into K consecutive cache rows, so N = B * K rows then decode together (model.decode), all writing
+cache slot T0 + t at step t. Rows that emitted a stop id are dropped from the decode batch: once >= 25% of the
+live rows have finished, every per-row cache tensor (k, v, key_valid, next_pos) is gathered in place onto its
+first n rows and viewed as (n, ...); `live` maps cache row -> output row. A batch then costs about the sum of
+its samples' lengths instead of N times its longest one (bench/bench_eos.py: 2.6x on geometric lengths);
+generate(compact=False) keeps the old lock-step for comparison. Sampling is exact top-p by inverse CDF with three
+uniforms per (output row, step), drawn from a torch.Generator seeded by hash(seed, prompt id, sample index): a
+sample does not depend on which other prompts share its batch, on batch_size, on prompt order, or on when its
+batch was compacted (the uniforms follow the row, and greedy stays equal to naive recomputation).
 
 Departures:
  1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching top_p), as the
     paper's samplers do; ties at the boundary may resolve differently from transformers' warper.
- 2. Finished rows keep decoding (their tokens are discarded) until every row of the batch stopped.
+ 2. Finished rows keep decoding (their tokens discarded) until the next compaction, which waits for 25% of the
+    live rows to finish (on CUDA it is checked every 8 steps, a host sync) to amortise the copy. Under --compile
+    the batch only halves (finished rows pad it to N / 2^j) so the compiled step sees few shapes.
  3. CPU draws top-p samples by rejection (no vocabulary sort), CUDA by sorting: both exact, but the same seed
-    gives different samples on the two devices (as does any change of dtype or hardware).
+    gives different samples on the two devices (as does any change of dtype or hardware). sample_tokens(sort=True)
+    forces the CUDA path on CPU (the tests check both against the exact nucleus distribution).
  4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line number).
 """
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -52,7 +65,7 @@ class Config:
     batch_size: int = 16          # prompts per batch (rows = batch_size * num_samples)
     dtype: str = "float32"        # float32 | bfloat16 | float16
     device: str = "cpu"
-    compile: bool = False         # torch.compile the decode step (CUDA graphs); off on CPU
+    compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU, inductor on CPU)
 
 
 def encode_prompt(tokenizer, prompt) -> list:
@@ -95,16 +108,17 @@ def row_seed(seed, prompt_id, k) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def sample_tokens(logits, u, temperature, top_p):
+def sample_tokens(logits, u, temperature, top_p, sort=None):
     """logits (N, V) float32, u (N, 3) uniforms in [0, 1) -> (N,) token ids; temperature 0 = argmax.
     Top-p nucleus = the tokens whose more-probable mass is < top_p. On CPU, sorting the vocabulary every step
     dominates decode time, so we draw 2 candidates from the full softmax by inverse CDF and take the first that
     lies in the nucleus (rejection sampling: exact, accepted with probability >= top_p); rows where both miss
-    fall back to the sorted nucleus with the third uniform. On CUDA the sort is cheap and sync-free: always sort."""
+    fall back to the sorted nucleus with the third uniform. On CUDA the sort is cheap and sync-free: always sort.
+    sort: None = sort on CUDA only; True / False force either path (tests run the CUDA path on CPU)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # (N, V)
-    if top_p < 1 and probs.is_cuda:
+    if top_p < 1 and (probs.is_cuda if sort is None else sort):
         return _sample_sorted(probs, u[:, -1], top_p)
     cand = _inverse_cdf(probs, u[:, :2])  # (N, 2) draws from the full distribution
     tok = cand[:, 0]
@@ -143,9 +157,13 @@ def left_pad(prompts, pad_id=0):
     return idx, mask
 
 
+COMPACT_AT = 0.25  # compact the KV cache once this fraction of the live rows has finished (departure 2)
+
+
 @torch.no_grad()
-def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p, stops, step, static):
-    """B prompts (token lists) -> B * K rows of raw tokens (N, steps) as a list of lists (stop ids included)."""
+def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p, stops, step, static, compact):
+    """B prompts (token lists) -> B * K rows of raw tokens (N, steps) as a list of lists (stop ids included;
+    a row dropped from the batch holds -1 after its stop id)."""
     dev = model.embed_tokens.weight.device
     idx, mask = left_pad(prompts)
     T0, N = idx.shape[1], len(prompts) * K
@@ -153,34 +171,92 @@ def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p
     if static:  # round the cache length so compiled shapes repeat across batches
         S = -(-S // 256) * 256
     model.setup_cache(N, S)
+    full = [(m, name, getattr(m, name)) for m, name in _row_buffers(model)]  # compaction shrinks these to views
     logits = model.prefill(idx.to(dev), mask.to(dev)).repeat_interleave(K, 0)  # (N, V): prompt b -> rows b*K..
     u = torch.stack([torch.rand(max_new_tokens, 3, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    u = u.to(dev)  # (N, max_new_tokens, 3): three uniforms per (row, step), see sample_tokens
-    out = torch.empty(N, max_new_tokens, dtype=torch.long, device=dev)
+    u = u.to(dev)  # (N, max_new_tokens, 3): three uniforms per (output row, step), see sample_tokens
+    out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
     stop_t = torch.tensor(stops, dtype=torch.long, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    live = torch.arange(N, device=dev)  # (n,): cache row r holds output row live[r]
+    done = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) per cache row
     slots = torch.arange(T0, T0 + max_new_tokens, device=dev)  # decode step t writes cache slot T0 + t
-    for t in range(max_new_tokens):
-        tok = sample_tokens(logits, u[:, t], temperature, top_p)  # (N,)
-        out[:, t] = tok
-        if len(stops):
-            done |= torch.isin(tok, stop_t)
-        if t == max_new_tokens - 1 or (len(stops) and (dev.type == "cpu" or t % 8 == 7) and bool(done.all())):
-            break  # (on GPU the all-done check, a host sync, runs every 8 steps)
-        logits = step(tok, slots[t:t + 1], S if static else T0 + t + 1)  # (N, V)
+    try:
+        for t in range(max_new_tokens):
+            tok = sample_tokens(logits, u[live, t], temperature, top_p)  # (n,): a row's uniforms follow it
+            out[live, t] = tok
+            if len(stops):
+                done |= torch.isin(tok, stop_t)
+            if t == max_new_tokens - 1:
+                break
+            if len(stops) and (dev.type == "cpu" or t % 8 == 7):  # on GPU this host sync runs every 8 steps
+                finished = int(done.sum())
+                if finished == len(live):
+                    break
+                if compact and finished >= COMPACT_AT * len(live):
+                    keep = _rows_to_keep(done, static)
+                    if len(keep) < len(live):
+                        _compact_cache(model, keep, T0 + t)
+                        live, done, tok = live[keep], done[keep], tok[keep]
+            logits = step(tok, slots[t:t + 1], S if static else T0 + t + 1)  # (n, V)
+    finally:  # hand back the full-size buffers (setup_cache reuses them; compiled graphs point at them)
+        for m, name, x in full:
+            setattr(m, name, x)
     return out[:, :t + 1].tolist()
 
 
+def _row_buffers(model):
+    """(module, buffer name) of every per-row decode tensor the model exposes; row = dim 0 of each."""
+    return [(layer.self_attn.cache, n) for layer in model.layers for n in ("k", "v")] + \
+        [(model, "key_valid"), (model, "next_pos")]
+
+
+def _rows_to_keep(done, static):
+    """done (n,) bool -> sorted cache rows to keep: the unfinished ones. static (compiled step): padded with
+    finished rows up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
+    keep = (~done).nonzero()[:, 0]
+    if static:
+        n = len(done)
+        while n // 2 >= len(keep):
+            n //= 2
+        keep = torch.cat([keep, done.nonzero()[:, 0][:n - len(keep)]]).sort().values
+    return keep
+
+
+def _compact_cache(model, keep, L):
+    """Move cache rows keep (n',) to rows 0..n'-1 in place and shrink every per-row buffer to a view of its first
+    n' rows (same storage: nothing allocated but the gather). Only cache slots [0, L) hold keys so far."""
+    n = len(keep)
+    for m, name in _row_buffers(model):
+        x = getattr(m, name)
+        if x.dim() == 4:  # k / v (N, H_kv, S, D)
+            x[:n, :, :L] = x[keep, :, :L]
+        else:             # key_valid (N, S), next_pos (N,)
+            x[:n] = x[keep]
+        setattr(m, name, x[:n])
+
+
+def check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size):
+    """One-line ValueError for an impossible sampling setting (generate() and the CLI, before any work)."""
+    for name, v in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)]:
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, temperature=0.7, top_p=0.95,
-             seed=0, ids=None, stop_ids=None, batch_size=16, progress=False, compile=False):
+             seed=0, ids=None, stop_ids=None, batch_size=16, progress=False, compile=False, compact=True):
     """For each prompt, K = num_samples dicts {"tokens" (response, stop token excluded), "text",
-    "finish_reason": "stop" | "length"}. ids: per-prompt ids for the per-(id, sample, seed) RNG (default: index).
-    stop_ids: None = default_stop_ids; [] = never stop. batch_size: prompts per batch (N = batch_size * K rows)."""
+    "finish_reason": "stop" | "length", "stop_token": the stop id that ended it, or None}. ids: per-prompt ids for
+    the per-(id, sample, seed) RNG (default: index). stop_ids: None = default_stop_ids; [] = never stop.
+    batch_size: prompts per batch (N = batch_size * K rows). compact=False: finished rows decode until the whole
+    batch stopped (the lock-step baseline; same samples, slower)."""
     ids = list(range(len(prompts))) if ids is None else list(ids)
     if len(ids) != len(prompts):
         raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
-    if num_samples < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+    check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     ctx = model.args.max_seq_len
     for i, e in enumerate(encoded):
@@ -190,7 +266,8 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
     step = model.decode
     if compile:  # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it
         if getattr(model, "compiled_decode", None) is None:
-            model.compiled_decode = torch.compile(model.decode, mode="reduce-overhead", fullgraph=True)
+            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else "default"  # CUDA graphs need CUDA
+            model.compiled_decode = torch.compile(model.decode, mode=mode, fullgraph=True)
         step = model.compiled_decode
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     results = [None] * len(prompts)
@@ -199,7 +276,7 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
         chunk = order[s:s + batch_size]
         seeds = [row_seed(seed, ids[i], k) for i in chunk for k in range(num_samples)]
         rows = _generate_batch(model, [encoded[i] for i in chunk], seeds, num_samples, max_new_tokens,
-                               temperature, top_p, stops, step, compile)
+                               temperature, top_p, stops, step, compile, compact)
         for b, i in enumerate(chunk):
             results[i] = [_finish(r, tokenizer, set(stops), ctx - len(encoded[i]))
                           for r in rows[b * num_samples:(b + 1) * num_samples]]
@@ -213,9 +290,12 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
 def _finish(row, tokenizer, stops, budget):
     """Raw tokens of one row -> the response up to its first stop id, capped at the context left."""
     cut = next((j for j, t in enumerate(row) if t in stops), None)
-    tokens, reason = (row[:cut], "stop") if cut is not None and cut < budget else (row[:budget], "length")
+    if cut is not None and cut < budget:
+        tokens, reason, stop = row[:cut], "stop", row[cut]
+    else:
+        tokens, reason, stop = row[:budget], "length", None
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
-    return {"tokens": tokens, "text": text, "finish_reason": reason}
+    return {"tokens": tokens, "text": text, "finish_reason": reason, "stop_token": stop}
 
 
 @torch.no_grad()
@@ -259,19 +339,48 @@ def read_prompts(path):
     return rows
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(name) -> torch.device:
+    """--device string -> torch.device, or a one-line ValueError when it is malformed or not on this machine."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported --device {name!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def check_config(cfg: Config):
+    """Every flag, the device and the --out folder, before the model loads or anything is generated."""
+    if not cfg.prompts or not cfg.out:
+        raise ValueError("--prompts IN.jsonl and --out OUT.jsonl are required with --model")
+    check_sampling(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
+    check_device(cfg.device)
+    folder = os.path.dirname(os.path.abspath(cfg.out))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--out folder {folder} does not exist")
+    if os.path.isdir(cfg.out) or not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write --out {cfg.out}")
+
+
 def run(cfg: Config):
     from transformers import AutoTokenizer
 
-    if not cfg.prompts or not cfg.out:
-        raise ValueError("--prompts IN.jsonl and --out OUT.jsonl are required with --model")
+    check_config(cfg)
     rows = read_prompts(cfg.prompts)
     ids, prompts = [r["id"] for r in rows], [r["prompt"] for r in rows]
     if len(set(map(str, ids))) != len(ids):
         raise ValueError(f"{cfg.prompts}: duplicate ids")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        raise ValueError(f"unknown --dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=cfg.device)
+    model = Transformer.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
@@ -282,7 +391,8 @@ def run(cfg: Config):
     with open(cfg.out, "w") as f:
         for i, p, o in zip(ids, prompts, outs):
             f.write(json.dumps({"id": i, "prompt": p, "samples": [s["text"] for s in o],
-                                "finish_reasons": [s["finish_reason"] for s in o]}) + "\n")
+                                "finish_reasons": [s["finish_reason"] for s in o],
+                                "stop_tokens": [s["stop_token"] for s in o]}) + "\n")
     print(f"wrote {len(outs)} prompts x {cfg.num_samples} samples to {cfg.out}")
 
 

@@ -1,50 +1,50 @@
-"""train.py: Algorithm 2 of Direct Nash Optimization (DNO-Prct, Rosset et al. 2024) as a program.
+"""train.py: Direct Nash Optimization (Rosset et al. 2024), Algorithm 2 (DNO-Prct) as a program; --target soft trains
+with Algorithm 1's regression target instead. The loop is `dno_prct` below, one line per algorithm line.
 
 Usage:
-    python train.py --out runs/demo                         # CPU smoke run: built-in demo task + judge, offline
-    python train.py --out runs/x --model DIR --prompts p.jsonl --judge rubric --judge_model gpt-4-turbo --max_usd 50
+    python train.py                                         # CPU demo: built-in task, model and judge, offline (~1 min)
+    python train.py --out runs/x --model Qwen/Qwen2.5-0.5B-Instruct --prompts p.jsonl --judge rubric \
+        --judge_model gpt-4o-mini --max_usd 20              # one GPU, an API judge (docs/one_gpu.md)
     torchrun --nproc_per_node=8 train.py --out runs/x --model DIR --prompts p.jsonl --judge rubric   # FSDP2
     python train.py --out runs/x --rollback 1               # discard iterations > 1, then continue from there
+    python evaluate.py --out runs/x                         # re-render the table, metrics and plot of a run
 
 Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teacher response, "id"?: str}.
-Layout of --out (every stage folder is written to <name>.tmp and renamed, with its `done` marker last):
-    iter_0/eval/                                   pi_1 on the validation prompts (evaluated once)
+Layout of --out (stages.py: every stage folder is atomic and records its inputs and flags; a resume reuses it only
+if they match, else it stops with one line):
+    iter_0/eval/                                   pi_1 on the validation prompts
     iter_t/{samples,judgments,pairs,reference,checkpoint,eval}/   t = 1..T; checkpoint/ is pi_{t+1} (HF layout)
-    judge_cache.jsonl  every oracle answer (a rerun never pays twice)   metrics.jsonl  best.json  metrics.png
-A rerun resumes at the first stage without `done`; a budget stop (--max_usd/--max_calls) exits with one line.
-Everything is seeded and deterministic on CPU, so a killed-and-resumed run equals an uninterrupted one.
+    judge_cache.jsonl  judge_ledger.json  lock  metrics.jsonl  best.json  metrics.png   (evaluate.py writes the last 3)
 --judge: a demo_task.JUDGES / oracle.SYNTHETIC name, rubric | pairwise | local (oracle.py), or module:function.
 torchrun (WORLD_SIZE > 1): FSDP2 on nccl (GPU, bf16 compute) or gloo (CPU); prompts are split across ranks for
 sampling and reference log-probs, rank 0 judges and writes (OUT must be shared by all ranks' machines).
+The paper's algorithms, line by line, and which function implements each: docs/paper.md.
 
 Departures from the paper (numbered):
-    1. Prompts whose tokens + max_new_tokens exceed the model's context are skipped (count logged and stored
-       in the manifests). Malformed lines, missing or empty prompts are one-line errors with the line number.
-    2. Each response ends with an end token that is scored in the log-probs (eos for text prompts, <|im_end|>
-       for chat prompts when the tokenizer has it); a gold response longer than the context is cut.
-    3. "Rank by win-rate": rubric scores (listwise judges) go to dno.select_pairs(kind="rubric"); a judge
-       that returns a preference table P goes through dno.winrates and kind="winrate".
-    4. Learning rate: lr_t = lr * lr_decay**(t-1). The paper lowers it in later iterations (say --lr_decay 0.5);
-       the demo's default keeps it constant (1.0): its tiny policy needs all three iterations to fix the teacher's
-       mistakes. Linear warmup over `warmup` of the steps, then cosine (or linear) decay to 0; AdamW; batch 64;
-       <= 1 epoch.
-    5. Evaluation uses the training oracle on held-out prompts (the paper: AlpacaEval 2 / MT-Bench), both
-       candidate orders; the best iterate is the one with the highest win-rate vs gold (vs pi_1 if no gold).
-    6. Length-controlled win-rate: logistic regression of the judgment on tanh(length difference / its std),
-       read at zero difference (AlpacaEval 2's idea, not its exact model).
-    7. No surviving pairs (and nothing to replay) stops the run with a one-line error, keeping the judgments.
-    8. Evaluation samples greedily by default (--eval_temperature 0): one answer per validation prompt, no
-       sampling noise in the win-rates.
+    1. Prompts whose tokens + max_new_tokens exceed the model's context are skipped (count logged and stored in the
+       manifests). Malformed lines, missing or empty prompts are one-line errors with the line number.
+    2. Each response ends with the token that ended it (the sampler records it; eos for the gold of a text prompt,
+       <|im_end|> for the gold of a chat prompt when the tokenizer has it), scored in the log-probs; a gold
+       response longer than the context is cut.
+    3. "Rank by win-rate" (line 5): r_t(y) is estimated by y's win-rate among the K+1 candidates (dno.winrates of
+       the judge's table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's large-margin pairs
+       (dno.select_pairs on rubric scores, or our win-rate thresholds); --pairs all keeps every candidate pair.
+    4. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same pipeline (Alg. 1's
+       mu_1 = mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
+    5. Learning rate: lr_t = lr * lr_decay**(t-1) (the paper lowers it in later iterations without saying how);
+       linear warmup, then cosine (or linear) decay to 0; AdamW; <= 1 epoch.
+    6. The best iterate (line 9) is chosen on held-out prompts judged by the training oracle in both candidate
+       orders (the paper: AlpacaEval 2 / MT-Bench), by --select_by (default: length-controlled win-rate vs gold).
+    7. A judged stage whose failure rate exceeds --max_failure_rate is not committed: the run stops, the answers
+       so far stay cached, and a rerun re-asks only the failures. No surviving pairs stops the run too.
 """
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -52,128 +52,109 @@ import torch
 import torch.distributed as dist
 
 import dno
+import evaluate
 import oracle
+import stages
+from cli import cli
 from model import Transformer
 from sample import encode_prompt, generate, read_prompts
-from cli import cli
-
-STAGES = ["samples", "judgments", "pairs", "reference", "checkpoint", "eval"]
+from stages import barrier, print0, rank, read_jsonl, world
 
 
 @dataclass
 class Config:
     out: str = "out"                # run folder
-    model: str = ""                 # pi_1, a Hugging Face folder; "" = build the built-in demo model in OUT/demo
+    model: str = ""                 # pi_1: a Hugging Face folder or model id; "" = the built-in demo model (OUT/demo)
     prompts: str = ""               # prompts JSONL; "" = the built-in demo prompts
     judge: str = "demo"             # demo_task.JUDGES / oracle.SYNTHETIC name, rubric|pairwise|local, or module:fn
     iterations: int = 3             # T
-    prompts_per_iter: int = 0       # size of each disjoint slice; 0 = the training prompts split evenly over T
-    num_val: int = 200              # held-out validation prompts
-    num_samples: int = 5            # K responses per prompt from pi_t (Alg. 2, line 2)
+    prompts_per_iter: int = 0       # size of each disjoint slice D_t; 0 = the training prompts split evenly over T
+    num_val: int = 200              # held-out validation prompts (line 9: the best iterate is chosen on them)
+    num_samples: int = 5            # K responses per prompt from pi_t (line 4; the paper: 5)
     max_new_tokens: int = 32        # response length cap (the demo needs 14; raise it for real tasks)
     temperature: float = 0.7        # sampling temperature (the paper: 0.7)
     top_p: float = 0.95             # nucleus sampling (the paper: 0.95)
     eval_temperature: float = 0.0   # temperature of the one validation sample per prompt (0 = greedy)
-    eta: float = 0.1                # eta (DPO's beta) of the loss
-    lr: float = 4e-5                # peak learning rate of iteration 1 (demo-sized; ~5e-7 for 7B models)
-    lr_decay: float = 1.0           # lr_t = lr * lr_decay**(t-1) (departure 4; 1 = the same lr every iteration)
+    target: str = "hard"            # hard: Alg. 2, line 7 (target 1) | soft: Alg. 1's sigmoid(r_t(y+) - r_t(y-))
+    pairs: str = "margin"           # margin: large-margin pairs (line 6) | all: every candidate pair (Alg. 1's mu)
+    eta: float = 0.1                # eta of the contrastive loss (line 7; DPO's beta); see dno.py's glossary
+    lr: float = 4e-5                # peak lr of iteration 1 (demo-sized; the paper states 5e-5 for its 7B runs)
+    lr_decay: float = 1.0           # lr_t = lr * lr_decay**(t-1) (departure 5; 1 = the same lr every iteration)
     warmup: float = 0.1             # fraction of the steps with linear warmup
     schedule: str = "cosine"        # cosine | linear decay after warmup
-    batch_size: int = 64            # effective (global) batch of pairs per optimizer step
+    batch_size: int = 64            # effective (global) batch of pairs per optimizer step (the paper: 64)
     micro_batch: int = 8            # pairs per forward pass per rank (gradient accumulation makes up the rest)
     epochs: float = 1.0             # passes over the pairs per iteration (the paper: <= 1)
     max_steps: int = 0              # stop after this many optimizer steps (0 = no cap)
     grad_ckpt: bool = False         # activation checkpointing per block: recompute in backward, far less memory
     weight_decay: float = 0.0       # AdamW weight decay
     grad_clip: float = 1.0          # gradient norm clip
-    replay: str = "0.3,0.15"        # shares of the training set replayed from iterations t-1, t-2, ...
-    seed: int = 0                   # seed of splits, sampling, replay and batch order
+    replay: float = 0.3             # share of pairs replayed from t-1, halving further back (the paper: 30%, 15%, ...)
+    select_by: str = "lc_vs_gold"   # best iterate by: lc_vs_gold | vs_gold | lc_vs_init | vs_init (on validation)
+    seed: int = 0                   # seed of splits, sampling, replay, shuffling and batch order
     device: str = "auto"            # auto | cpu | cuda
     base_url: str = ""              # judge endpoint (OpenAI-compatible); "" = oracle's default
     judge_model: str = "gpt-4-turbo"  # judge model name (or the model folder for --judge local)
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the judge's API key
     concurrency: int = 8            # judge requests in flight
-    max_usd: float = 0.0            # judge budget in dollars, whole run (0 = none)
-    max_calls: int = 0              # judge budget in requests (0 = none)
+    max_usd: float = 0.0            # judge budget in dollars for the whole run, across resumes (0 = none)
+    max_calls: int = 0              # judge budget in requests for the whole run, across resumes (0 = none)
+    max_failure_rate: float = 0.1   # a judged stage with more failed items than this is not committed (departure 7)
+    position_audit: float = 0.1     # share of training prompts judged again in reversed order (position bias)
+    judge_context: int = 128000     # the judge model's context (tokens): candidates are cut only to fit it
     rollback: int = -1              # discard iterations > rollback before running (-1 = keep all)
     stage_pause: float = 0.0        # test hook: seconds to sleep inside each stage before it commits
 
 
-# ----------------------------------------------------------------------------- processes, files, manifests
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": ("cosine", "linear"),
+           "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"), "device": ("auto", "cpu", "cuda")}
 
 
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
+def validate(cfg):
+    """Every flag, before any model is loaded or built: one ValueError naming the first bad flag."""
+    for name, ok in CHOICES.items():
+        if getattr(cfg, name) not in ok:
+            raise ValueError(f"--{name} must be one of {', '.join(ok)}; got {getattr(cfg, name)!r}")
+    finite = lambda x: math.isfinite(x)
+    rules = [("iterations", cfg.iterations >= 1, ">= 1"), ("num_val", cfg.num_val >= 1, ">= 1"),
+             ("prompts_per_iter", cfg.prompts_per_iter >= 0, ">= 0"), ("num_samples", cfg.num_samples >= 1, ">= 1"),
+             ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+             ("temperature", finite(cfg.temperature) and cfg.temperature >= 0, "finite and >= 0"),
+             ("eval_temperature", finite(cfg.eval_temperature) and cfg.eval_temperature >= 0, "finite and >= 0"),
+             ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"), ("eta", finite(cfg.eta) and cfg.eta > 0, "finite and > 0"),
+             ("lr", finite(cfg.lr) and cfg.lr > 0, "finite and > 0"),
+             ("lr_decay", finite(cfg.lr_decay) and cfg.lr_decay > 0, "finite and > 0"),
+             ("warmup", 0 <= cfg.warmup < 1, "in [0, 1)"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+             ("micro_batch", cfg.micro_batch >= 1, ">= 1"), ("epochs", finite(cfg.epochs) and cfg.epochs > 0, "> 0"),
+             ("max_steps", cfg.max_steps >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+             ("grad_clip", finite(cfg.grad_clip) and cfg.grad_clip > 0, "finite and > 0"),
+             ("replay", 0 <= cfg.replay < 0.5, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"),
+             ("concurrency", cfg.concurrency >= 1, ">= 1"), ("max_usd", cfg.max_usd >= 0, ">= 0"),
+             ("max_calls", cfg.max_calls >= 0, ">= 0"), ("max_failure_rate", 0 <= cfg.max_failure_rate <= 1,
+                                                         "in [0, 1]"),
+             ("position_audit", 0 <= cfg.position_audit <= 1, "in [0, 1]"),
+             ("judge_context", cfg.judge_context >= 256, ">= 256"), ("rollback", cfg.rollback >= -1, ">= -1"), ("stage_pause", cfg.stage_pause >= 0, ">= 0")]
+    for name, ok, want in rules:
+        if not ok:
+            raise ValueError(f"--{name} must be {want}; got {getattr(cfg, name)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
-def print0(*a):
-    if rank() == 0:
-        print(*a, flush=True)
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
-
-
-def on_rank0(fn, *args):
-    """Run fn on rank 0 only (judging, writing); a user-facing error there stops every rank with one line."""
-    err = None
-    if rank() == 0:
-        try:
-            fn(*args)
-        except (ValueError, OSError, oracle.BudgetExceeded) as e:
-            if world() == 1:
-                raise
-            err = str(e)
-    if world() > 1:
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise SystemExit(f"error: {box[0]}")
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def sha(path):
-    """sha256 of a file, or of a folder's files (by name; files > 64 MB contribute name and size only)."""
-    h = hashlib.sha256()
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns if n not in ("manifest.json", "done"))
-    for p in paths:
-        h.update(os.path.relpath(p, path).encode())
-        size = os.path.getsize(p)
-        h.update(str(size).encode() if size > 64 << 20 else open(p, "rb").read())
-    return h.hexdigest()[:16]
-
-
-def commit(cfg, path, files, manifest, save=None):
-    """Write a stage atomically: files + manifest into PATH.tmp, `done` last, then one os.replace."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if save:
-        save(tmp)                                               # e.g. the HF checkpoint
-    for name, rows in files.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows) if name.endswith(".jsonl") else json.dump(rows, f)
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump({"config": asdict(cfg), **manifest}, f, indent=1)
-    time.sleep(cfg.stage_pause)                                 # test hook: a kill lands inside the stage
-    open(os.path.join(tmp, "done"), "w").close()
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+@dataclass
+class Run:
+    """What every step of the loop reads: the config, pi_1, the prompts split into D_1..D_T and validation."""
+    cfg: Config
+    out: str                        # the run folder
+    pi_1: str                       # the initial policy's folder
+    tok: object                     # its tokenizer (every iterate shares it)
+    context: int                    # the policy's context length, in tokens
+    val: list                       # validation prompt rows {"id", "prompt", "gold", "prompt_tokens"}
+    slices: list                    # D_1..D_T, disjoint lists of prompt rows
+    skipped: int                    # over-long prompts skipped (departure 1)
+    device: torch.device
+    judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
+    fn: object = None               # a Python judge function, when --judge names one
 
 
 # ----------------------------------------------------------------------------- data
@@ -181,7 +162,11 @@ def load_prompts(path, tok, max_prompt_tokens):
     """-> (rows, n_skipped). sample.read_prompts checks each line (one-line errors with the line number); here the
     optional gold response, unique ids, and over-long prompts, which are skipped and counted (departure 1)."""
     rows, skipped, seen = [], 0, set()
-    for r in read_prompts(path):
+    try:
+        raw = read_prompts(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for r in raw:
         where, rid = f"{path}:{r['line']}", str(r["id"])
         if not (r.get("gold") is None or isinstance(r["gold"], str)):
             raise ValueError(f"{where}: 'gold' must be a string")
@@ -197,7 +182,7 @@ def load_prompts(path, tok, max_prompt_tokens):
 
 
 def split(rows, cfg):
-    """Held-out validation + T disjoint training slices (the paper split its prompts over the iterations)."""
+    """Held-out validation + T disjoint training slices D_t (the paper split its prompts over the iterations)."""
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     val, train = [rows[i] for i in order[:cfg.num_val]], [rows[i] for i in order[cfg.num_val:]]
     per = cfg.prompts_per_iter or len(train) // cfg.iterations
@@ -207,37 +192,44 @@ def split(rows, cfg):
     return val, [train[t * per:(t + 1) * per] for t in range(cfg.iterations)]
 
 
-def end_id(tok, prompt):
-    """The token that ends a response (departure 2)."""
-    im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-    return im_end if isinstance(prompt, list) and im_end is not None else tok.eos_token_id
-
-
 def response_tokens(tok, row, cand, context):
-    """Token ids of a candidate (a sample dict or the gold string) incl. its end token, cut to the context."""
+    """Token ids of a candidate (a sample dict or the gold string) with the token that ended it (departure 2)."""
     if isinstance(cand, str):
-        ids = tok.encode(cand, add_special_tokens=False) + [end_id(tok, row["prompt"])]
+        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+        end = im_end if isinstance(row["prompt"], list) and im_end is not None else tok.eos_token_id
+        ids = tok.encode(cand, add_special_tokens=False) + [end]
     else:
-        ids = cand["tokens"] + ([end_id(tok, row["prompt"])] if cand["finish_reason"] == "stop" else [])
-    return ids[:context - len(row["prompt_tokens"])]
+        ids = cand["tokens"] + ([cand["stop_token"]] if cand.get("stop_token") is not None else [])
+    return ids[:max(1, context - len(row["prompt_tokens"]))]
+
+
+def candidates(row, sample):
+    """The K+1 candidates of line 5: pi_t's K samples, then the gold response (if any) as the last column."""
+    return sample["samples"] + ([row["gold"]] if row["gold"] else [])
 
 
 # ----------------------------------------------------------------------------- models
 def load_policy(path, device):
-    from transformers import AutoTokenizer
-    return Transformer.from_pretrained(path, device=device), AutoTokenizer.from_pretrained(path)
+    from model import load_tokenizer
+    return Transformer.from_pretrained(path, device=device), load_tokenizer(path)
 
 
-def amp(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def policy_dir(run, t):
+    """pi_t: the initial policy for t = 1, else the checkpoint trained in iteration t-1."""
+    return run.pi_1 if t <= 1 else stage_dir(run, t - 1, "checkpoint")
 
 
-def sample_split(cfg, policy, rows, k, seed, temperature, device):
-    """K samples per prompt from pi (Alg. 2, line 2); prompts split across ranks, gathered in order."""
-    model, tok = load_policy(policy, device)
+def stage_dir(run, t, name, file=None):
+    p = os.path.join(run.out, f"iter_{t}", name)
+    return os.path.join(p, file) if file else p
+
+
+def sample_split(run, policy, rows, k, seed, temperature):
+    """k samples per prompt from a policy; prompts split across ranks, gathered in order."""
+    model, tok = load_policy(policy, run.device)
     mine = rows[rank()::world()]
-    outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k, max_new_tokens=cfg.max_new_tokens,
-                    temperature=temperature, top_p=cfg.top_p, seed=seed, ids=[r["id"] for r in mine],
+    outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k, max_new_tokens=run.cfg.max_new_tokens,
+                    temperature=temperature, top_p=run.cfg.top_p, seed=seed, ids=[r["id"] for r in mine],
                     progress=rank() == 0)
     got = [(r["id"], o) for r, o in zip(mine, outs)]
     if world() > 1:
@@ -248,132 +240,98 @@ def sample_split(cfg, policy, rows, k, seed, temperature, device):
     return [{"id": r["id"], "samples": by_id[r["id"]]} for r in rows]
 
 
-def sequence_batch(model, seqs, device):
-    """log pi(y|x) summed over response tokens for [(prompt_ids, response_ids)] -> (B,); right padding."""
-    T = max(len(p) + len(r) for p, r in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)          # (B, T), pad id 0 is masked out
-    mask = torch.zeros(len(seqs), T - 1)                        # (B, T-1) over next-token targets
-    for i, (p, r) in enumerate(seqs):
-        idx[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1             # targets that are response tokens
-    idx, sel = idx.to(device), mask.to(device).bool()
-    with amp(device):   # the vocab projection and log-softmax run on the N response positions only (fused)
-        tok = model(idx[:, :-1], select=sel, targets=idx[:, 1:][sel])   # (N,) log pi(y_t | x, y_<t)
-    # back to (B, T-1) with zeros elsewhere, then the sum over tokens (as dno.sequence_logps, which is the slow oracle)
-    logp = tok.new_zeros(sel.shape).masked_scatter(sel, tok).sum(-1)    # (B,)
-    return logp, sum(len(p) + len(r) for p, r in seqs)
+# ----------------------------------------------------------------------------- the steps of iteration t
+def step(run, t, name, make, inputs, flags, rank0=False):
+    """OUT/iter_t/<name>: reused when done and made from the same inputs and flags (stages.is_done), else
+    make(run, t, path, shape) computes and commits it (on rank 0 only when rank0). -> the stage folder."""
+    path = stage_dir(run, t, name)
+    want = stages.shape(inputs, {f: getattr(run.cfg, f) for f in flags})
+    if not stages.is_done(path, want):
+        print0(f"iter {t} | {name}: start")
+        stages.on_rank0(make, run, t, path, want) if rank0 else make(run, t, path, want)
+        barrier()
+    return path
 
 
-# ----------------------------------------------------------------------------- evaluation helpers
-def lc_winrate(y, d):
-    """Length-controlled win-rate (departure 6): fit y ~ sigmoid(a + b * tanh(d / std d)), report sigmoid(a)."""
-    y, d = np.asarray(y, float), np.asarray(d, float)
-    if len(y) == 0:
-        return None
-    X = np.stack([np.ones_like(d), np.tanh(d / (d.std() or 1.0))], 1)   # (N, 2)
-    w = np.zeros(2)
-    for _ in range(50):                                         # Newton steps on the (soft-label) log-loss
-        p = 1 / (1 + np.exp(-X @ w))
-        H = (X * (p * (1 - p))[:, None]).T @ X + 1e-3 * np.eye(2)
-        w -= np.linalg.solve(H, X.T @ (p - y) + 1e-3 * w)
-    return float(1 / (1 + np.exp(-w[0])))
+def commit(run, path, want, files, counts, save=None):
+    name, t = os.path.basename(path), int(os.path.basename(os.path.dirname(path))[5:])
+    stages.commit(path, files, {"stage": name, "iter": t, "shape": want, "counts": counts}, run.cfg, save=save,
+                  pause=run.cfg.stage_pause)
 
 
-def compare(results, lengths, audit):
-    """Judgments [ab, ba, ab, ba, ...] of pi_{t+1} vs an opponent, both orders -> (win-rate, LC win-rate);
-    audit counts judgments, failures, ties and order disagreements."""
-    wins, ys, ds = [], [], []
-    for ab, ba, d in zip(results[::2], results[1::2], lengths):
-        p = [ab["P"][0][1] if ab["ok"] else None, 1 - ba["P"][0][1] if ba["ok"] else None]  # P(new > other)
-        ok = [x for x in p if x is not None]
-        audit["n"], audit["failed"], audit["ties"] = audit["n"] + 2, audit["failed"] + 2 - len(ok), \
-            audit["ties"] + sum(x == 0.5 for x in ok)
-        if len(ok) == 2:
-            audit["both"], audit["disagree"] = audit["both"] + 1, audit["disagree"] + ((ok[0] - .5) * (ok[1] - .5) < 0)
-        wins += [float(np.mean(ok))] if ok else []
-        ys, ds = ys + ok, ds + [d] * len(ok)
-    return (float(np.mean(wins)) if wins else None), lc_winrate(ys, ds)
+def sample_step(run, t, D_t):
+    """Line 4: K samples per prompt of D_t from pi_t."""
+    def make(run, t, path, want):
+        out = sample_split(run, policy_dir(run, t), D_t, run.cfg.num_samples, run.cfg.seed * 1000 + t,
+                           run.cfg.temperature)
+        if rank() == 0:
+            commit(run, path, want, {"samples.jsonl": out}, {"prompts": len(D_t), "skipped_long_prompts": run.skipped,
+                                                             "samples": sum(len(o["samples"]) for o in out)})
+    return step(run, t, "samples", make, {"policy": policy_dir(run, t), "prompts": D_t},
+                ["num_samples", "max_new_tokens", "temperature", "top_p", "seed", "num_val"])
 
 
-# ----------------------------------------------------------------------------- the stages of iteration t
-def policy_dir(R, t):
-    """pi_t: the initial policy for t = 1, else the checkpoint trained in iteration t-1."""
-    return R["model"] if t <= 1 else os.path.join(R["out"], f"iter_{t - 1}", "checkpoint")
+def judge_step(run, t, D_t, samples):
+    """Line 5: the oracle judges the K+1 candidates of each prompt (shuffled, cached, budgeted for the run)."""
+    def make(run, t, path, want):
+        rows = {r["id"]: r for r in D_t}
+        items = [{"id": f"train{t}:{s['id']}", "prompt": rows[s["id"]]["prompt"],
+                  "candidates": [c if isinstance(c, str) else c["text"] for c in candidates(rows[s["id"]], s)],
+                  "gold_index": len(s["samples"]) if rows[s["id"]]["gold"] else None}
+                 for s in read_jsonl(os.path.join(samples, "samples.jsonl"))]
+        results, summary = evaluate.ask(run, items, f"iter {t} judgments")
+        commit(run, path, want, {"judgments.jsonl": [{**r, "id": s["id"][len(f"train{t}:"):]}
+                                                     for r, s in zip(results, items)]},
+               {"items": len(items), "ok": sum(r["ok"] for r in results), "judge": {
+                   k: summary.get(k) for k in ("order_disagreement", "position", "truncated")}})
+    return step(run, t, "judgments", make, {"samples": samples}, ["judge", "judge_model", "position_audit"],
+                rank0=True)
 
 
-def stage_path(R, t, stage, name=None):
-    p = os.path.join(R["out"], f"iter_{t}", stage)
-    return os.path.join(p, name) if name else p
-
-
-def manifest(stage, t, seeds, inputs, counts):
-    return {"stage": stage, "iter": t, "seeds": seeds, "inputs": {k: sha(v) for k, v in inputs.items()},
-            "counts": counts}
-
-
-def judge(R, items):
-    """Ask the oracle (cached at OUT/judge_cache.jsonl: a rerun never repeats a paid request)."""
-    results, summary = oracle.judge_items(items, R["ocfg"], fn=R["fn"], progress=True)
-    print0(f"judge: {summary['items']} items, {summary['ok']} ok, {summary['calls']} calls, "
-           f"{summary['cache_hits']} cached, ${summary['usd']:.4f}")
-    return [{k: v for k, v in r.items() if k != "cached"} for r in results]
-
-
-def stage_samples(cfg, R, t, path):
-    rows, seed = R["slices"][t - 1], cfg.seed * 1000 + t
-    # Alg. 2, line 2: K samples per prompt from pi_t
-    out = sample_split(cfg, policy_dir(R, t), rows, cfg.num_samples, seed, cfg.temperature, R["device"])
-    if rank() == 0:
-        n = sum(len(o["samples"]) for o in out)
-        commit(cfg, path, {"samples.jsonl": out}, manifest("samples", t, {"sample": seed},
-               {"policy": policy_dir(R, t), "prompts": R["prompts"]}, {"prompts": len(rows), "samples": n,
-               "skipped_long_prompts": R["skipped"]}))
-
-
-def stage_judgments(cfg, R, t, path):
-    rows = {r["id"]: r for r in R["slices"][t - 1]}
-    samples = read_jsonl(stage_path(R, t, "samples", "samples.jsonl"))
-    items = [{"id": f"train{t}:{s['id']}", "prompt": oracle.prompt_text(rows[s["id"]]["prompt"]),
-              "candidates": [x["text"] for x in s["samples"]] + [g for g in [rows[s["id"]]["gold"]] if g]}
-             for s in samples]                                  # K samples + gold as the last column
-    results = judge(R, items)                                   # Alg. 2, line 3
-    commit(cfg, path, {"judgments.jsonl": results}, manifest("judgments", t, {}, {
-        "samples": stage_path(R, t, "samples", "samples.jsonl")}, {"items": len(items),
-        "ok": sum(r["ok"] for r in results)}))
-
-
-def stage_pairs(cfg, R, t, path):
-    rows, tok, ctx = {r["id"]: r for r in R["slices"][t - 1]}, R["tok"], R["context"]
-    samples = read_jsonl(stage_path(R, t, "samples", "samples.jsonl"))
-    judged = read_jsonl(stage_path(R, t, "judgments", "judgments.jsonl"))
-    current = []
-    for s, res in zip(samples, judged):
-        if not res["ok"]:
-            continue                                            # a failed judgment is never turned into a pair
-        row = rows[s["id"]]
-        cands = s["samples"] + ([row["gold"]] if row["gold"] else [])
-        texts = [c if isinstance(c, str) else c["text"] for c in cands]
-        gold = len(cands) - 1 if row["gold"] else None
-        for p in dno.select_pairs(res["scores"], gold, [dno.is_defective(x) for x in texts],
-                                  kind=res["score_kind"]):   # Alg. 2, line 4 (departure 3)
-            current.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
-                            "chosen_tokens": response_tokens(tok, row, cands[p["chosen"]], ctx),
-                            "rejected_tokens": response_tokens(tok, row, cands[p["rejected"]], ctx)})
-    previous = [[p for p in read_jsonl(stage_path(R, s, "pairs", "pairs.jsonl")) if p["iter"] == s]
-                for s in range(t - 1, 0, -1)]                   # previous[0] is iteration t-1
-    shares = [float(x) for x in cfg.replay.split(",") if x.strip()]
-    pairs = dno.replay(current, previous, seed=cfg.seed * 1000 + t, shares=shares)
-    ok = sum(r["ok"] for r in judged)
-    if not pairs:
-        raise ValueError(f"iteration {t}: no pairs survived selection ({ok}/{len(judged)} prompts judged ok); "
-                         f"nothing to train on - inspect {stage_path(R, t, 'judgments')} or change the judge")
-    prov = {k: sum(p["provenance"] == k for p in current) for k in ("gold>sample", "sample>gold",
-                                                                     "sample>sample", "defect")}
-    prov["replay"] = len(pairs) - len(current)
-    print0(f"pairs: {len(pairs)} ({prov}) from {ok}/{len(judged)} judged prompts")
-    commit(cfg, path, {"pairs.jsonl": pairs}, manifest("pairs", t, {"replay": cfg.seed * 1000 + t}, {
-        "judgments": stage_path(R, t, "judgments", "judgments.jsonl")}, {"pairs": len(pairs), "provenance": prov,
-        "judged_ok": ok, "judged": len(judged)}))
+def pairs_step(run, t, D_t, samples, judgments, previous):
+    """Lines 5-6: rank the K+1 candidates by win-rate r_t and keep (y+, y-) pairs (departure 3), plus replay."""
+    def make(run, t, path, want):
+        rows = {r["id"]: r for r in D_t}
+        judged = {j["id"]: j for j in read_jsonl(os.path.join(judgments, "judgments.jsonl"))}
+        current, tables, teacher = [], [], []
+        for s in read_jsonl(os.path.join(samples, "samples.jsonl")):       # joined by id, never by position
+            row, res = rows.get(s["id"]), judged.get(s["id"])
+            if row is None or res is None:
+                raise stages.StageError(f"{samples}: prompt id {s['id']!r} has no prompt row or no judgment")
+            if not res["ok"]:
+                continue                                        # a failed judgment never becomes a pair
+            cands, gold = candidates(row, s), len(s["samples"]) if row["gold"] else None
+            texts = [c if isinstance(c, str) else c["text"] for c in cands]
+            r_t = dno.winrates(res["P"])                        # (K+1,) r_t(y) estimated among the candidates
+            tables.append(res["P"])
+            teacher += [] if gold is None else [(r_t[gold], res["scores"][gold])]
+            bad = [dno.is_defective(x) for x in texts]
+            chosen = (dno.select_pairs(res["scores"], gold, bad, kind=res["score_kind"]) if run.cfg.pairs == "margin"
+                      else dno.all_pairs(r_t, bad))             # line 6 (or Alg. 1's all pairs)
+            for p in chosen:
+                current.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
+                                "r_chosen": float(r_t[p["chosen"]]), "r_rejected": float(r_t[p["rejected"]]),
+                                "chosen_tokens": response_tokens(run.tok, row, cands[p["chosen"]], run.context),
+                                "rejected_tokens": response_tokens(run.tok, row, cands[p["rejected"]], run.context)})
+        old = [[p for p in read_jsonl(stage_dir(run, u, "pairs", "pairs.jsonl")) if p["iter"] == u]
+               for u in range(t - 1, 0, -1)]                    # old[0] is iteration t-1
+        pairs = dno.replay(current, old, seed=run.cfg.seed * 1000 + t, shares=dno.replay_shares(run.cfg.replay,
+                                                                                                len(old)))
+        if not pairs:
+            raise ValueError(f"iteration {t}: no pairs survived selection ({len(tables)}/{len(judged)} prompts judged "
+                             f"ok); nothing to train on - inspect {judgments} or change the judge")
+        prov = {k: sum(p["provenance"] == k for p in current) for k in ("gold>sample", "sample>gold",
+                                                                         "sample>sample", "defect")}
+        prov["replay"] = len(pairs) - len(current)
+        print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
+        commit(run, path, want, {"pairs.jsonl": pairs}, {
+            "pairs": len(pairs), "provenance": prov, "judged_ok": len(tables), "judged": len(judged),
+            "preferences": dno.diagnostics(tables),             # cycles, BT vs win-rate ranking (evaluate.py)
+            "teacher_winrate": float(np.mean([w for w, _ in teacher])) if teacher else None,
+            "teacher_score": float(np.mean([s for _, s in teacher])) if teacher else None})
+    return step(run, t, "pairs", make, {"prompts": D_t, "samples": samples, "judgments": judgments,
+                                        **{f"pairs_{u}": p for u, p in enumerate(previous, 1)}},
+                ["pairs", "replay", "seed"], rank0=True)
 
 
 def pair_len(p):
@@ -381,29 +339,63 @@ def pair_len(p):
     return len(p["prompt_tokens"]) + max(len(p["chosen_tokens"]), len(p["rejected_tokens"]))
 
 
-@torch.no_grad()
-def stage_reference(cfg, R, t, path):
-    """log pi_t(y+|x), log pi_t(y-|x) computed once, stored with the pairs: training holds one model."""
-    pairs = read_jsonl(stage_path(R, t, "pairs", "pairs.jsonl"))
-    model, _ = load_policy(policy_dir(R, t), R["device"])
-    mine, got = list(range(len(pairs)))[rank()::world()], []
-    mine.sort(key=lambda i: pair_len(pairs[i]))                 # similar lengths share a batch: little padding
-    for k in range(0, len(mine), cfg.micro_batch):
-        chunk = [pairs[i] for i in mine[k:k + cfg.micro_batch]]
-        seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in chunk]
-        logp = sequence_batch(model, seqs, R["device"])[0].tolist()   # (2m,)
-        got += [(i, logp[j], logp[j + len(chunk)]) for j, i in enumerate(mine[k:k + cfg.micro_batch])]
-    if world() > 1:
-        parts = [None] * world()
-        dist.all_gather_object(parts, got)
-        got = [x for p in parts for x in p]
-    for i, c, r in got:
-        pairs[i].update(ref_chosen=c, ref_rejected=r)
-    if rank() == 0:
-        commit(cfg, path, {"pairs.jsonl": pairs}, manifest("reference", t, {}, {
-            "policy": policy_dir(R, t), "pairs": stage_path(R, t, "pairs", "pairs.jsonl")}, {"pairs": len(pairs)}))
+def reference_step(run, t, pairs):
+    """Line 7's reference: log pi_t(y+|x), log pi_t(y-|x), computed once and stored with the pairs, so that
+    training holds a single model."""
+    @torch.no_grad()
+    def make(run, t, path, want):
+        P, (model, _) = read_jsonl(os.path.join(pairs, "pairs.jsonl")), load_policy(policy_dir(run, t), run.device)
+        mine, got, mb = sorted(range(len(P))[rank()::world()], key=lambda i: pair_len(P[i])), [], run.cfg.micro_batch
+        for k in range(0, len(mine), mb):                       # similar lengths share a batch: little padding
+            chunk = [P[i] for i in mine[k:k + mb]]
+            seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in chunk]
+            logp = dno.batch_logps(model, seqs, run.device)[0].tolist()     # (2m,) log pi_t(y|x)
+            got += [(i, logp[j], logp[j + len(chunk)]) for j, i in enumerate(mine[k:k + mb])]
+        if world() > 1:
+            parts = [None] * world()
+            dist.all_gather_object(parts, got)
+            got = [x for p in parts for x in p]
+        for i, c, r in got:
+            P[i].update(ref_chosen=c, ref_rejected=r)
+        if rank() == 0:
+            commit(run, path, want, {"pairs.jsonl": P}, {"pairs": len(P)})
+    return step(run, t, "reference", make, {"policy": policy_dir(run, t), "pairs": pairs}, [])
 
 
+def train_pi(run, t, pairs):
+    """Line 7: pi_{t+1} = argmax of the contrastive objective on the pairs, reference pi_t (dno.dno_loss)."""
+    def make(run, t, path, want):
+        model, tok = load_policy(policy_dir(run, t), run.device)
+        log = optimize(model, read_jsonl(os.path.join(pairs, "pairs.jsonl")), run.cfg, t, run.device)
+        sd = None
+        if world() > 1:                                         # gather the full state dict on rank 0 (CPU)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank() == 0:
+            commit(run, path, want, {"train_log.jsonl": log}, {"steps": len(log)},
+                   save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=sd))
+    return step(run, t, "checkpoint", make, {"policy": policy_dir(run, t), "pairs": pairs},
+                ["target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs", "max_steps",
+                 "weight_decay", "grad_clip", "seed"])
+
+
+def eval_step(run, t):
+    """Line 9's data: pi_{t+1} (pi_1 for t = 0) answers the validation prompts; evaluate.py judges them against
+    pi_1's answers and the gold, in both orders."""
+    policy, seed = run.pi_1 if t == 0 else stage_dir(run, t, "checkpoint"), run.cfg.seed * 1000 + 999
+
+    def make(run, t, path, want):
+        outs = sample_split(run, policy, run.val, 1, seed, run.cfg.eval_temperature)
+        stages.on_rank0(evaluate.judge_eval, run, t, path, outs, lambda files, counts: commit(
+            run, path, want, files, counts))
+    init = {} if t == 0 else {"init": stage_dir(run, 0, "eval", "samples.jsonl")}
+    path = step(run, t, "eval", make, {"policy": policy, "val": run.val, **init},
+                ["num_val", "max_new_tokens", "eval_temperature", "top_p", "seed", "judge", "judge_model"])
+    stages.on_rank0(evaluate.report, run.out, run.cfg.select_by, t == run.cfg.iterations)   # metrics.jsonl, table
+    return path
+
+
+# ----------------------------------------------------------------------------- training (line 7)
 def for_training(model, cfg, device):
     """Activation checkpointing (optional), then under torchrun FSDP2: each block, then the root; bf16 compute
     with fp32 reductions on GPU. Parameter names are unchanged, so the state dict saves as is."""
@@ -423,10 +415,9 @@ def for_training(model, cfg, device):
 
 
 def train_step(model, opt, pairs, batch, cfg, device):
-    """One optimizer step on a global batch of pairs (Alg. 2, line 5); each rank takes batch[rank::world] in
-    micro-batches (gradient accumulation). -> float64 tensor [loss sum, margin sum, accuracy sum, pairs, tokens]."""
-    # the step's gradient is a sum over the batch, so its order is free: sort by length, micro-batches pad little
-    batch = sorted(batch, key=lambda i: pair_len(pairs[i]))
+    """One optimizer step on a global batch of pairs; each rank takes batch[rank::world] in micro-batches
+    (gradient accumulation). -> float64 tensor [loss sum, margin sum, accuracy sum, pairs, tokens]."""
+    batch = sorted(batch, key=lambda i: pair_len(pairs[i]))    # the gradient is a sum: order is free, pad little
     mine = batch[rank()::world()]
     n_micro = math.ceil(math.ceil(len(batch) / world()) / cfg.micro_batch)
     acc = torch.zeros(5, dtype=torch.float64)
@@ -438,9 +429,11 @@ def train_step(model, opt, pairs, batch, cfg, device):
             model.set_requires_gradient_sync(k == n_micro - 1)
         P, m = [pairs[i] for i in chunk], len(chunk)
         seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in P]
-        logp, ntok = sequence_batch(model, seqs, device)        # (2m,) log pi(y|x), summed over tokens
+        logp, ntok = dno.batch_logps(model, seqs, device)      # (2m,) log pi(y|x), summed over tokens
         ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in P], device=device)   # (m, 2) pi_t
-        losses, st = dno.dno_loss(logp[:m], logp[m:], ref[:, 0], ref[:, 1], target=1.0, eta=cfg.eta)  # (m,)
+        r = torch.tensor([[p["r_chosen"], p["r_rejected"]] for p in P], device=device)         # (m, 2) r_t
+        target = 1.0 if cfg.target == "hard" else dno.soft_target(r[:, 0], r[:, 1])   # Alg. 2 | Alg. 1 (m,)
+        losses, st = dno.dno_loss(logp[:m], logp[m:], ref[:, 0], ref[:, 1], target=target, eta=cfg.eta)  # (m,)
         # the mean over the global batch; FSDP averages gradients over ranks, hence * world
         (losses.sum() * (weight * world() / len(batch))).backward()
         acc += weight * torch.tensor([losses.sum().item(), st["margin"].item() * m, st["accuracy"].item() * m, m,
@@ -455,13 +448,11 @@ def train_step(model, opt, pairs, batch, cfg, device):
     return acc
 
 
-def stage_checkpoint(cfg, R, t, path):
-    """Alg. 2, line 5: train pi_{t+1} from pi_t on the pairs with the DNO loss (target 1, reference pi_t)."""
+def optimize(model, pairs, cfg, t, device):
+    """AdamW over <= epochs passes of the pairs, warmup then cosine/linear decay (departure 5). -> step log."""
     from tqdm import tqdm
-    pairs, device = read_jsonl(stage_path(R, t, "reference", "pairs.jsonl")), R["device"]
-    model, tok = load_policy(policy_dir(R, t), device)
     for_training(model, cfg, device)
-    lr_t = cfg.lr * cfg.lr_decay ** (t - 1)                     # departure 4: lower lr in later iterations
+    lr_t = cfg.lr * cfg.lr_decay ** (t - 1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr_t, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + t)
     order = torch.cat([torch.randperm(len(pairs), generator=g) for _ in range(math.ceil(cfg.epochs))]).tolist()
@@ -469,122 +460,53 @@ def stage_checkpoint(cfg, R, t, path):
     steps = math.ceil(len(order) / cfg.batch_size)
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
     warm, log = max(1, round(cfg.warmup * steps)), []
-    for step in tqdm(range(steps), disable=rank() != 0, desc=f"train iter {t}", file=sys.stderr):
-        t0, frac = time.time(), (step + 1 - warm) / max(1, steps - warm)
+    for s in tqdm(range(steps), disable=rank() != 0, desc=f"train iter {t}", file=sys.stderr):
+        t0, frac = time.time(), (s + 1 - warm) / max(1, steps - warm)
         decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
-        lr = lr_t * ((step + 1) / warm if step < warm else decay)
+        lr = lr_t * ((s + 1) / warm if s < warm else decay)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]   # the global batch
-        acc = train_step(model, opt, pairs, batch, cfg, device)
-        rec = {"step": step + 1, "loss": acc[0].item() / acc[3].item(), "margin": acc[1].item() / acc[3].item(),
-               "acc": acc[2].item() / acc[3].item(), "lr": lr}
-        log.append(rec)
+        acc = train_step(model, opt, pairs, order[s * cfg.batch_size:(s + 1) * cfg.batch_size], cfg, device)
+        n = acc[3].item()
+        log.append({"step": s + 1, "loss": acc[0].item() / n, "margin": acc[1].item() / n, "acc": acc[2].item() / n,
+                    "lr": lr})
         if rank() == 0:
-            tqdm.write(f"step {rec['step']} | loss {rec['loss']:.4f} | margin {rec['margin']:.4f} | "
-                       f"acc {rec['acc']:.3f} | lr {lr:.3e} | tok/s {acc[4].item() / (time.time() - t0):.0f}")
-    sd = None
-    if world() > 1:                                             # gather the full state dict on rank 0 (CPU)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank() == 0:
-        commit(cfg, path, {"train_log.jsonl": log}, manifest("checkpoint", t, {"order": cfg.seed * 1000 + t}, {
-            "policy": policy_dir(R, t), "pairs": stage_path(R, t, "reference", "pairs.jsonl")}, {
-            "pairs": len(pairs), "steps": steps, "lr": lr_t}),
-            save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=sd))
+            tqdm.write(f"step {s + 1} | loss {log[-1]['loss']:.4f} | margin {log[-1]['margin']:.4f} | "
+                       f"acc {log[-1]['acc']:.3f} | lr {lr:.3e} | tok/s {acc[4].item() / (time.time() - t0):.0f}")
+    return log
 
 
-def stage_eval(cfg, R, t, path):
-    """pi_{t+1} (pi_1 for t = 0) on the validation prompts: vs pi_1 and vs gold, both orders, same oracle."""
-    val, policy = R["val"], R["model"] if t == 0 else stage_path(R, t, "checkpoint")
-    seed = cfg.seed * 1000 + 999
-    outs = sample_split(cfg, policy, val, 1, seed, cfg.eval_temperature, R["device"])
-    on_rank0(judge_eval, cfg, R, t, path, outs, policy, seed)
+# ----------------------------------------------------------------------------- Algorithm 2
+def dno_prct(run):
+    """Algorithm 2 (DNO-Prct), one line per line of the paper's algorithm (docs/paper.md). -> the best iterate."""
+    eval_step(run, 0)                                           # line 1: pi_1 = the SFT policy, on validation
+    for t in range(1, run.cfg.iterations + 1):                  # line 2: for t = 1, ..., T
+        D_t = run.slices[t - 1]                                 # line 3: a fresh slice of prompts, each with gold
+        samples = sample_step(run, t, D_t)                      # line 4: y_1..y_K ~ pi_t(.|x) for x in D_t
+        judgments = judge_step(run, t, D_t, samples)            # line 5: P on {y_1..y_K, y_gold}
+        previous = [stage_dir(run, u, "pairs", "pairs.jsonl") for u in range(1, t)]
+        pairs = pairs_step(run, t, D_t, samples, judgments, previous)   # lines 5-6: rank, large-margin pairs
+        pairs = reference_step(run, t, pairs)                   # line 7: log pi_t(y|x), the reference
+        train_pi(run, t, pairs)                                 # line 7: pi_{t+1} by the contrastive loss
+        eval_step(run, t)                                       # line 9's data: pi_{t+1} on validation
+    return json.load(open(os.path.join(run.out, "best.json"))) if rank() == 0 else None   # line 9: the best
 
 
-def judge_eval(cfg, R, t, path, outs, policy, seed):
-    val, new = R["val"], [o["samples"][0] for o in outs]
-    gold = [(r["gold"], len(R["tok"].encode(r["gold"], add_special_tokens=False))) if r["gold"] else None for r in val]
-    opponents = {"gold": gold}
-    if t > 0:                                                   # pi_1's validation samples, from iteration 0
-        opponents["init"] = [(o["samples"][0]["text"], len(o["samples"][0]["tokens"]))
-                             for o in read_jsonl(stage_path(R, 0, "eval", "samples.jsonl"))]
-    items, lens = {k: [] for k in opponents}, {k: [] for k in opponents}
-    for k, opp in opponents.items():
-        for r, a, b in [(r, a, b) for r, a, b in zip(val, new, opp) if b is not None]:
-            items[k] += [{"id": f"eval{t}:{r['id']}:{k}:{o}", "prompt": oracle.prompt_text(r["prompt"]),
-                          "candidates": c} for o, c in (("ab", [a["text"], b[0]]), ("ba", [b[0], a["text"]]))]
-            lens[k].append(len(a["tokens"]) - b[1])
-    judged = judge(R, [x for k in items for x in items[k]])
-    m, audit, i = {"iter": t, "model": os.path.relpath(policy, R["out"]) if t else policy}, dict.fromkeys(
-        ("n", "failed", "ties", "disagree", "both"), 0), 0
-    for k in opponents:
-        m[f"winrate_vs_{k}"], m[f"lc_winrate_vs_{k}"] = compare(judged[i:i + len(items[k])], lens[k], audit)
-        i += len(items[k])
-    if t == 0:
-        m["winrate_vs_init"] = m["lc_winrate_vs_init"] = 0.5     # pi_1 against itself, by definition
-    pm = json.load(open(stage_path(R, t, "pairs", "manifest.json")))["counts"] if t else {}
-    m.update(mean_length=float(np.mean([len(a["tokens"]) for a in new])), num_pairs=pm.get("pairs", 0),
-             provenance=pm.get("provenance", {}), judge_audit={
-                 "order_disagreement": audit["disagree"] / audit["both"] if audit["both"] else None,
-                 "tie_rate": audit["ties"] / max(1, audit["n"] - audit["failed"]),
-                 "failure_rate": audit["failed"] / max(1, audit["n"])},
-             train_judge_failure_rate=1 - pm["judged_ok"] / max(1, pm["judged"]) if t else None)
-    commit(cfg, path, {"samples.jsonl": outs, "judgments.jsonl": judged, "metrics.json": m},
-           manifest("eval", t, {"sample": seed}, {"policy": policy}, {"prompts": len(val)}))
-
-
-# ----------------------------------------------------------------------------- report
-def summarize(cfg, R, final=False):
-    """metrics.jsonl (one line per finished iteration), best.json, metrics.png; the table at the end."""
-    rows = [json.load(open(stage_path(R, t, "eval", "metrics.json"))) for t in range(cfg.iterations + 1)
-            if os.path.exists(stage_path(R, t, "eval", "done"))]
-    write_atomic(os.path.join(R["out"], "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    key = "winrate_vs_gold" if any(r["winrate_vs_gold"] is not None for r in rows) else "winrate_vs_init"
-    best = max(rows, key=lambda r: -1 if r[key] is None else r[key])   # Alg. 2, output: the best iterate
-    write_atomic(os.path.join(R["out"], "best.json"), json.dumps(
-        {"iter": best["iter"], "model": best["model"], "by": f"{key} on validation", key: best[key]}, indent=1))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for k in ("winrate_vs_init", "winrate_vs_gold", "lc_winrate_vs_gold"):
-        a.plot([r["iter"] for r in rows], [np.nan if r[k] is None else r[k] for r in rows], marker="o", label=k)
-    b.plot([r["iter"] for r in rows], [r["mean_length"] for r in rows], marker="o")
-    a.set(xlabel="iteration", title="validation win-rate"), b.set(xlabel="iteration", title="mean length (tokens)")
-    a.legend(fontsize=7)
-    for ax in (a, b):
-        ax.set_xticks([r["iter"] for r in rows])
-    fig.tight_layout()
-    fig.savefig(os.path.join(R["out"], "metrics.tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(os.path.join(R["out"], "metrics.tmp.png"), os.path.join(R["out"], "metrics.png"))
-    if final:
-        fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"
-        print0("iter | vs_init | vs_gold | lc_vs_gold | mean_len | pairs")
-        for r in rows:
-            print0(f"{r['iter']:4d} |  {fmt(r['winrate_vs_init'])} |  {fmt(r['winrate_vs_gold'])} |     "
-                   f"{fmt(r['lc_winrate_vs_gold'])} | {r['mean_length']:8.1f} | {r['num_pairs']:5d}"
-                   + ("   <- best" if r is best else ""))
-        print0(f"best iterate: iter {best['iter']} ({best['model']}) by {key}")
-
-
-# ----------------------------------------------------------------------------- setup and the loop
+# ----------------------------------------------------------------------------- setup
 def make_judge(cfg, out):
     """-> (oracle.Config, fn): a named synthetic judge function, module:function, or an oracle.py judge."""
     ocfg = oracle.Config(judge=cfg.judge, base_url=cfg.base_url, model=cfg.judge_model, api_key_env=cfg.api_key_env,
-                         concurrency=cfg.concurrency, max_usd=cfg.max_usd, max_calls=cfg.max_calls,
-                         cache=os.path.join(out, "judge_cache.jsonl"), seed=cfg.seed)
+                         concurrency=cfg.concurrency, max_usd=cfg.max_usd, max_calls=cfg.max_calls, seed=cfg.seed,
+                         cache=os.path.join(out, "judge_cache.jsonl"), ledger=os.path.join(out, "judge_ledger.json"),
+                         position_audit=cfg.position_audit, judge_context=cfg.judge_context)
     if cfg.judge in ("rubric", "pairwise"):
         oracle.make_client(ocfg)                                # fail fast on a missing API key, before sampling
         return ocfg, None
     if cfg.judge == "local":
         ocfg.local_model = cfg.judge_model
         return ocfg, None
-    if ":" in cfg.judge:                                        # your own fn(prompt, candidates), e.g. mymod:judge
-        import importlib
-        mod, name = cfg.judge.split(":", 1)
-        fn = getattr(importlib.import_module(mod), name)
+    if ":" in cfg.judge:                                        # your own fn(prompt, candidates, ...), mymod:judge
+        fn = oracle.load_fn(cfg.judge)
     else:
         import demo_task
         fn = {**oracle.SYNTHETIC, **demo_task.JUDGES}.get(cfg.judge)
@@ -607,63 +529,57 @@ def setup(cfg):
     return device
 
 
-def demo_inputs(cfg):
-    """--model "" / --prompts "": the built-in demo task, prepared once in OUT/demo (prepare is cached)."""
-    import demo_task
-    if rank() == 0:
-        demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=print0)
-    barrier()                                                   # then every rank reuses what rank 0 built
-    model, prompts = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=lambda *a: None)
-    return cfg.model or model, cfg.prompts or prompts
-
-
-def run(cfg):
+def prepare(cfg):
+    """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs, split. -> Run."""
+    from model import ModelArgs, check_memory, load_tokenizer, read_config, resolve_model
+    validate(cfg)
     device = setup(cfg)
-    print0("config: " + json.dumps(asdict(cfg)))
+    print0("config: " + json.dumps(vars(cfg)))
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.rollback >= 0 and rank() == 0:                       # --rollback t: discard iterations > t
-        for name in os.listdir(cfg.out):
-            if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) > cfg.rollback:
-                print0(f"rollback: removing {name}")
-                shutil.rmtree(os.path.join(cfg.out, name))
+    judge, fn = make_judge(cfg, cfg.out)                        # a bad --judge is refused before the demo's SFT
+    if cfg.prompts and not os.path.isfile(cfg.prompts):
+        raise FileNotFoundError(f"prompts file {cfg.prompts} not found")
+    model = resolve_model(cfg.model) if cfg.model else ""
+    if rank() == 0:
+        stages.lock(cfg.out)
+        if cfg.rollback >= 0:                                   # --rollback t: discard iterations > t
+            for name in sorted(os.listdir(cfg.out)):
+                if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) > cfg.rollback:
+                    print0(f"rollback: removing {name}")
+                    shutil.rmtree(os.path.join(cfg.out, name))
+    if not (model and cfg.prompts):                             # the built-in demo task, prepared once in OUT/demo
+        import demo_task
+        if rank() == 0:
+            demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=print0)
+        barrier()
+        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=lambda *a: None)
+        model, cfg.prompts = model or m, cfg.prompts or p
     barrier()
-    model, prompts = (cfg.model, cfg.prompts) if cfg.model and cfg.prompts else demo_inputs(cfg)
-    from transformers import AutoTokenizer
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise FileNotFoundError(f"--model {model}: no config.json (expected a Hugging Face model folder)")
-    tok = AutoTokenizer.from_pretrained(model)
-    context = json.load(open(os.path.join(model, "config.json")))["max_position_embeddings"]
-    rows, skipped = load_prompts(prompts, tok, context - cfg.max_new_tokens - 1)
-    print0(f"prompts: {len(rows)} usable, {skipped} skipped (prompt + max_new_tokens longer than {context})")
-    val, slices = split(rows, cfg)                              # Alg. 2, line 1: disjoint slices + validation
-    ocfg, fn = make_judge(cfg, cfg.out)
-    R = dict(out=cfg.out, model=model, prompts=prompts, tok=tok, context=context, val=val, slices=slices,
-             skipped=skipped, device=device, ocfg=ocfg, fn=fn)
-    fns = {"samples": stage_samples, "judgments": stage_judgments, "pairs": stage_pairs,
-           "reference": stage_reference, "checkpoint": stage_checkpoint, "eval": stage_eval}
-    rank0_only = ("judgments", "pairs")
-    for t in range(cfg.iterations + 1):                         # Alg. 2, line 1: for t = 1..T (t = 0: pi_1 only)
-        for stage in STAGES if t else ["eval"]:
-            path = stage_path(R, t, stage)
-            if os.path.exists(os.path.join(path, "done")):
-                continue                                        # resume at the first unfinished stage
-            print0(f"iter {t} | {stage}: start")
-            if stage in rank0_only:
-                on_rank0(fns[stage], cfg, R, t, path)
-            else:
-                fns[stage](cfg, R, t, path)
-            barrier()
-        on_rank0(summarize, cfg, R, t == cfg.iterations)
-    if world() > 1:
-        dist.destroy_process_group()
+    args, tok = ModelArgs.from_hf_config(read_config(model), os.path.join(model, "config.json")), load_tokenizer(model)
+    rows, skipped = load_prompts(cfg.prompts, tok, args.max_seq_len - cfg.max_new_tokens - 1)
+    print0(f"prompts: {len(rows)} usable, {skipped} skipped (prompt + max_new_tokens longer than {args.max_seq_len})")
+    longest = min(args.max_seq_len, max((len(r["prompt_tokens"]) for r in rows), default=1) + cfg.max_new_tokens + 1)
+    est = check_memory(args, device, micro_batch=cfg.micro_batch, seq_len=longest, grad_ckpt=cfg.grad_ckpt,
+                       seqs_per_item=2, shards=world())             # a pair is two sequences; FSDP shards the rest
+    print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} tokens "
+           f"({est['params'] / 1e6:.1f}M parameters)")
+    val, slices = split(rows, cfg)
+    return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val, slices=slices,
+               skipped=skipped, device=device, judge=judge, fn=fn)
 
 
 def main(argv=None):
     cfg = cli(Config, argv)
     try:
-        run(cfg)
+        dno_prct(prepare(cfg))
     except (ValueError, OSError, oracle.BudgetExceeded) as e:    # user mistakes and budget stops: one line
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; finished stages are kept, rerun the same command to resume")
+    finally:
+        stages.unlock(cfg.out)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Faults are consumed one per request, in order: "429", "500", "503", "timeout" (a
 verdict token means nothing), "401echo" (a 401 whose body echoes the Authorization header, like a careless server),
 "echo" (a good verdict whose sampled token is the Authorization header: a careless server that answers).
 Without upstream, normal requests get canned answers: a verdict P(A) = 0.8 * sigmoid((len a - len b) / 10) + 0.15
-(so 0.05 of position bias toward A, which averaging both orders must cancel) and rubric scores min(6, len // 5).
+(so 0.05 of position bias toward A, which averaging both orders must cancel) and rubric scores min(6, len // 5),
+answered as the rubric asks: a one-line justification, then the scores as a dictionary {"1": s1, ...}.
 """
 import json, math, re, threading, time, urllib.error, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +38,8 @@ def canned_reply(req):
         logprobs = {"content": [{**top[0], "top_logprobs": top[:req.get("top_logprobs", 1) or 1]}]}
     else:
         cands = re.findall(r"\[Candidate (\d+)\]\n(.*?)\n\[End of candidate \1\]", content, re.S)
-        msg = "\n".join(f"Candidate {i}: ok.\nScore: {canned_score(t)}" for i, t in cands)
+        scores = {i: canned_score(t) for i, t in cands}  # the rubric's output: a justification, then a dictionary
+        msg = "Longer candidates cover more of the request.\n" + json.dumps(scores)
         usage["completion_tokens"] = len(msg) // 4
     return {"id": "x", "object": "chat.completion", "created": 0, "model": req.get("model", "fake"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": msg}, "logprobs": logprobs,
@@ -67,6 +69,12 @@ class FaultServer:
 
             def log_message(self, *a):
                 pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except ConnectionResetError:  # a client killed mid-connection (the kill -9 test)
+                    pass
 
             def setup(self):
                 super().setup()

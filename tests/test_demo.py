@@ -53,6 +53,66 @@ def test_cyclic_judge_cycles_and_is_swap_symmetric():
     assert d.pref(P, "0 1 4 3", "0|1|3|4") < d.pref(P, "0 1 4 3", "0,1,3,4") < 0.5
 
 
+def sigmoid(z):
+    return 1 / (1 + 2.718281828459045 ** -z)
+
+
+def test_rps_judge_is_antisymmetric_and_cycles_among_equally_correct_answers():
+    cands = ["0 1 3 4", "0,1,3,4", "0|1|3|4", "0 1 4 3", "0,4,1,3", "0|1|3|5", "0 1,3 4", "1 3 4", "4|3|1|0", "junk"]
+    Pn = d.demo_rps(P, cands)["P"]
+    for i in range(len(cands)):
+        assert Pn[i][i] == 0.5
+        for j in range(len(cands)):
+            assert abs(Pn[i][j] + Pn[j][i] - 1) < 1e-12     # P(a > b) + P(b > a) = 1
+    win = sigmoid(3.0)
+    # rubric 6, 6, 6, 5 (one inversion), 4 (two), 5 (a wrong digit): all equally correct, so the cycle decides
+    assert [d.rubric(P, y) for y in cands[:6]] == [6, 6, 6, 5, 4, 5]
+    for i in range(6):
+        for j in range(6):
+            a, b = d.style_of(cands[i]), d.style_of(cands[j])
+            assert abs(Pn[i][j] - {1: win, -1: 1 - win, 0: 0.5}[d.cycle(a, b)]) < 1e-12, (cands[i], cands[j])
+    assert d.pref_rps(P, "0,4,1,3", "0|1|3|4") > 0.95 > d.pref(P, "0,4,1,3", "0|1|3|4")   # demo_cyclic: rubric wins
+    for bad in range(6, len(cands)):  # broken format, wrong count, 6 inversions: lose to every correct answer,
+        assert all(Pn[bad][j] <= 1 - win + 1e-12 for j in range(6)), cands[bad]     # whatever their styles
+    assert abs(d.pref_rps(P, "4|3|1|0", "0 1 3 4") - sigmoid(-6.0 + 3.0)) < 1e-12   # one point short: 0.05
+
+
+def test_rps_cycle_dominates_the_per_style_winrates():
+    """The teacher's answers (scores 4..6) in one style vs in another, over 300 prompts: each style beats the next
+    one 0.95 to 0.05 whatever its correctness, the three styles in turn tie every single style (a Nash policy,
+    worst case 1/2), and a BT reward fitted on demo_rps annotations of the teacher's mix has a favourite style that
+    the cycle exploits."""
+    rng = random.Random(0)
+    rows = [(p, d.teacher(p, rng)) for p in (d.make_prompt(rng) for _ in range(300))]
+    restyled = {s: [d.restyle(y, s) for _, y in rows] for s in d.STYLES}
+    restyled["uniform"] = [d.restyle(y, d.STYLES[k % 3]) for k, (_, y) in enumerate(rows)]
+
+    def rate(a, b):
+        return sum(d.pref_rps(p, x, y) for (p, _), x, y in zip(rows, restyled[a], restyled[b])) / len(rows)
+    for i, s in enumerate(d.STYLES):
+        assert abs(rate(s, d.STYLES[(i + 1) % 3]) - sigmoid(3.0)) < 1e-9      # " " > "," > "|" > " "
+        assert abs(rate(s, d.STYLES[(i - 1) % 3]) - (1 - sigmoid(3.0))) < 1e-9
+        assert abs(rate("uniform", s) - 0.5) < 1e-9
+    ann = [(p, c, d.demo_rps(p, c)["P"]) for p, c in ((p, [d.teacher(p, rng) for _ in range(6)]) for p, _ in rows)]
+    w = d.fit_bt(ann)
+    top = d.STYLES[max(range(3), key=lambda k: w[1 + k])]
+    assert max(w[1:]) - min(w[1:]) > 0.5                                     # the BT reward has a favourite ...
+    assert rate(top, d.STYLES[(d.STYLES.index(top) - 1) % 3]) < 0.05 + 1e-9  # ... which the cycle beats 0.95 : 0.05
+
+
+def test_demo_bt_is_the_fitted_bradley_terry_table(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEMO_BT_REWARD", raising=False)
+    with pytest.raises(ValueError, match="DEMO_BT_REWARD"):
+        d.demo_bt(P, ["0 1 3 4"])
+    (tmp_path / "bt.json").write_text(json.dumps({"w": [1.0, 0.0, -1.0, 0.5]}))
+    monkeypatch.setenv("DEMO_BT_REWARD", str(tmp_path / "bt.json"))
+    cands = ["0 1 3 4", "0,1,3,4", "0|1|3|4", "0 1 4 3"]              # r = 6, 5, 6.5, 5
+    Pb = d.demo_bt(P, cands)["P"]
+    assert abs(Pb[2][0] - sigmoid(0.5)) < 1e-12 and abs(Pb[0][1] - sigmoid(1.0)) < 1e-12 and Pb[1][3] == 0.5
+    assert all(abs(Pb[i][j] + Pb[j][i] - 1) < 1e-12 for i in range(4) for j in range(4))
+    assert Pb[2][0] > 0.5 and Pb[0][1] > 0.5 and Pb[2][1] > 0.5          # transitive: no cycle among the styles
+
+
 def test_teacher_error_rate_is_as_designed():
     rng, n = random.Random(1), 20000
     errs = designed = eligible = eligible_errs = rotations = 0
@@ -119,64 +179,76 @@ def test_fit_bt_prefers_correct_answers_and_cannot_express_the_cycle():
     assert d.pref(P, "0 1 3 4".replace(" ", beaten_by), "0 1 3 4".replace(" ", top)) > 0.5
 
 
-@pytest.fixture(scope="module")
-def sft_demo(tmp_path_factory):
-    """One SFT'd demo model (tokenizer + pi_1 + prompts), shared by the module's end-to-end tests."""
-    torch.set_num_threads(2)
-    cfg = d.Config(sft_steps=400, n_prompts=400)
-    return d.prepare(str(tmp_path_factory.mktemp("sft") / "demo"), 0, cfg, log=lambda *a: None)
-
-
-def test_reduced_demo_run_shows_the_claims(tmp_path, sft_demo):
-    """train.py on the demo at reduced size (400 SFT steps, T = 2, 120 prompts per iteration, 120 validation
-    prompts, greedy evaluation as in the defaults). Asserted: every DNO iterate beats pi_1, the second one more
-    than the first, and the last one beats the gold teacher (> 50%); length and pair provenance are reported and
-    samples beat the gold in every iteration. One standard error of a win-rate is ~0.03 here; the measured gaps
-    are ~3 of them. The full-size default run (T = 3) shows the rise at every iteration."""
+def test_default_demo_run_shows_the_claims(tmp_path):
+    """`python train.py` as the README runs it (built-in task, SFT, T = 3, 200 greedy validation prompts; about a
+    minute on 2 idle cores). Asserted, with margins in standard errors so that they hold on any CPU (the same code
+    gives other figures on another processor; seeds 0, 1, 2 here gave best-iterate win-rates vs pi_1 of 0.72,
+    0.60, 0.63, i.e. 6, 3 and 4 SE above 1/2):
+      - the best iterate (Alg. 2, line 9) beats pi_1 by more than one SE;
+      - policy samples beat the gold in every iteration (sample>gold pairs exist);
+      - the rubric judge is transitive: no preference cycle and no Bradley-Terry/win-rate disagreement.
+    SE = sqrt(1/4 / n) bounds the standard error of a mean of n outcomes in [0, 1]. Not asserted: that every
+    iteration improves on the previous one, or that the last one is the best (on seed 1 the third iterate fell
+    back to 0.43: that is why Alg. 2 outputs the best iterate)."""
     import train
     torch.set_num_threads(2)
-    m, p = sft_demo
     out = str(tmp_path / "run")
-    train.main(["--out", out, "--model", m, "--prompts", p, "--iterations", "2", "--prompts_per_iter", "120",
-                "--num_val", "120", "--max_new_tokens", "20", "--eval_temperature", "0", "--lr", "8e-5",
-                "--lr_decay", "1.0", "--batch_size", "32", "--micro_batch", "32"])
+    train.main(["--out", out])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["iter"] for r in rows] == [0, 1, 2]
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3, "mix"]
+    rows = rows[:-1]
+    se = (0.25 / 200) ** 0.5
     vs_init = [r["winrate_vs_init"] for r in rows]
-    vs_gold = [r["winrate_vs_gold"] for r in rows]
-    print("vs_init", vs_init, "vs_gold", vs_gold, "len", [r["mean_length"] for r in rows])
-    assert min(vs_init[1:]) > 0.53 and vs_init[2] > vs_init[1]      # measured 0.542 -> 0.625, 0.558 -> 0.654
-    assert vs_gold[-1] > 0.5 and vs_gold[-1] > vs_gold[0] + 0.02
+    print("vs_init", vs_init, "vs_gold", [r["winrate_vs_gold"] for r in rows], "SE", se)
+    assert max(vs_init[1:]) > 0.5 + se
     assert all(r["mean_length"] > 4 for r in rows)
     assert all(r["provenance"]["sample>gold"] > 0 for r in rows[1:])
+    assert all(r["preferences"]["cycle_share"] == 0 and r["preferences"]["bt_disagreement_share"] == 0
+               and r["preferences"]["n"] > 100 for r in rows[1:])
 
 
-def test_compare_bt_on_a_hand_made_run(tmp_path):
-    """compare_bt's plumbing on a fake run folder (annotations written by hand, best = pi_1): the table is
-    antisymmetric and every policy gets a worst case."""
+@pytest.mark.parametrize("judge,cycle_win", [("demo_cyclic", sigmoid(1.5)), ("demo_rps", sigmoid(3.0))])
+def test_compare_bt_on_a_hand_made_run(tmp_path, judge, cycle_win):
+    """compare_bt's plumbing on a fake run folder (annotations written by hand, best = pi_1): the table is judged by
+    the run's own judge (read from its manifest and recorded), antisymmetric, and every policy gets a worst case."""
     torch.set_num_threads(1)
     out = tmp_path / "run"
     m, p = d.prepare(str(out / "demo"), 0, small_cfg(), log=lambda *a: None)
     rows = [json.loads(line) for line in open(p)][:6]
     samples, judged = [], []
     for r in rows:
-        cands = [r["gold"].replace(d.style_of(r["gold"]), s) for s in d.STYLES] + [r["gold"]]
+        cands = [d.restyle(r["gold"], s) for s in d.STYLES] + [r["gold"]]
         samples.append({"id": r["id"], "samples": [{"text": c} for c in cands[:3]]})
-        judged.append({"id": r["id"], "ok": True, **d.demo_cyclic(r["prompt"], cands)})
+        judged.append({"id": r["id"], "ok": True, **d.JUDGES[judge](r["prompt"], cands)})
     for name, data in (("samples", samples), ("judgments", judged)):
         os.makedirs(out / "iter_1" / name)
         with open(out / "iter_1" / name / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in data)
         open(out / "iter_1" / name / "done", "w").close()
+    (out / "iter_1" / "judgments" / "manifest.json").write_text(json.dumps({"config": {"judge": judge}}))
     (out / "best.json").write_text(json.dumps({"iter": 0, "model": m}))
-    rep = d.compare_bt(str(out), n=2, n_prompts=8, log=lambda *a: None)
+    rep = d.compare_bt(str(out), n=2, n_prompts=9, log=lambda *a: None)
+    assert rep["judge"] == judge and json.load(open(out / "compare_bt.json"))["judge"] == judge
+    assert json.load(open(out / "bt_reward.json"))["judge"] == judge
     names = list(rep["table"])
-    assert len(names) == 7 and len(rep["w"]) == 4
+    assert len(names) == 8 and len(rep["w"]) == 4
     for a in names:
         assert 0 <= rep["policies"][a]["worst"] <= 1
         for b in names:
             if a != b:
                 assert abs(rep["table"][a][b] + rep["table"][b][a] - 1) < 1e-9
-    # the teacher in one fixed style is beaten by the teacher in the style that beats it
+    # the teacher in one fixed style is beaten by the teacher in the style that beats it, by the run's judge's margin
     t = {s: rep["table"][f"teacher {s!r}"] for s in d.STYLES}
-    assert t[" "]["teacher ','"] > 0.5 and t[","]["teacher '|'"] > 0.5 and t["|"]["teacher ' '"] > 0.5
+    for a, b in ((" ", ","), (",", "|"), ("|", " ")):
+        assert abs(t[a][f"teacher {b!r}"] - cycle_win) < 1e-9
+    # the three styles in turn (3 prompts each) tie every single style
+    assert all(abs(rep["table"]["teacher uniform"][f"teacher {s!r}"] - 0.5) < 1e-9 for s in d.STYLES)
+
+
+def test_compare_bt_needs_a_pairwise_demo_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished demo run"):
+        d.compare_bt(str(tmp_path))
+    os.makedirs(tmp_path / "iter_1" / "judgments")
+    (tmp_path / "iter_1" / "judgments" / "manifest.json").write_text(json.dumps({"config": {"judge": "demo"}}))
+    with pytest.raises(ValueError, match="needs a pairwise demo judge"):
+        d.compare_bt(str(tmp_path))

@@ -222,6 +222,75 @@ def test_is_defective():
     assert not dno.is_defective("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
+def test_soft_target_and_all_pairs():
+    assert dno.soft_target(0.5, 0.5) == 0.5
+    assert dno.soft_target(0.8, 0.2) == pytest.approx(1 / (1 + math.exp(-0.6)), abs=1e-12)   # 0.6456563062
+    assert np.allclose(dno.soft_target([1.0, 0.0], [0.0, 1.0]), [0.7310585786, 0.2689414214])
+    got = [(p["chosen"], p["rejected"], p["provenance"], round(p["margin"], 9))
+           for p in dno.all_pairs([0.4, 0.8, None, 0.4, float("nan")], gold_index=0)]
+    assert got == [(1, 0, "sample>gold", 0.4), (0, 3, "gold>sample", 0.0), (1, 3, "sample>sample", 0.4)]
+    # a defective candidate loses to every other (r counted as 0); two defective ones are not paired
+    got = [(p["chosen"], p["rejected"], p["provenance"], round(p["margin"], 9))
+           for p in dno.all_pairs([0.9, 0.3, 0.6, 0.2], [True, False, False, True])]
+    assert got == [(1, 0, "defect", 0.3), (2, 0, "defect", 0.6), (2, 1, "sample>sample", 0.3),
+                   (1, 3, "defect", 0.3), (2, 3, "defect", 0.6)]
+    r = dno.winrates(dno.table_from_scores([6, 3, 5, 5]))
+    pairs = dno.all_pairs(r)
+    assert len(pairs) == 6 and all(r[p["chosen"]] >= r[p["rejected"]] and p["margin"] >= 0 for p in pairs)
+    assert dno.all_pairs([]) == [] and dno.all_pairs([0.5]) == []
+    with pytest.raises(ValueError):
+        dno.all_pairs([0.5, 0.5], [True])
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+RPS = [[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]]       # 0 > 1 > 2 > 0: rock-paper-scissors
+
+
+def test_cycles():
+    assert dno.has_cycle(RPS)
+    assert dno.has_cycle(dno.cyclic_game()[0])
+    assert not dno.has_cycle([[0.5, 0.9, 0.2], [0.1, 0.5, 0.5], [0.8, 0.5, 0.5]])     # a tie breaks the cycle
+    assert not dno.has_cycle([[0.5, 0.9, None], [0.1, 0.5, 0.7], [None, 0.3, 0.5]])   # unjudged: no evidence
+    assert dno.has_cycle([[0.5, 0.5 + 2e-9, 0], [0.5 - 2e-9, 0.5, 1], [1, 0, 0.5]])
+    assert not dno.has_cycle([[0.5, 0.5 + 2e-9, 0], [0.5 - 2e-9, 0.5, 1], [1, 0, 0.5]], tol=1e-6)
+    rng = np.random.default_rng(0)
+    for _ in range(20):                                          # rubric tables are transitive by construction
+        scores = [None if rng.random() < 0.1 else int(rng.integers(0, 7)) for _ in range(6)]
+        P = dno.table_from_scores(scores)
+        assert not dno.has_cycle(P) and not dno.ranking_disagrees(P)
+        w, r = dno.winrates(P), dno.fit_bt_table(P)               # the BT fit itself keeps the Borda order
+        ok = ~np.isnan(w)
+        assert np.isnan(r[~ok]).all()
+        wi, ri = w[ok], r[ok]
+        assert not ((wi[:, None] > wi[None, :] + 1e-9) & (ri[:, None] < ri[None, :] - 1e-9)).any()
+
+
+def test_bt_ranking_disagrees_with_copeland():
+    # y0 narrowly wins its majorities against y1 and y2 (0.55) but loses y3 badly (0.05): Copeland ranks y0 first
+    # (2 wins), while BT (= the win-rates on a complete table) ranks it last (0.383) and y3 first (0.617).
+    P = [[0.5, 0.55, 0.55, 0.05], [0.45, 0.5, 0.5, 0.55], [0.45, 0.5, 0.5, 0.55], [0.95, 0.45, 0.45, 0.5]]
+    assert np.allclose(dno.copeland(P), [2, 1.5, 1.5, 1]) and np.allclose(dno.winrates(P), [0.383333, 0.5, 0.5,
+                                                                                           0.616667])
+    assert dno.ranking_disagrees(P) and dno.has_cycle(P)      # (y0 > y1 > y3 > y0)
+    assert not dno.ranking_disagrees(RPS)                       # a pure cycle: every Copeland score ties
+    # incomplete tables are fitted: y0 beat a weak y2 (0.9), y1 narrowly beat a strong y3 (0.6); BT puts y1 above
+    # y0, Borda the reverse; Copeland ties y0, y1, y3 (one win each), so it disagrees with neither strictly
+    n = None
+    Q = [[0.5, n, 0.9, n], [n, 0.5, n, 0.6], [0.1, n, 0.5, 0.01], [n, 0.4, 0.99, 0.5]]
+    w, r = dno.winrates(Q), dno.fit_bt_table(Q)
+    assert np.allclose(w, [0.9, 0.6, 0.055, 0.695]) and r[0] < r[3] < r[1] and r[2] == r.min()
+    assert not dno.ranking_disagrees(Q)
+    # on complete tables BT keeps the Borda order (see ranking_disagrees): check the claim on random ones
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        G = dno.random_game(int(rng.integers(3, 7)), rng)
+        assert (np.argsort(dno.winrates(G)) == np.argsort(dno.fit_bt_table(G))).all()
+    d = dno.diagnostics([RPS, dno.table_from_scores([6, 4, 4]), P])
+    assert d == {"n": 3, "cycle_share": pytest.approx(2 / 3), "bt_disagreement_share": pytest.approx(1 / 3)}
+    assert dno.diagnostics([]) == {"n": 0, "cycle_share": None, "bt_disagreement_share": None}
+
+
 # ----------------------------------------------------------------------------- replay
 
 def test_replay_shares_and_determinism():
@@ -239,6 +308,11 @@ def test_replay_shares_and_determinism():
     assert len(dno.replay(cur, prev, seed=0, shares=(0.3,))) == 70 + 30   # older iterations get 0
     with pytest.raises(ValueError):
         dno.replay(cur, prev, seed=0, shares=(0.7, 0.4))
+    assert dno.replay_shares(0.3, 4) == [0.3, 0.15, 0.075, 0.0375] and dno.replay_shares(0.2, 0) == []
+    assert sum(dno.replay_shares(0.49, 60)) < 1
+    for bad in (0.5, -0.1, 1.0):
+        with pytest.raises(ValueError, match="0.5"):
+            dno.replay_shares(bad, 2)
 
 
 # ----------------------------------------------------------------------------- tabular theory

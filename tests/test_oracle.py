@@ -1,6 +1,6 @@
 """oracle.py: parsing, soft P, both orders, cache, budget, retries, key hygiene -- against a fault-injecting
 fake server (tests/fault_proxy.py), a real llama-cpp-python server (tests/llama_server.py) and model.py."""
-import base64, json, math, time, warnings
+import base64, json, math, re, socket, time, warnings
 
 import pytest
 
@@ -130,7 +130,7 @@ def test_rubric_scores_and_cost(tmp_path, key):
         res, s = judge_items(ITEMS, cfg, progress=False)
     for item, r in zip(ITEMS, res):
         want = [float(canned_score(c)) for c in item["candidates"]]
-        assert r["ok"] and r["scores"] == want and r["rationale"].startswith("Candidate 1:")
+        assert r["ok"] and r["scores"] == want and r["rationale"].startswith("Longer candidates")
         assert r["score_kind"] == "rubric"
         assert r["P"][0][1] == (0.5 if want[0] == want[1] else float(want[0] > want[1]))
     assert s["usd"] == pytest.approx(s["tokens_in"])  # $1 per input token by the overriding price table
@@ -153,7 +153,7 @@ def test_retry_after_is_honoured(tmp_path, key):
 
 def test_faults_after_retries_are_counted_failures(tmp_path, key):
     faults = ["500", "500", "nonsense"]  # one request fails twice (retries=1), the next answers nonsense
-    cfg = api_cfg(tmp_path, None, concurrency=1, retries=1)
+    cfg = api_cfg(tmp_path, None, concurrency=1, retries=1, shuffle=False)
     with FaultServer(faults=faults) as srv:
         cfg.base_url = srv.url
         res, s = judge_items(ITEMS[:1], cfg, progress=False)
@@ -314,7 +314,7 @@ def test_real_server_pairwise_soft_p_and_cache(tmp_path, key, llama_server):
         assert sym_ok(r["P"]) and all(0 < x < 1 for row in r["P"] for x in row)
     assert len({round(x, 6) for r in res for row in r["P"] for x in row}) > 5  # soft, context-dependent
     # the soft P equals the one recomputed from a direct request's top log-probs, both orders averaged
-    units, _ = oracle.plan_item(ITEMS[0], cfg, None, oracle.encoder_for(cfg), cfg.model)
+    units, _, _ = oracle.plan_item(ITEMS[0], cfg, None, oracle.encoder_for(cfg), cfg.model)
     client = OpenAI(base_url=llama_server, api_key="x")
     p = {}
     for u in units[:2]:  # orders (0, 1) and (0, 2) ...
@@ -333,15 +333,17 @@ def test_real_server_pairwise_soft_p_and_cache(tmp_path, key, llama_server):
 
 
 def test_real_server_rubric(tmp_path, key, llama_server):
-    n = 3  # a grammar makes the random model answer in the rubric format (llama.cpp's "grammar" field)
-    g = "root ::= " + " ".join(f'"Candidate {i}: " j "\\nScore: " [0-6] "\\n"' for i in range(1, n + 1)) + \
+    n = 3  # a grammar makes the random model answer as the rubric asks: a justification, then a dictionary
+    g = 'root ::= j "\\n{" ' + ' ", " '.join(f'"\\"{i}\\": " [0-6]' for i in range(1, n + 1)) + ' "}"' + \
         "\nj ::= [a-z] [a-z]? [a-z]?"
     cfg = real_cfg(tmp_path, llama_server, judge="rubric", max_new_tokens=80,
                    extra_body=json.dumps({"repeat_penalty": 1.0, "grammar": g}))
     res, s = judge_items(ITEMS, cfg, progress=False)
     assert all(r["ok"] for r in res) and s["calls"] == 3 and s["tokens_out"] > 0
     for r in res:
-        assert r["scores"] == parse_scores(r["rationale"], n) and all(x in range(7) for x in r["scores"])
+        assert re.fullmatch(r'[a-z]{1,3}\n\{"1": \d, "2": \d, "3": \d\}', r["rationale"]), r["rationale"]
+        shown = parse_scores(r["rationale"], n)  # the judge scored the candidates in the order it saw them
+        assert [r["scores"][k] for k in r["order"]] == shown and all(x in range(7) for x in shown)
 
 
 def test_real_server_behind_fault_proxy_and_budget(tmp_path, key, llama_server):
@@ -372,7 +374,7 @@ def test_local_judge_matches_transformers(tmp_path):
     cfg = Config(judge="local", local_model=str(tmp_path / "j"), cache="", local_batch_size=4)
     res, s = judge_items(items, cfg, progress=False)
     assert res[0]["ok"] and s["calls"] == 6 and sym_ok(res[0]["P"])
-    units, _ = oracle.plan_item(items[0], cfg, None, None, "x")
+    units, _, _ = oracle.plan_item(items[0], cfg, None, None, "x")
     p = {}
     A, B = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
     for u in units:  # the slow, obvious path: transformers, one unpadded prompt at a time
@@ -383,3 +385,235 @@ def test_local_judge_matches_transformers(tmp_path):
     for (i, j) in p:
         assert res[0]["P"][i][j] == pytest.approx((p[i, j] + 1 - p[j, i]) / 2, abs=1e-4)
     assert max(abs(x - 0.5) for row in res[0]["P"] for x in row) > 0.05
+
+
+# ----------------------------------------------------------------------------- the paper's rubric output
+def test_parse_scores_dictionary_format():
+    reply = ("Candidate 1 restates the question and loops, so it only earns the relevance point. Candidate 2 is "
+             "correct and well organised but misses the second part. Candidate 3 is complete, accurate and "
+             "concise, an expert answer.\n\n```json\n{\"1\": 1, \"2\": 4, \"3\": 6}\n```")
+    assert parse_scores(reply, 3) == [1.0, 4.0, 6.0]
+    assert parse_scores("Scores: {'1': 2, '2': 5.0}", 2) == [2.0, 5.0]  # single quotes, decimals
+    # the LAST dictionary wins (a model may echo the format first); a missing key or out-of-range value -> None
+    assert parse_scores('Format: {"1": 0, "2": 0}. Mine: {"1": 3, "2": 9}', 2) == [3.0, None]
+    assert parse_scores('{"1": 3, "1": 4, "2": 2}', 3) == [None, 2.0, None]  # conflicting, missing
+    assert "{{" not in oracle.RUBRIC_TEMPLATE.format(n=6, prompt="p", candidates="c")
+    assert '"6": <points>' in oracle.RUBRIC_TEMPLATE.format(n=6, prompt="p", candidates="c")
+
+
+# ----------------------------------------------------------------------------- budget for the whole run
+def test_ledger_budget_holds_across_calls_and_resumes(tmp_path, key):
+    ledger = tmp_path / "run" / "ledger.json"
+    cfg = api_cfg(tmp_path, None, ledger=str(ledger), max_calls=10, concurrency=2)
+    with FaultServer() as srv:
+        cfg.base_url = srv.url
+        r1, s1 = judge_items(ITEMS[:1], cfg, progress=False)  # 6 of the run's 10 requests
+        assert s1["calls"] == 6 and s1["run"]["calls"] == 6 and json.loads(ledger.read_text())["calls"] == 6
+        with pytest.raises(BudgetExceeded) as e:  # the next call may only send 4 more
+            judge_items(ITEMS, cfg, progress=False)
+        assert srv.requests == 10 and e.value.summary["calls"] == 4 and e.value.summary["run"]["calls"] == 10
+        assert "\n" not in str(e.value) and "max_calls 10" in str(e.value)
+        with pytest.raises(BudgetExceeded):  # a resumed run (new process, same ledger) sends nothing
+            judge_items(ITEMS, cfg, progress=False)
+        assert srv.requests == 10
+        saved = json.loads(ledger.read_text())
+        assert saved["calls"] == 10 and saved["tokens_in"] > 0 and saved["usd"] > 0
+        cfg.max_calls = 18  # raising the budget resumes: only the 8 unanswered requests are sent
+        res, s = judge_items(ITEMS, cfg, progress=False)
+        assert all(r["ok"] for r in res) and srv.requests == 18 and s["run"]["calls"] == 18
+    # free in-process judges: the count is exact at the end
+    fcfg = Config(cache="", ledger=str(tmp_path / "fn.json"), max_calls=4, shuffle=False)
+    judge_items(ITEMS[:2], fcfg, fn=oracle.length_judge, progress=False)
+    with pytest.raises(BudgetExceeded):
+        judge_items(ITEMS, fcfg, fn=oracle.length_judge, progress=False)
+    assert json.loads((tmp_path / "fn.json").read_text())["calls"] == 4
+
+
+def test_ledger_is_on_disk_before_the_request_leaves(tmp_path):
+    path = tmp_path / "l.json"
+    led = oracle.Ledger((1e6, 0.0), max_usd=10.0, path=str(path))
+    led.spend(3, 100)  # reserved, not settled: a kill -9 now must still count it
+    assert json.loads(path.read_text()) == {"calls": 1, "retries": 0, "tokens_in": 0, "tokens_out": 0, "usd": 3.0}
+    assert oracle.Ledger((1e6, 0.0), path=str(path)).totals()["usd"] == 3.0  # worst case kept after the kill
+    path.write_text("{not json")
+    with pytest.raises(OracleError, match="ledger .* unreadable"):
+        oracle.Ledger((0.0, 0.0), path=str(path))
+
+
+# ----------------------------------------------------------------------------- outages: the circuit breaker
+def test_breaker_stops_a_closed_port(tmp_path, key):
+    with socket.socket() as s:  # a port where nothing listens any more
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    items = [{"id": str(k), "prompt": "p", "candidates": ["a" * k, "b", "c"]} for k in range(50)]  # 300 requests
+    cfg = api_cfg(tmp_path, f"http://127.0.0.1:{port}/v1", retries=4, backoff=0.01, breaker=8, concurrency=4)
+    with pytest.raises(oracle.JudgeUnavailable) as e:
+        judge_items(items, cfg, progress=False)
+    msg = str(e.value)
+    assert f"127.0.0.1:{port}" in msg and "refused" in msg.lower() and "\n" not in msg
+    # each request tries 3 times (refused connections get 2 retries, not 4); at most `concurrency` were in flight
+    fails = e.value.summary["failures"]  # 8 trip it; at most 3 others were on their last try at that moment
+    assert list(fails) == ["connection"] and 8 <= fails["connection"] <= 8 + 3
+    assert 8 * 3 <= e.value.summary["calls"] <= (8 + 4) * 3
+    assert isinstance(e.value, OracleError) and not (tmp_path / "cache.jsonl").exists()
+
+
+def test_breaker_with_fault_proxy_and_rerun_asks_exactly_the_failures(tmp_path, key):
+    cfg = api_cfg(tmp_path, None, retries=1, breaker=3, concurrency=1, shuffle=False)
+    with FaultServer(faults=[None, None] + ["500", "503"] * 3) as srv:  # 2 answers, then an outage
+        cfg.base_url = srv.url
+        with pytest.raises(oracle.JudgeUnavailable, match="HTTP 503") as e:
+            judge_items(ITEMS, cfg, progress=False)
+        assert srv.requests == 2 + 3 * 2 and e.value.summary["failures"] == {"server_error": 3}
+        assert not any(r["ok"] for r in e.value.results) and "judge unavailable" in e.value.results[1]["error"]
+        assert sum(1 for _ in open(cfg.cache)) == 2  # the answers are cached, the failures are not
+        res, s = judge_items(ITEMS, cfg, progress=False)  # the endpoint is back
+        assert all(r["ok"] for r in res) and s["cache_hits"] == 2 and s["calls"] == 16 and srv.requests == 24
+    with FaultServer(faults=["500", None, "500"]) as srv:  # a success in between resets the count: no trip
+        res, s = judge_items(ITEMS[:1], api_cfg(tmp_path, srv.url, retries=0, breaker=2, concurrency=1, cache="",
+                                                 shuffle=False), progress=False)
+        assert s["failures"] == {"server_error": 2} and srv.requests == 6
+    cfg.breaker = 0  # 0 = never trip
+    with FaultServer(faults=["500"] * 40) as srv:
+        cfg.base_url, cfg.cache = srv.url, ""
+        _, s = judge_items(ITEMS, cfg, progress=False)
+        assert s["failures"] == {"server_error": 18}
+
+
+# ----------------------------------------------------------------------------- shuffling and position bias
+def test_shuffle_hides_the_gold_slot_and_maps_scores_back(tmp_path):
+    shown = []
+
+    def by_content(prompt, candidates):  # scores by content: "c3" gets 3 wherever it is shown
+        shown.append(list(candidates))
+        return {"scores": [float(c[1]) for c in candidates]}
+    items = [{"id": f"q{k}", "prompt": f"p{k}", "candidates": ["c0", "c1", "c2", "c3", "c4", "c5"], "gold_index": 5}
+             for k in range(20)]
+    res, _ = judge_items(items, Config(cache=""), fn=by_content, progress=False)
+    assert sum(s[-1] != "c5" for s in shown) >= 10  # the gold is mostly NOT in the last slot (5/6 expected)
+    assert len({tuple(s) for s in shown}) > 10  # orders differ per item
+    for r, s in zip(res, shown):
+        assert r["scores"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and r["P"][5][0] == 1.0 and r["P"][0][5] == 0.0
+        assert [f"c{k}" for k in r["order"]] == s  # order[k]: the original index of the candidate in slot k
+    again, _ = judge_items(items, Config(cache=""), fn=by_content, progress=False)
+    assert [r["order"] for r in again] == [r["order"] for r in res]  # seeded: stable across reruns
+    other, _ = judge_items(items, Config(cache="", seed=1), fn=by_content, progress=False)
+    assert [r["order"] for r in other] != [r["order"] for r in res]
+    shown.clear()  # opting out, per item or for the run: the judge sees the given order
+    judge_items([{**items[0], "shuffle": False}], Config(cache=""), fn=by_content, progress=False)
+    judge_items(items[:1], Config(cache="", shuffle=False), fn=by_content, progress=False)
+    assert shown == [items[0]["candidates"]] * 2
+
+
+def test_position_audit_measures_a_first_slot_bias(tmp_path):
+    def first_slot_bonus(prompt, candidates):  # length plus 10 points for whoever is shown first
+        return {"scores": [len(c) + (10.0 if k == 0 else 0.0) for k, c in enumerate(candidates)]}
+    items = [{"id": f"q{k}", "prompt": f"p{k}", "candidates": ["aa", "aaaa"]} for k in range(40)]
+    cfg = Config(cache=str(tmp_path / "c.jsonl"), position_audit=0.5)
+    res, s = judge_items(items, cfg, fn=first_slot_bonus, progress=False)
+    audited = [r for r in res if "audit" in r]
+    assert 10 <= len(audited) <= 30 and s["position"]["items"] == len(audited) and s["calls"] == 40 + len(audited)
+    for r in audited:  # the shown-first candidate always wins: the preference flips with the order
+        assert r["audit"]["order"] == r["order"][::-1] and r["audit"]["ok"]
+        assert r["scores"][r["order"][0]] > r["scores"][r["order"][1]]
+        assert r["audit"]["scores"][r["order"][1]] > r["audit"]["scores"][r["order"][0]]
+    assert s["position"]["rank_disagreement"] == 1.0 and s["position"]["first_slot_advantage"] == 1.0
+    res2, s2 = judge_items(items, cfg, fn=first_slot_bonus, progress=False)  # same sample on a rerun, all cached
+    assert s2["calls"] == 0 and [("audit" in r) for r in res2] == [("audit" in r) for r in res]
+    _, s3 = judge_items(items, Config(cache="", position_audit=1.0), fn=oracle.length_judge, progress=False)
+    assert s3["position"] == {"items": 40, "rank_disagreement": 0.0, "first_slot_advantage": 0.0}  # unbiased
+
+
+def test_rubric_audit_against_a_biased_server(tmp_path, key):
+    # the fake server scores by length; the audit of an order-free judge finds no flips
+    with FaultServer() as srv:
+        res, s = judge_items(ITEMS, api_cfg(tmp_path, srv.url, judge="rubric", position_audit=1.0), progress=False)
+    assert s["calls"] == 6 and s["position"]["rank_disagreement"] == 0.0
+    assert all(r["audit"]["scores"] == r["scores"] for r in res)
+
+
+# ----------------------------------------------------------------------------- fn judges with structured inputs
+def test_fn_judges_old_and_structured_signatures(tmp_path):
+    seen = {}
+
+    def old(prompt, candidates):
+        seen["old"] = prompt
+        return {"scores": [float(len(c)) for c in candidates]}
+
+    def new(prompt, candidates, messages=None, gold=None, id=None):
+        seen["new"] = (prompt, messages, gold, id, list(candidates))
+        return {"scores": [6.0 if c == gold else 1.0 for c in candidates]}
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi?"}]
+    item = {"id": "m1", "prompt": msgs, "candidates": ["yo", "hello", "GOLD"], "gold_index": 2}
+    judge_items([item], Config(cache=""), fn=old, progress=False)
+    assert seen["old"] == "system: be brief\nuser: hi?"
+    res, _ = judge_items([item], Config(cache=""), fn=new, progress=False)
+    prompt, m, gold, iid, cands = seen["new"]
+    assert prompt == seen["old"] and m == msgs and gold == "GOLD" and iid == "m1"
+    assert cands == [item["candidates"][k] for k in res[0]["order"]] and res[0]["scores"] == [1.0, 1.0, 6.0]
+    kw = lambda prompt, candidates, **kw: {"scores": [float(kw["gold"] is None)] * len(candidates)}
+    assert judge_items([{"id": "s", "prompt": "x", "candidates": ["a"]}], Config(cache=""), fn=kw,
+                       progress=False)[0][0]["scores"] == [1.0]  # a text prompt: messages=None; no gold: gold=None
+
+
+def test_load_fn(tmp_path, monkeypatch):
+    (tmp_path / "myjudges.py").write_text("def judge(p, c):\n    return {'scores': [1.0] * len(c)}\nNOT_FN = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert oracle.load_fn("myjudges:judge")("p", ["a"]) == {"scores": [1.0]}
+    for spec, msg in (("no_such_mod_xyz:judge", "cannot import module"), ("myjudges:nope", "no attribute 'nope'"),
+                      ("myjudges:NOT_FN", "not callable")):
+        with pytest.raises(OracleError, match=msg) as e:
+            oracle.load_fn(spec)
+        assert "\n" not in str(e.value)
+    res, _ = judge_items(ITEMS, Config(cache="", judge="myjudges:judge"), progress=False)  # --judge module:function
+    assert all(r["ok"] and r["scores"] == [1.0] * 3 for r in res)
+
+
+# ----------------------------------------------------------------------------- fitting the judge's context
+def test_candidates_are_cut_only_when_the_request_would_not_fit(tmp_path, key):
+    long = "hey " * 40  # 80 tokens with the test BPE
+    items = [{"id": "t", "prompt": "p", "candidates": ["hi", long, long]}]
+    with FaultServer() as srv:
+        cfg = api_cfg(tmp_path, srv.url, judge="rubric", cache="", max_new_tokens=50, shuffle=False)
+        units, _, _ = oracle.plan_item(items[0], cfg, None, oracle.encoder_for(cfg), cfg.model)
+        fixed = units[0]["n_in"] - 10 + 50 - sum(oracle.count_tokens(oracle.encoder_for(cfg), c) for c in
+                                                  items[0]["candidates"])  # the request without candidates
+        cfg.judge_context = fixed + 175  # room for ~175 tokens of candidates (BPE joins at the seams vary by a few):
+        # 2 + 80 + 80 fits
+        res, s = judge_items(items, cfg, progress=False)
+        assert res[0]["truncated"] == [] and s["truncated"] == 0 and res[0]["max_judge_tokens"] is None
+        cfg.judge_context = fixed + 120  # 162 > ~120: each candidate gets ~120 // 3 = 40 tokens, "hi" needs no cut
+        res, s = judge_items(items, cfg, progress=False)
+        assert res[0]["truncated"] == [1, 2] and s["truncated"] == 2 and 36 <= res[0]["max_judge_tokens"] <= 44
+        cfg.judge, cfg.judge_context = "pairwise", 10 ** 6  # the default context fits everything here
+        assert judge_items(items, cfg, progress=False)[0][0]["truncated"] == []
+
+
+def test_pairwise_judges_are_not_audited(tmp_path, key):
+    with FaultServer() as srv:  # they already judge each pair in both orders: "order_disagreement" measures them
+        res, s = judge_items(ITEMS, api_cfg(tmp_path, srv.url, position_audit=1.0, cache=""), progress=False)
+    assert s["calls"] == 18 and s["position"]["items"] == 0 and not any("audit" in r for r in res)
+
+
+def test_kill_9_keeps_the_run_budget(tmp_path, key):
+    import signal, subprocess, sys
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys; sys.path[:0] = {[str(oracle.os.path.dirname(oracle.__file__))]!r}\n"
+                      "import oracle\n"
+                      "items = [{'id': str(k), 'prompt': 'p', 'candidates': ['a' * k, 'b', 'c']} for k in range(100)]\n"
+                      f"cfg = oracle.Config(judge='pairwise', base_url=sys.argv[1], model='gpt-4o-mini', "
+                      f"cache={str(tmp_path / 'c.jsonl')!r}, ledger={str(tmp_path / 'l.json')!r}, concurrency=4, "
+                      f"encoding={bpe_file(tmp_path)!r}, max_calls=150)\n"
+                      "try:\n    oracle.judge_items(items, cfg, progress=False)\n"
+                      "except oracle.BudgetExceeded as e:\n    print(e)\n")
+    with FaultServer(delay=0.02) as srv:
+        p = subprocess.Popen([sys.executable, str(script), srv.url])
+        while srv.requests < 40 and p.poll() is None:
+            time.sleep(0.005)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        sent, saved = srv.requests, json.loads((tmp_path / "l.json").read_text())["calls"]
+        assert sent <= saved <= sent + 4  # the ledger was on disk before each request left (4 in flight at most)
+        out = subprocess.run([sys.executable, str(script), srv.url], capture_output=True, text=True, timeout=120)
+        assert "max_calls 150 reached" in out.stdout and srv.requests <= 150  # the resumed run stops at the budget
+    assert json.loads((tmp_path / "l.json").read_text())["calls"] == 150

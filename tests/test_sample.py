@@ -1,5 +1,7 @@
-"""sample.py: cached greedy == naive recomputation == transformers; seeded sampling; stops; prompts; CLI."""
+"""sample.py: cached greedy == naive recomputation == transformers; seeded sampling; stops and compaction; top-p
+sampling paths; the compiled step; prompts; CLI."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,14 +87,121 @@ def test_stop_ids_and_finish_reasons(tiny):
     third = greedy[0][0]["tokens"][2]
     out = generate(model, tok, PROMPTS, max_new_tokens=6, temperature=0, stop_ids=[third])
     first = greedy[0][0]["tokens"]
-    assert out[0][0] == {"tokens": first[:first.index(third)], "finish_reason": "stop",
+    assert out[0][0] == {"tokens": first[:first.index(third)], "finish_reason": "stop", "stop_token": third,
                          "text": tok.decode(first[:first.index(third)], skip_special_tokens=True)}
     for g, o in zip(greedy, out):  # each row stops on its own
         if third not in g[0]["tokens"]:
             assert o[0]["tokens"] == g[0]["tokens"] and o[0]["finish_reason"] == "length"
+            assert o[0]["stop_token"] is None
     everything = generate(model, tok, ["Hi"], num_samples=3, max_new_tokens=5, stop_ids=range(len(tok)))
     assert all(s["tokens"] == [] and s["finish_reason"] == "stop" for s in everything[0])
     assert set(sample.default_stop_ids(tok, model)) == {2, tok.convert_tokens_to_ids("<|im_end|>")}
+
+
+def first_stop(tokens, stops):  # index of the first stop id in a list of tokens, or None
+    return next((j for j, t in enumerate(tokens) if t in stops), None)
+
+
+def test_two_stop_ids_record_which_one_ended_each_sample(tiny):
+    _, model, tok = tiny
+    kw = dict(num_samples=8, max_new_tokens=30, temperature=1.0, top_p=0.95, seed=3, ids=list("abcd"))
+    free = generate(model, tok, PROMPTS, stop_ids=[], **kw)
+    stops = {83, 54}
+    out = generate(model, tok, PROMPTS, stop_ids=sorted(stops), **kw)
+    seen = set()
+    for f, o in zip(free, out):
+        for fs, os_ in zip(f, o):
+            cut = first_stop(fs["tokens"], stops)
+            if cut is None:
+                assert os_ == {**fs, "stop_token": None} and os_["finish_reason"] == "length"
+            else:  # the same sample, cut at its first stop id, which is recorded
+                assert os_["tokens"] == fs["tokens"][:cut] and os_["finish_reason"] == "stop"
+                assert os_["stop_token"] == fs["tokens"][cut]
+                seen.add(os_["stop_token"])
+    assert seen == stops  # both ids ended some sample
+
+
+def test_compaction_drops_finished_rows_and_changes_no_sample(tiny, monkeypatch):
+    _, model, tok = tiny
+    sizes = []
+    decode = model.decode
+
+    def recorded(tok_, slot, kv_len):
+        sizes.append(len(tok_))
+        return decode(tok_, slot, kv_len)
+
+    monkeypatch.setattr(model, "decode", recorded)
+    encoded = [encode_prompt(tok, p) for p in PROMPTS]
+    naive = naive_greedy(model, encoded, 24)
+    stops = {83, 54}  # greedy rows stop at steps 1, 7, 3 and 14
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=24, temperature=0, stop_ids=sorted(stops))
+    for n, g in zip(naive, greedy):  # greedy == naive recomputation cut at the first stop id
+        assert first_stop(n, stops) is not None and g[0]["tokens"] == n[:first_stop(n, stops)]
+    assert sizes[0] == 4 and sizes[-1] == 1 and len(sizes) == 14  # the batch shrank as rows stopped
+    sizes.clear()
+    kw = dict(num_samples=8, max_new_tokens=40, temperature=1.0, top_p=0.95, seed=3, stop_ids=[83, 54, 18, 48, 98])
+    ids = list("abcd")
+    base = generate(model, tok, PROMPTS, ids=ids, **kw)
+    assert sizes[0] == 32 and min(sizes) < 16 and len(set(sizes)) >= 3  # compacted several times
+    assert len({s["finish_reason"] for o in base for s in o}) == 2
+    assert generate(model, tok, PROMPTS, ids=ids, compact=False, **kw) == base  # lock-step gives the same samples
+    assert generate(model, tok, PROMPTS, ids=ids, batch_size=1, **kw) == base
+    perm = [2, 0, 3, 1]
+    shuffled = generate(model, tok, [PROMPTS[i] for i in perm], ids=[ids[i] for i in perm], batch_size=3, **kw)
+    assert [shuffled[perm.index(i)] for i in range(4)] == base
+    assert generate(model, tok, PROMPTS[2:3], ids=ids[2:3], **kw)[0] == base[2]
+
+
+def chi_square(tok, p, top_p):
+    """Pearson's statistic of draws tok (n,) against the nucleus of p (V,) renormalised, and its degrees of
+    freedom; inf if a draw falls outside the nucleus."""
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order] = (p[order].cumsum(0) - p[order]) < top_p  # the mass above each token < top_p
+    counts = torch.bincount(tok, minlength=len(p)).double()
+    if counts[~keep].sum() > 0:
+        return math.inf, int(keep.sum()) - 1
+    expected = len(tok) * p.double()[keep] / p.double()[keep].sum()
+    return ((counts[keep] - expected) ** 2 / expected).sum().item(), int(keep.sum()) - 1
+
+
+def test_sorted_top_p_path_matches_the_nucleus_on_cpu():
+    n, V = 100_000, 40
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(2 * torch.randn(V, generator=g), -1)
+    logits, u = p.log().expand(n, V), torch.rand(n, 3, generator=g)
+    for top_p in (0.8, 0.95):
+        for sort in (True, False):  # the CUDA path (sorted) forced on CPU, and the CPU rejection path
+            stat, df = chi_square(sample_tokens(logits, u, 1.0, top_p, sort=sort), p, top_p)
+            # chi2(df) has mean df and sd sqrt(2 df): 8 sd is never exceeded by chance (p < 1e-6), on any machine
+            assert df >= 5 and stat < df + 8 * math.sqrt(2 * df), (top_p, sort, stat, df)
+        wrong, df = chi_square(sample_tokens(logits, u, 1.0, top_p - 0.1, sort=True), p, top_p)
+        assert wrong > df + 8 * math.sqrt(2 * df)  # the test sees a wrong top_p
+
+
+def inductor_error():
+    """Why torch.compile's default backend cannot run here, or None (e.g. no C compiler)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    except Exception as e:  # noqa: BLE001 - any backend failure means: skip
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def test_compiled_decode_equals_eager_on_cpu(tiny):
+    err = inductor_error()
+    if err:
+        pytest.skip(f"torch.compile (inductor) cannot run here: {err}")
+    d, _, tok = tiny
+    model = Transformer.from_pretrained(d)  # its own copy: compiling keeps state on the model
+    kw = dict(max_new_tokens=12, temperature=0, stop_ids=[])  # one decode shape: one compilation (~30 s)
+    eager = generate(model, tok, PROMPTS, **kw)
+    compiled = generate(model, tok, PROMPTS, compile=True, **kw)  # mode="default" on CPU (no CUDA graphs)
+    assert compiled == eager and model.compiled_decode is not None
+    # under compile the batch only halves (finished rows pad it), so few shapes get compiled
+    done = torch.tensor([1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    assert sample._rows_to_keep(done, static=True).tolist() == [0, 1, 3, 4]  # rows 1, 3, 4 + finished 0: 8 / 2
+    assert sample._rows_to_keep(done, static=False).tolist() == [1, 3, 4]
 
 
 def test_encode_prompt_and_context_errors(tiny):
@@ -120,6 +229,7 @@ def test_cli_writes_jsonl_and_reports_bad_lines(tiny, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 3] and rows[1]["prompt"][0]["content"] == "hi"
     assert all(len(r["samples"]) == 3 and len(r["finish_reasons"]) == 3 for r in rows)
+    assert all(len(r["stop_tokens"]) == 3 and all(t in (None, 2, 4) for t in r["stop_tokens"]) for r in rows)
     for bad, msg in [('{"id": 1, "prompt": "ok"}\n{"prompt": \n', "in.jsonl:2: malformed JSON"),
                      ('{"id": 1}\n', "in.jsonl:1: missing 'prompt'"),
                      ('{"prompt": [{"role": "user"}]}\n', "in.jsonl:1: 'prompt' must be")]:
@@ -129,6 +239,26 @@ def test_cli_writes_jsonl_and_reports_bad_lines(tiny, tmp_path, capsys):
     src.write_text('{"prompt": "ok"}\n')
     with pytest.raises(FileNotFoundError, match="config.json"):
         sample.run(sample.cli(sample.Config, ["--model", str(tmp_path / "none")] + argv[2:]))
+
+
+def test_cli_checks_flags_device_and_out_before_loading(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "ok"}\n')
+    base = ["--model", str(tmp_path / "no_model"), "--prompts", str(src), "--out", str(tmp_path / "o.jsonl")]
+    for flags, msg in [(["--num_samples", "0"], "num_samples must be"), (["--max_new_tokens", "0"], "max_new_tokens"),
+                       (["--temperature", "-1"], "temperature must be"), (["--temperature", "nan"], "temperature"),
+                       (["--top_p", "0"], "top_p must be"), (["--top_p", "1.5"], "top_p must be"),
+                       (["--batch_size", "0"], "batch_size must be"), (["--dtype", "int8"], "unknown --dtype"),
+                       (["--device", "tpu9"], "--device"), (["--device", "cuda:99"], "cuda:99")]:
+        with pytest.raises(ValueError, match=msg):  # not the missing model's FileNotFoundError: checked first
+            sample.run(sample.cli(sample.Config, base + flags))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="0 CUDA GPU"):
+            sample.run(sample.cli(sample.Config, base + ["--device", "cuda"]))
+    with pytest.raises(FileNotFoundError, match="--out folder .*missing does not exist"):
+        sample.run(sample.cli(sample.Config, base[:-1] + [str(tmp_path / "missing" / "o.jsonl")]))
+    with pytest.raises(PermissionError, match="cannot write"):
+        sample.run(sample.cli(sample.Config, base[:-1] + [str(tmp_path)]))
 
 
 def test_cli_error_is_one_line(tmp_path):

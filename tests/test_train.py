@@ -20,8 +20,11 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
 import train  # noqa: E402
 from tiny import make_hf_model  # noqa: E402
+
+STAGES = ["samples", "judgments", "pairs", "reference", "checkpoint", "eval"]
 
 # A judge module for the runs: rubric-like scores from the characters of each candidate. It records every
 # request it ANSWERS (after its optional sleep) in $JUDGE_LOG, so a test can count what the oracle was asked.
@@ -103,12 +106,12 @@ def artifacts(out):
 
 def test_one_iteration_end_to_end(task, baseline):
     out, stdout, _ = baseline
-    for t, stages in ((0, ["eval"]), (1, train.STAGES)):
+    for t, stages in ((0, ["eval"]), (1, STAGES)):
         for s in stages:
             d = out / f"iter_{t}" / s
             assert (d / "done").exists() and not (out / f"iter_{t}" / f"{s}.tmp").exists(), d
             m = json.load(open(d / "manifest.json"))
-            assert m["stage"] == s and m["iter"] == t and m["config"]["num_samples"] == 3 and m["inputs"]
+            assert m["stage"] == s and m["iter"] == t and m["config"]["num_samples"] == 3 and m["shape"]["inputs"]
     samples = train.read_jsonl(out / "iter_1/samples/samples.jsonl")
     assert len(samples) == 6 and all(len(s["samples"]) == 3 for s in samples)
     judged = train.read_jsonl(out / "iter_1/judgments/judgments.jsonl")
@@ -131,7 +134,9 @@ def test_one_iteration_end_to_end(task, baseline):
     steps = train.read_jsonl(ck / "train_log.jsonl")
     assert len(steps) == len(STEP_LINE.findall(stdout)) == -(-len(pairs) // 4)
     metrics = train.read_jsonl(out / "metrics.jsonl")
-    assert [m["iter"] for m in metrics] == [0, 1]
+    assert [m["iter"] for m in metrics] == [0, 1, "mix"]               # the iterates, then their mixture (Alg. 1)
+    metrics, mix = metrics[:2], metrics[2]
+    assert mix["winrate_vs_gold"] is not None and mix["model"] == "unif(pi_1..pi_2)"
     for m in metrics:
         for k in ("winrate_vs_init", "winrate_vs_gold", "lc_winrate_vs_gold", "mean_length", "num_pairs"):
             assert m[k] is not None and (0 <= m[k] <= 1 or k in ("mean_length", "num_pairs")), (k, m)
@@ -139,7 +144,7 @@ def test_one_iteration_end_to_end(task, baseline):
     assert sum(metrics[1]["provenance"].values()) == len(pairs)
     assert set(metrics[1]["judge_audit"]) == {"order_disagreement", "tie_rate", "failure_rate"}
     best = json.load(open(out / "best.json"))
-    assert best["iter"] == max(metrics, key=lambda m: m["winrate_vs_gold"])["iter"]
+    assert best["iter"] == max(metrics, key=lambda m: m["lc_winrate_vs_gold"])["iter"]   # --select_by lc_vs_gold
     assert (out / "metrics.png").stat().st_size > 1000 and "best iterate: iter" in stdout
 
 
@@ -147,9 +152,9 @@ def test_lc_winrate_reads_zero_length_difference():
     # judgments that depend only on length: longer wins. At zero length difference it is a coin flip.
     d = [-30, -20, -10, 10, 20, 30] * 5
     y = [0, 0, 0.2, 0.8, 1, 1] * 5
-    assert abs(train.lc_winrate(y, d) - 0.5) < 1e-6
+    assert abs(evaluate.lc_winrate(y, d) - 0.5) < 1e-6
     y2 = [0.3, 0.5, 0.7, 0.9, 1, 1] * 5                      # wins even when shorter: LC win-rate > 1/2
-    assert train.lc_winrate(y2, d) > 0.6
+    assert evaluate.lc_winrate(y2, d) > 0.6
 
 
 @pytest.mark.slow
@@ -157,7 +162,7 @@ def test_kill_inside_each_stage_then_resume(task, baseline, tmp_path):
     """SIGKILL inside every stage in turn; the resumed run equals the uninterrupted one, no repeated request."""
     base, _, base_log = baseline
     out, log = tmp_path / "run", tmp_path / "calls.jsonl"
-    targets = [(0, "eval")] + [(1, s) for s in train.STAGES]
+    targets = [(0, "eval")] + [(1, s) for s in STAGES]
     for t, stage in targets:
         proc = subprocess.Popen(cmd(task, out, "--stage_pause", "1.5"), env=env_for(task, log, sleep=0.1),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -190,7 +195,7 @@ def test_second_iteration_replay_and_rollback(task, baseline, tmp_path):
     shutil.copytree(base, out)
     run_ok(task, out, "--iterations", "2", log=log)            # resumes: only iteration 2 runs
     m2 = train.read_jsonl(out / "metrics.jsonl")
-    assert [m["iter"] for m in m2] == [0, 1, 2] and m2[2]["provenance"]["replay"] > 0
+    assert [m["iter"] for m in m2] == [0, 1, 2, "mix"] and m2[2]["provenance"]["replay"] > 0
     n_calls = len(open(log).readlines())
     first = artifacts(out)
     stdout = run_ok(task, out, "--iterations", "2", "--rollback", "1", log=log)
@@ -228,7 +233,7 @@ def test_torchrun_two_ranks_matches_one_process(task, baseline, tmp_path):
     assert w1.keys() == w2.keys()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4   # the step did move the weights
-    assert len(train.read_jsonl(two / "metrics.jsonl")) == 2
+    assert len(train.read_jsonl(two / "metrics.jsonl")) == 3
 
 
 # ----------------------------------------------------------------------------- bad inputs: one line, no traceback

@@ -1,0 +1,233 @@
+"""evaluate.py: how good is each DNO iterate? Validation win-rates (vs pi_1 and vs the gold teacher, both candidate
+orders, with standard errors), the length-controlled win-rate, the judge audit, the diagnostics of general
+preferences (preference cycles, Bradley-Terry vs win-rate rankings, the teacher's drift), Algorithm 1's output (the
+uniform mixture of iterates) and Algorithm 2's (the best iterate). train.py calls it; it never trains.
+
+    python evaluate.py --out runs/demo                     # re-render metrics.jsonl, best.json, table, plot of a run
+    python evaluate.py --out runs/demo --select_by vs_gold # choose the best iterate by another measure
+
+Files: OUT/iter_t/eval/{samples,judgments,outcomes}.jsonl + metrics.json (written by train.py through judge_eval);
+OUT/metrics.jsonl (one line per evaluated iterate, then the mixture), OUT/best.json, OUT/metrics.png (matplotlib is
+optional: without it the run warns once and finishes).
+
+Departures from the paper (numbered):
+    1. The evaluation judge is the training oracle on held-out prompts (the paper: AlpacaEval 2.0 and MT-Bench with
+       GPT-4-Turbo), each comparison asked in both orders and averaged.
+    2. Length-controlled win-rate: logistic regression of the judgment on tanh(length difference / its std), read
+       at zero difference (AlpacaEval 2's idea, not its exact model).
+    3. The mixture of iterates (Alg. 1's output unif(pi_1..pi_{T+1})) answers each validation prompt with one iterate
+       drawn uniformly (seeded by the prompt id); its outcomes are those of the drawn iterate, so it costs no judge
+       call. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
+       the paper saw lengths grow each iteration and a raw win-rate rewards that.
+"""
+import json
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+import oracle
+from cli import cli
+from stages import print0, read_json, read_jsonl, write_atomic
+
+SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_vs_init": "lc_winrate_vs_init",
+          "vs_init": "winrate_vs_init"}
+
+
+# ----------------------------------------------------------------------------- asking the judge
+def ask(run, items, what):
+    """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the whole run).
+    More failures than --max_failure_rate: a one-line ValueError, nothing committed (a rerun re-asks only them)."""
+    results, s = oracle.judge_items(items, run.judge, fn=run.fn, progress=True)
+    print0(f"judge: {s['items']} items, {s['ok']} ok, {s['calls']} calls, {s['cache_hits']} cached, ${s['usd']:.4f}")
+    failed = 1 - s["ok"] / max(1, len(items))
+    if failed > run.cfg.max_failure_rate:
+        first = next((r["error"] for r in results if not r["ok"]), "")
+        raise ValueError(f"{what}: {failed:.0%} of {len(items)} judgments failed (> --max_failure_rate "
+                         f"{run.cfg.max_failure_rate}; first: {first}); nothing committed, the {s['ok']} answers are "
+                         "cached and a rerun re-asks only the failures")
+    return [{k: v for k, v in r.items() if k != "cached"} for r in results], s
+
+
+# ----------------------------------------------------------------------------- statistics
+def lc_winrate(y, d):
+    """Length-controlled win-rate (departure 2): fit y ~ sigmoid(a + b * tanh(d / std d)), report sigmoid(a)."""
+    y, d = np.asarray(y, float), np.asarray(d, float)
+    if len(y) == 0:
+        return None
+    X = np.stack([np.ones_like(d), np.tanh(d / (d.std() or 1.0))], 1)   # (N, 2)
+    w = np.zeros(2)
+    for _ in range(50):                                         # Newton steps on the (soft-label) log-loss
+        p = 1 / (1 + np.exp(-X @ w))
+        H = (X * (p * (1 - p))[:, None]).T @ X + 1e-3 * np.eye(2)
+        w -= np.linalg.solve(H, X.T @ (p - y) + 1e-3 * w)
+    return float(1 / (1 + np.exp(-w[0])))
+
+
+def summarize(outcomes, key):
+    """Per-prompt outcomes {key: [P(new > other) per order, None = failed], "d_" + key: length difference} ->
+    (win-rate, its standard error, LC win-rate); win-rate = mean over prompts of the mean over orders."""
+    wins, ys, ds = [], [], []
+    for o in outcomes:
+        ok = [p for p in o.get(key) or [] if p is not None]
+        if ok:
+            wins.append(float(np.mean(ok)))
+            ys, ds = ys + ok, ds + [o["d_" + key]] * len(ok)
+    if not wins:
+        return None, None, None
+    se = float(np.std(wins, ddof=1) / np.sqrt(len(wins))) if len(wins) > 1 else None
+    return float(np.mean(wins)), se, lc_winrate(ys, ds)
+
+
+def audit(outcomes, keys):
+    """Judge audit over both-order judgments: failures, ties, and how often the two orders disagree."""
+    n = failed = ties = both = disagree = 0
+    for o in outcomes:
+        for k in keys:
+            p = o.get(k) or []
+            n, failed = n + len(p), failed + sum(x is None for x in p)
+            ties += sum(x == 0.5 for x in p)
+            if len(p) == 2 and None not in p:
+                both, disagree = both + 1, disagree + ((p[0] - .5) * (p[1] - .5) < 0)
+    return {"order_disagreement": disagree / both if both else None, "tie_rate": ties / max(1, n - failed),
+            "failure_rate": failed / max(1, n)}
+
+
+# ----------------------------------------------------------------------------- judging an iterate
+def judge_eval(run, t, path, outs, commit):
+    """pi_{t+1}'s validation answers `outs` vs pi_1's (iteration 0's) and vs gold, both orders each, then
+    commit(files, counts) the stage: samples, judgments, per-prompt outcomes, metrics."""
+    new, run_rows = {o["id"]: o["samples"][0] for o in outs}, {r["id"]: r for r in run.val}
+    tok = lambda text: len(run.tok.encode(text, add_special_tokens=False))
+    opponents = {"gold": {r["id"]: (r["gold"], tok(r["gold"])) for r in run.val if r["gold"]}}
+    if t > 0:                                                   # pi_1's answers, joined by prompt id
+        init = read_jsonl(os.path.join(run.out, "iter_0", "eval", "samples.jsonl"))
+        opponents["init"] = {o["id"]: (o["samples"][0]["text"], len(o["samples"][0]["tokens"])) for o in init}
+    meta = [(r["id"], k, order) for k, opp in opponents.items() for r in run.val if r["id"] in opp
+            for order in ("ab", "ba")]
+    items = [{"id": f"eval{t}:{rid}:{k}:{order}", "prompt": run_rows[rid]["prompt"], "shuffle": False,
+              "candidates": [new[rid]["text"], opponents[k][rid][0]][::1 if order == "ab" else -1]}
+             for rid, k, order in meta]
+    judged, _ = ask(run, items, f"iter {t} eval")
+    outcomes = {r["id"]: {"id": r["id"], "length": len(new[r["id"]]["tokens"])} for r in run.val}
+    for (rid, k, order), res in zip(meta, judged):             # P(new > other) in each order
+        p = None if not res["ok"] else res["P"][0][1] if order == "ab" else 1 - res["P"][0][1]
+        outcomes[rid].setdefault(k, []).append(p)
+        outcomes[rid]["d_" + k] = outcomes[rid]["length"] - opponents[k][rid][1]
+    outcomes = list(outcomes.values())
+    if t == 0:                                                  # pi_1 against itself: 1/2 by definition
+        for o in outcomes:
+            o["init"], o["d_init"] = [0.5, 0.5], 0
+    m = {"iter": t, "model": "pi_1" if t == 0 else f"iter_{t}/checkpoint", **metrics(outcomes),
+         "judge_audit": audit(outcomes, ["gold"] + (["init"] if t else []))}
+    commit({"samples.jsonl": outs, "judgments.jsonl": judged, "outcomes.jsonl": outcomes, "metrics.json": m},
+           {"prompts": len(run.val)})
+
+
+def metrics(outcomes):
+    m = {"mean_length": float(np.mean([o["length"] for o in outcomes]))}
+    for k in ("init", "gold"):
+        m[f"winrate_vs_{k}"], m[f"se_vs_{k}"], m[f"lc_winrate_vs_{k}"] = summarize(outcomes, k)
+    return m
+
+
+# ----------------------------------------------------------------------------- the report
+def iteration_facts(out, t):
+    """What iteration t's training stages recorded: pairs, provenance, preference diagnostics, teacher, judge."""
+    if t == 0:
+        return {"num_pairs": 0, "provenance": {}}
+    pairs = read_json(os.path.join(out, f"iter_{t}", "pairs", "manifest.json"))["counts"]
+    judge = read_json(os.path.join(out, f"iter_{t}", "judgments", "manifest.json"))["counts"]
+    s = judge.get("judge", {})
+    return {"num_pairs": pairs["pairs"], "provenance": pairs["provenance"], "preferences": pairs.get("preferences"),
+            "teacher_winrate": pairs.get("teacher_winrate"), "teacher_score": pairs.get("teacher_score"),
+            "train_judge": {"failure_rate": 1 - judge["ok"] / max(1, judge["items"]),
+                            "order_disagreement": s.get("order_disagreement"), "position": s.get("position"),
+                            "truncated": s.get("truncated")}}
+
+
+def mixture(out, ts, seed=0):
+    """Alg. 1's output unif(pi_1..pi_{T+1}): each validation prompt answered by one iterate drawn uniformly."""
+    per = {t: {o["id"]: o for o in read_jsonl(os.path.join(out, f"iter_{t}", "eval", "outcomes.jsonl"))} for t in ts}
+    ids = sorted(per[ts[0]])
+    drawn = [per[ts[random.Random(f"{seed}:{i}").randrange(len(ts))]][i] for i in ids]
+    return {"iter": "mix", "model": f"unif(pi_1..pi_{len(ts)})", **metrics(drawn)}
+
+
+def report(out, select_by="lc_vs_gold", final=False):
+    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; the table when final. Works on partial runs."""
+    ts = [t for t in range(1000) if os.path.exists(os.path.join(out, f"iter_{t}", "eval", "done"))]
+    if not ts:
+        raise FileNotFoundError(f"{out}: no evaluated iterate yet (no iter_0/eval/done)")
+    rows = [{**read_json(os.path.join(out, f"iter_{t}", "eval", "metrics.json")), **iteration_facts(out, t)}
+            for t in ts]
+    mix = mixture(out, ts) if len(ts) > 1 else None
+    write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows + [mix] * bool(mix)))
+    key = SELECT[select_by]
+    if all(r[key] is None for r in rows):                       # no gold in the prompts: fall back to vs pi_1
+        key = key.replace("gold", "init")
+    best = max(rows, key=lambda r: -1 if r[key] is None else r[key])
+    write_atomic(os.path.join(out, "best.json"), json.dumps(
+        {"iter": best["iter"], "model": best["model"], "by": f"{key} on validation", key: best[key],
+         "mixture": mix}, indent=1))
+    plot(out, rows)
+    if final:
+        print0(table(rows, mix, best, key))
+    return rows, mix, best
+
+
+def table(rows, mix, best, key):
+    f = lambda v, w=6: " " * (w - 2) + "- " if v is None else f"{v:{w}.3f}"    # noqa: E731
+    lines = ["iter | vs_init | vs_gold |  +-se | lc_vs_gold | mean_len | pairs | cycles | bt_rank | teacher_r"]
+    for r in rows + [mix] * bool(mix):
+        pref = r.get("preferences") or {}
+        lines.append(f"{r['iter']!s:>4} |  {f(r['winrate_vs_init'])} |  {f(r['winrate_vs_gold'])} | "
+                     f"{f(r['se_vs_gold'], 5)} |     {f(r['lc_winrate_vs_gold'])} | {r['mean_length']:8.1f} | "
+                     f"{r.get('num_pairs', 0) or 0:5d} | {f(pref.get('cycle_share'))} |  "
+                     f"{f(pref.get('bt_disagreement_share'))} | {f(r.get('teacher_winrate'), 9)}"
+                     + ("   <- best" if r is best else ""))
+    lines.append(f"best iterate: iter {best['iter']} ({best['model']}) by {key}; 'mix' = the uniform mixture of "
+                 "iterates (Alg. 1's output)")
+    return "\n".join(lines)
+
+
+def plot(out, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no metrics.png (pip install matplotlib)", stacklevel=2)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    x = [r["iter"] for r in rows]
+    for k in ("winrate_vs_init", "winrate_vs_gold", "lc_winrate_vs_gold"):
+        a.plot(x, [np.nan if r[k] is None else r[k] for r in rows], marker="o", label=k)
+    b.plot(x, [r["mean_length"] for r in rows], marker="o")
+    a.set(xlabel="iteration", title="validation win-rate"), b.set(xlabel="iteration", title="mean length (tokens)")
+    a.legend(fontsize=7)
+    for ax in (a, b):
+        ax.set_xticks(x)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "metrics.tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(os.path.join(out, "metrics.tmp.png"), os.path.join(out, "metrics.png"))
+
+
+@dataclass
+class Config:
+    out: str = "out"                # the run folder of a finished or partial train.py run
+    select_by: str = "lc_vs_gold"   # best iterate by: lc_vs_gold | vs_gold | lc_vs_init | vs_init
+
+
+if __name__ == "__main__":
+    cfg = cli(Config)
+    try:
+        if cfg.select_by not in SELECT:
+            raise ValueError(f"--select_by must be one of {', '.join(SELECT)}; got {cfg.select_by!r}")
+        report(cfg.out, cfg.select_by, final=True)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
