@@ -36,7 +36,7 @@ def cli(cls, argv=None):
     helps = _helps(cls)
     for f in fields(cls):
         typ = _bool if f.type in (bool, "bool") else str if f.default is None else type(f.default)
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=helps.get(f.name, " "))
+        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=helps.get(f.name, " ").replace("%", "%%"))
     p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")   # a bad flag: one line, no usage dump
     return cls(**vars(p.parse_args(argv)))
 

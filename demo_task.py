@@ -2,11 +2,13 @@
 
     python demo_task.py                                   # a few prompts, the teacher's answers, their scores
     python train.py --out runs/demo                       # the default DNO demo (CPU, ~5 min, no download)
-    python train.py --judge demo_rps --out runs/rps       # the rock-paper-scissors preset ...
-    python demo_task.py --out runs/rps                    # ... then DNO vs a Bradley-Terry-reward baseline
-    DEMO_BT_REWARD=runs/rps/bt_reward.json python train.py --judge demo_bt --out runs/bt \
+    F="--iterations 8 --prompts_per_iter 100 --lr 1e-4 --eval_temperature 0.7"  # sampled eval: a mixed policy
+    python train.py --judge demo_rps $F --out runs/rps    # the rock-paper-scissors preset ...
+    python train.py --judge demo_rps $F --target soft --pairs all --replay 0 --out runs/rps_soft   # (Alg. 1's target)
+    python demo_task.py --out runs/rps --bt_temperature 1 # ... then DNO vs a Bradley-Terry-reward baseline
+    DEMO_BT_REWARD=runs/rps/bt_reward.json python train.py --judge demo_bt $F --out runs/bt \
         --model runs/rps/demo/init --prompts runs/rps/demo/prompts.jsonl   # the same loop on the fitted BT reward
-    python demo_task.py --out runs/rps --bt_run runs/bt   # ... adds it (best iterate and mixture) to the table
+    python demo_task.py --out runs/rps --bt_run runs/bt --bt_temperature 1   # ... adds it to the table
     (--judge demo_cyclic instead of demo_rps: the milder intransitive preset, where correctness outweighs style)
 
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:

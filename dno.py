@@ -96,8 +96,10 @@ def sequence_logps(logits, targets, mask):
 
 
 def autocast(device, dtype=None):
-    """dtype None: bf16 autocast on CUDA, none elsewhere; an explicit dtype autocasts on any device (CPU tests)."""
+    """dtype None: bf16 autocast on CUDA, none elsewhere; False: none; a dtype autocasts on any device (CPU too)."""
     device = torch.device(device)
+    if dtype is False:
+        return nullcontext()
     if dtype is None:
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -15,9 +15,10 @@ Departures from the paper (numbered):
        GPT-4-Turbo), each comparison asked in both orders and averaged.
     2. Length-controlled win-rate: logistic regression of the judgment on tanh(length difference / its std), read
        at zero difference (AlpacaEval 2's idea, not its exact model).
-    3. The mixture of iterates (Alg. 1's output unif(pi_1..pi_{T+1})) answers each validation prompt with one iterate
-       drawn uniformly (seeded by the prompt id); its outcomes are those of the drawn iterate, so it costs no judge
-       call. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
+    3. The mixture of iterates: Alg. 1 (line 6) returns unif(pi_1..pi_T); we mix every evaluated iterate,
+       unif(pi_1..pi_{T+1}), so the last trained one counts too. It answers each validation prompt with one iterate
+       drawn uniformly (seeded by the prompt id); its outcomes are those of the drawn iterate (no judge call).
+    4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
        the paper saw lengths grow each iteration and a raw win-rate rewards that.
 """
 import json
@@ -25,7 +26,7 @@ import os
 import random
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,11 +38,39 @@ SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_
           "vs_init": "winrate_vs_init"}
 
 
-# ----------------------------------------------------------------------------- asking the judge
-def ask(run, items, what):
+# ----------------------------------------------------------------------------- the run's judge
+def make_judge(cfg):
+    """train.py's flags -> (oracle.Config, fn): an oracle.py judge (rubric, pairwise, local), a named synthetic
+    judge function, or --judge module:function; cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json."""
+    out = cfg.out
+    ocfg = oracle.Config(judge=cfg.judge, base_url=cfg.base_url, model=cfg.judge_model, api_key_env=cfg.api_key_env,
+                         concurrency=cfg.concurrency, max_usd=cfg.max_usd, max_calls=cfg.max_calls, seed=cfg.seed,
+                         cache=os.path.join(out, "judge_cache.jsonl"), ledger=os.path.join(out, "judge_ledger.json"),
+                         position_audit=cfg.position_audit, judge_context=cfg.judge_context)
+    if cfg.judge in ("rubric", "pairwise"):
+        oracle.make_client(ocfg)                                # fail fast on a missing API key, before sampling
+        return ocfg, None
+    if cfg.judge == "local":
+        ocfg.local_model = cfg.judge_model
+        return ocfg, None
+    if ":" in cfg.judge:                                        # your own fn(prompt, candidates, ...), mymod:judge
+        fn = oracle.load_fn(cfg.judge)
+    else:
+        import demo_task
+        fn = {**oracle.SYNTHETIC, **demo_task.JUDGES}.get(cfg.judge)
+        if fn is None:
+            raise ValueError(f"unknown --judge {cfg.judge!r}: use rubric, pairwise, local, module:function or one "
+                             f"of {sorted({**oracle.SYNTHETIC, **demo_task.JUDGES})}")
+    ocfg.judge = "synthetic"
+    return ocfg, fn
+
+
+def ask(run, items, what, audit=True):
     """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the whole run).
-    More failures than --max_failure_rate: a one-line ValueError, nothing committed (a rerun re-asks only them)."""
-    results, s = oracle.judge_items(items, run.judge, fn=run.fn, progress=True)
+    More failures than --max_failure_rate: a one-line ValueError, nothing committed (a rerun re-asks only them).
+    audit=False: no position audit (the evaluation already asks both orders)."""
+    judge = run.judge if audit else replace(run.judge, position_audit=0.0)
+    results, s = oracle.judge_items(items, judge, fn=run.fn, progress=True)
     print0(f"judge: {s['items']} items, {s['ok']} ok, {s['calls']} calls, {s['cache_hits']} cached, ${s['usd']:.4f}")
     failed = 1 - s["ok"] / max(1, len(items))
     if failed > run.cfg.max_failure_rate:
@@ -111,7 +140,7 @@ def judge_eval(run, t, path, outs, commit):
     items = [{"id": f"eval{t}:{rid}:{k}:{order}", "prompt": run_rows[rid]["prompt"], "shuffle": False,
               "candidates": [new[rid]["text"], opponents[k][rid][0]][::1 if order == "ab" else -1]}
              for rid, k, order in meta]
-    judged, _ = ask(run, items, f"iter {t} eval")
+    judged, _ = ask(run, items, f"iter {t} eval", audit=False)
     outcomes = {r["id"]: {"id": r["id"], "length": len(new[r["id"]]["tokens"])} for r in run.val}
     for (rid, k, order), res in zip(meta, judged):             # P(new > other) in each order
         p = None if not res["ok"] else res["P"][0][1] if order == "ab" else 1 - res["P"][0][1]
@@ -150,7 +179,8 @@ def iteration_facts(out, t):
 
 
 def mixture(out, ts, seed=0):
-    """Alg. 1's output unif(pi_1..pi_{T+1}): each validation prompt answered by one iterate drawn uniformly."""
+    """Alg. 1's output, the mixture unif(pi_1..pi_{T+1}) (departure 3): each validation prompt answered by one
+    iterate drawn uniformly."""
     per = {t: {o["id"]: o for o in read_jsonl(os.path.join(out, f"iter_{t}", "eval", "outcomes.jsonl"))} for t in ts}
     ids = sorted(per[ts[0]])
     drawn = [per[ts[random.Random(f"{seed}:{i}").randrange(len(ts))]][i] for i in ids]

@@ -1,6 +1,6 @@
 """A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face checkpoint I/O.
 
-    python model.py                                   # CPU demo: tiny random model, save -> load, memory estimate
+    python model.py                                   # CPU demo: tiny random model, save -> load
     from model import Transformer, resolve_model, load_tokenizer, check_memory
     path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
     tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
@@ -14,30 +14,24 @@ Covers what transformers saves for LlamaForCausalLM (grouped-query attention, ro
 rope scaling, optional attention/mlp bias), MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias,
 tied embeddings) and Qwen3ForCausalLM (RMSNorm on q and k per head). Checkpoints: safetensors only (one file or a
 sharded index), never pickle. Our parameter names are transformers' names without the "model." prefix, so the
-whole checkpoint mapping is the `HF_PREFIX` table below.
+whole checkpoint mapping is model_io.HF_PREFIX.
 
 KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per layer. A batch of
 prompts is LEFT-padded to a common length T0 so every row writes cache slot T0 + t at decode step t; each row keeps
 its own rope position (number of real tokens so far) and a (N, S) key-validity mask hides its padding slots.
-`prefill` runs B prompts once and writes each prompt's keys into N // B consecutive cache rows (its K samples).
+`prefill` runs B prompts once and writes each prompt's keys into N // B consecutive cache rows (its K samples);
+`keep_rows` drops finished rows in place.
 
-User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json that is not JSON, not an
-object, lacks a required key; weights garbage, truncated, mis-shaped or missing; a config whose weights alone
-exceed the device's free memory (refused from a parameter count, before anything is allocated); a hub id that is
-neither cached nor downloadable. Nothing here runs code shipped with a model: a config.json or
-tokenizer_config.json with "auto_map" is refused, and transformers is always called with trust_remote_code=False.
-save_pretrained copies the source folder's generation_config.json (an Instruct model's eos list, top_p, top_k).
+Folders, hub ids, tokenizers and memory budgets live in model_io.py (re-exported here). A folder's mistakes are
+one-line `ModelError`s (a ValueError) naming the file: config.json lacking a key or describing an unsupported
+model; tensors missing, unexpected or mis-shaped; custom code ("auto_map"), which is refused, never run.
 
 Departures (this file is infrastructure; the paper's model is Orca-2.5 = Mistral-7B):
  1. Rope types other than default/llama3/linear (yarn, dynamic, longrope) and per-layer sliding windows
     (Qwen use_sliding_window) are rejected with a ModelError rather than approximated.
  2. Padded query positions attend to themselves (finite garbage instead of NaN); their outputs are never used.
 """
-import json
 import math
-import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,18 +39,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model_io import (ModelError, check_fits, check_memory, load_tokenizer, read_config, read_weights,  # noqa: F401
+                      resolve_model, write_weights)  # re-exported: `from model import resolve_model, ...` still works
+
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}
-# our parameter name prefix -> transformers' name prefix (the entire checkpoint mapping)
-HF_PREFIX = {"embed_tokens.": "model.embed_tokens.", "layers.": "model.layers.", "norm.": "model.norm.",
-             "lm_head.": "lm_head."}
-IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; we recompute it
 REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "max_position_embeddings")
-
-
-class ModelError(ValueError):
-    """A user mistake in a model folder, a model id or a memory budget; the message is one line naming the file."""
 
 
 @dataclass
@@ -304,6 +293,7 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(args)  # plain attribute, not a buffer: stays float32 when the model is cast
         self.register_buffer("key_valid", None, persistent=False)  # (N, S) bool once setup_cache is called
         self.register_buffer("next_pos", None, persistent=False)   # (N,) long: each row's next rope position
+        self._full_rows = []  # [(module, name, full-size tensor)] while keep_rows has shrunk them to views
 
     def _rope(self, pos, dtype):  # pos (B, T) -> cos, sin (B, 1, T, D), computed in float32 like transformers
         if self.inv_freq.device != pos.device:
@@ -348,6 +338,9 @@ class Transformer(nn.Module):
         w = self.embed_tokens.weight
         dtype, device = dtype or w.dtype, torch.device(device or w.device)
         shape = (batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
+        for m, name, x in self._full_rows:  # undo keep_rows: the full-size tensors (compiled graphs point at them)
+            setattr(m, name, x)
+        self._full_rows = []
         for layer in self.layers:
             c = layer.self_attn.cache
             if c is None or c.k.shape != shape or c.k.dtype != dtype or c.k.device != device:
@@ -362,7 +355,23 @@ class Transformer(nn.Module):
         """Free the KV cache (e.g. before training the same module)."""
         for layer in self.layers:
             layer.self_attn.cache = None
-        self.key_valid = self.next_pos = None
+        self.key_valid, self.next_pos, self._full_rows = None, None, []
+
+    def keep_rows(self, keep, n_slots):
+        """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted, to rows 0..n-1 in
+        place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid (N, S), next_pos (N,) -- to a
+        view of its first n rows (same storage; nothing allocated but the gather). Slots [0, n_slots) hold keys."""
+        rows = [(layer.self_attn.cache, n) for layer in self.layers for n in ("k", "v")]
+        rows += [(self, "key_valid"), (self, "next_pos")]
+        if not self._full_rows:  # the first shrink of this batch: setup_cache gives these back
+            self._full_rows = [(m, name, getattr(m, name)) for m, name in rows]
+        for m, name in rows:
+            x = getattr(m, name)
+            if x.dim() == 4:  # k / v: only the slots written so far
+                x[:len(keep), :, :n_slots] = x[keep, :, :n_slots]
+            else:
+                x[:len(keep)] = x[keep]
+            setattr(m, name, x[:len(keep)])
 
     @torch.no_grad()
     def prefill(self, idx, attention_mask):
@@ -399,16 +408,7 @@ class Transformer(nn.Module):
         cfg = read_config(path)
         args = ModelArgs.from_hf_config(cfg, source=path / "config.json")
         check_fits(args, device, dtype, path / "config.json")  # before reading or allocating anything
-        to_ours = {hf: ours for ours, hf in HF_PREFIX.items()}
-        state = {}
-        for file in weight_files(path):
-            for name, t in load_tensors(file, device, dtype, args.tie_embeddings).items():
-                prefix = next((p for p in to_ours if name.startswith(p)), None)
-                if prefix is None:
-                    raise ModelError(f"{file}: unexpected tensor {name!r}")
-                state[to_ours[prefix] + name[len(prefix):]] = t
-        if args.tie_embeddings and "embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
+        state = read_weights(path, device, dtype, args.tie_embeddings)  # {our name: tensor}
         with torch.device("meta"):
             model = cls(args)
         want = model.state_dict()
@@ -430,249 +430,14 @@ class Transformer(nn.Module):
         """Write config.json, generation_config.json, model.safetensors (+ tokenizer files). state_dict: a full
         (gathered) state dict when the module itself is sharded, e.g. under FSDP2. generation_config.json is the
         source folder's, unchanged, when the model was loaded from one that has it; else built from config.json."""
-        from safetensors.torch import save_file
-
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = state_dict if state_dict is not None else self.state_dict()
-        out = {}
-        for name, t in state.items():
-            if self.args.tie_embeddings and name == "lm_head.weight":
-                continue  # tied: transformers re-ties it from embed_tokens
-            prefix = next(p for p in HF_PREFIX if name.startswith(p))
-            out[HF_PREFIX[prefix] + name[len(prefix):]] = t.detach().contiguous().cpu()
-        dtype = next(iter(out.values())).dtype
-        cfg = dict(self.config, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=self.args.tie_embeddings)
-        cfg.pop("torch_dtype", None)
-        (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        src = getattr(self, "source", None)
-        gen = src / "generation_config.json" if src is not None else None
-        if gen is not None and gen.is_file():
-            if gen.resolve() != (path / "generation_config.json").resolve():
-                shutil.copyfile(gen, path / "generation_config.json")
-        else:
-            gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
-            (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+        write_weights(path, state_dict if state_dict is not None else self.state_dict(), self.config,
+                      self.args.tie_embeddings, getattr(self, "source", None))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-
-# ---- model folders, hub ids, tokenizers: one-line errors, never custom code ----
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .py
-
-
-def one_line(e) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def read_json(file):
-    try:
-        return json.loads(Path(file).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{file}: not valid JSON ({one_line(e)})") from None
-
-
-def refuse_custom_code(cfg, file):
-    """A folder whose config names its own Python classes (auto_map) is refused: we never run code from a model."""
-    if isinstance(cfg, dict) and "auto_map" in cfg:
-        raise ModelError(f"{file}: has auto_map (custom model code); refused, this repo never runs code shipped "
-                         "with a model (trust_remote_code=False)")
-
-
-def read_config(path) -> dict:
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found (expected a Hugging Face model folder)")
-    cfg = read_json(file)
-    refuse_custom_code(cfg, file)
-    return cfg
-
-
-def weight_files(path) -> list:
-    """The safetensors files of a model folder: model.safetensors, or the shards named by its index."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        wm = read_json(index)
-        if not isinstance(wm, dict) or not isinstance(wm.get("weight_map"), dict):
-            raise ModelError(f"{index}: expected an object with a weight_map")
-        files = [path / f for f in sorted(set(wm["weight_map"].values()))]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
-                                "(only safetensors checkpoints are supported)")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint shard {f} not found")
-    return files
-
-
-def load_tensors(file, device, dtype, tied) -> dict:
-    """{transformers name: tensor} of one safetensors file, cast to dtype; tied: skip a stored lm_head.weight."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            return {n: f.get_tensor(n).to(dtype) for n in f.keys()
-                    if not n.endswith(IGNORED_HF_SUFFIXES) and not (tied and n == "lm_head.weight")}
-    except (SafetensorError, OSError) as e:  # garbage, truncated or unreadable
-        raise ModelError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
-
-
-def hub_cache() -> str:
-    """The hub cache folder the way huggingface_hub finds it, read from the environment now (not at import)."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-                              or os.path.join(home, "hub"))
-
-
-def resolve_model(name_or_path, what="--model") -> str:
-    """A local model folder, or a hub id ORG/NAME -> its snapshot folder in the hub cache (downloading config,
-    safetensors and tokenizer files when online; never .py files). `what` names the flag in error messages."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{what} {name_or_path}: folder has no config.json (not a Hugging Face model folder)")
-        return str(p)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
-        raise ModelError(f"{what} {name_or_path}: no such folder, and not a Hugging Face id ORG/NAME")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    cache = hub_cache()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    try:
-        folder = snapshot_download(str(name_or_path), cache_dir=cache, allow_patterns=HUB_FILES,
-                                   local_files_only=offline)
-    except LocalEntryNotFoundError:
-        raise ModelError(f"{what} {name_or_path}: not in the Hugging Face cache (HF_HUB_CACHE={cache}) and "
-                         f"{'offline (HF_HUB_OFFLINE=1)' if offline else 'the hub is unreachable'}; download it once "
-                         "online, or pass a local folder") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:  # unknown or gated repo, bad revision, disk full
-        raise ModelError(f"{what} {name_or_path}: {type(e).__name__} from the hub ({one_line(e)})") from None
-    if not (Path(folder) / "config.json").is_file():
-        raise ModelError(f"{what} {name_or_path}: the hub snapshot {folder} has no config.json")
-    return folder
-
-
-def load_tokenizer(path):
-    """AutoTokenizer of a local folder (trust_remote_code=False; an auto_map is refused) with one-line errors."""
-    from transformers import AutoTokenizer
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {path} not found")
-    for name in ("config.json", "tokenizer_config.json"):
-        if (path / name).is_file():
-            refuse_custom_code(read_json(path / name), path / name)
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' messages run 3-5 lines
-        raise ModelError(f"{path}: cannot load a tokenizer ({one_line(e)})") from None
-
-
-# ---- memory: estimate before anything is allocated ----
-def count_params(args: ModelArgs) -> int:
-    """Parameters of Transformer(args), counted by hand from the shapes (no allocation)."""
-    C, F, H, K, D = args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim
-    attn = 2 * C * H * D + 2 * C * K * D                                  # q, o (C x H D); k, v (C x K D)
-    attn += (H * D + 2 * K * D) * args.qkv_bias + C * args.o_bias + 2 * D * args.qk_norm
-    mlp = 3 * C * F + (2 * F + C) * args.mlp_bias                         # gate, up, down
-    layer = attn + mlp + 2 * C                                            # + two RMSNorms
-    return args.vocab_size * C * (1 if args.tie_embeddings else 2) + C + args.n_layers * layer
-
-
-def free_memory(device):
-    """Bytes free on device now: CUDA mem_get_info, CPU /proc/meminfo MemAvailable; None when unknown (then
-    nothing is checked). A container's cgroup limit is not read: its page cache would make it look full."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
-    if device.type != "cpu":  # mps, meta: unknown
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):  # not Linux
-        return None
-
-
-def check_fits(args, device, dtype, source):
-    """Refuse a config whose weights alone exceed the free memory, before the loader allocates (or loops) at all."""
-    n, free = count_params(args), free_memory(device)
-    if free is not None and n * dtype.itemsize > free:
-        raise ModelError(f"{source}: {n:,} parameters (num_hidden_layers={args.n_layers}, hidden_size={args.dim}) "
-                         f"need {n * dtype.itemsize / 2**30:.1f} GiB in {dtype} but {device} has "
-                         f"{free / 2**30:.1f} GiB free")
-
-
-def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, param_bytes=4, optimizer="adamw",
-                    act_bytes=2, seqs_per_item=1, shards=1) -> dict:
-    """Bytes one rank needs for a step on micro_batch items of seq_len tokens (seqs_per_item sequences each: 2 for
-    a DNO pair). Weights, gradients and the optimizer state (AdamW: exp_avg and exp_avg_sq in the parameter dtype,
-    fp32 in train.py; sgd: none) are split over `shards` FSDP ranks. Activations kept for backward, per token,
-    C = dim, H/K = query/kv heads, D = head_dim, F = hidden_dim, a = act_bytes (2 under bf16 autocast, 4 in fp32):
-        per layer   16 C + 4 H                 fp32 residual input and normalised output of both RMSNorms, the
-                  + a (2HD + 2KD + 4F)         attention's logsumexp; q, k, v, attention output, gate, up,
-                                               silu(gate), their product
-                  + a 2C, or a 5C (autocast)   the matmul inputs: both norm outputs, or under autocast the cast
-                                               copy each of the five q/k/v/gate/up matmuls keeps
-        grad_ckpt   4 C per layer (the block input), plus one layer's full set recomputed during backward
-        head        a (V + C) + 8 C            HeadLogp's (N, V) exp buffer and input, the final norm (N <= tokens)
-    weight_copies: a bytes per matmul weight, the cast weights kept for backward (autocast is assumed when a <
-    param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16 weights, no cast).
-    Not training (generation, sample.py): a KV cache of 2 K D a per token per layer, one layer's working set and
-    (B, V) float32 logits. The estimate leaves out allocator fragmentation and the CUDA context."""
-    if optimizer not in ("adamw", "sgd"):
-        raise ModelError(f"optimizer must be adamw or sgd, got {optimizer!r}")
-    C, F, H, K, D, V, L = (args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size,
-                           args.n_layers)
-    B = micro_batch * seqs_per_item
-    tokens, n = B * seq_len, count_params(args)
-    cast = act_bytes < param_bytes  # autocast: matmuls keep cast copies of their inputs and weights for backward
-    layer = 16 * C + 4 * H + act_bytes * (2 * H * D + 2 * K * D + 4 * F + (5 if cast else 2) * C)  # per token
-    if train:
-        kept = 4 * C * L + layer if grad_ckpt else layer * L
-        # the embedding is no matmul; under FSDP the weights arrive in bf16 already (MixedPrecisionPolicy)
-        copies = (n - V * C * (not args.tie_embeddings)) * act_bytes * cast * (shards == 1)
-        act, kv = tokens * (kept + act_bytes * (V + C) + 8 * C), 0
-    else:
-        copies, act, kv = 0, tokens * layer + B * V * 4, tokens * L * 2 * K * D * act_bytes
-    weights = n * param_bytes // shards
-    grads = weights if train else 0
-    opt = 2 * weights if train and optimizer == "adamw" else 0
-    return dict(params=n, weights=weights, grads=grads, optimizer=opt, weight_copies=copies, activations=act,
-                kv_cache=kv, total=weights + grads + opt + copies + act + kv)
-
-
-PARTS = ("weights", "grads", "optimizer", "weight_copies", "activations", "kv_cache")  # memory_estimate's sums
-
-
-def check_memory(args, device, **kw) -> dict:
-    """memory_estimate(args, **kw) plus free=bytes free on device; a one-line ModelError with what to change when
-    the total does not fit. Call it before loading or training so a run fails in seconds, not at the first OOM.
-    act_bytes, unless given, follows train.py: bf16 autocast (2) on CUDA, float32 (4) elsewhere."""
-    kw.setdefault("act_bytes", 2 if torch.device(device).type == "cuda" else 4)
-    est = memory_estimate(args, **kw)
-    est["free"] = free = free_memory(device)
-    if free is None or est["total"] <= free:
-        return est
-    fixed = est["weights"] + est["grads"] + est["optimizer"] + est["weight_copies"]
-    per_item = (est["total"] - fixed) / kw["micro_batch"]  # activations and KV cache grow with the micro-batch
-    fit = int((free - fixed) // per_item) if free > fixed else 0
-    hints = [f"lower --micro_batch to {fit}"] if fit >= 1 else []
-    ckpt = dict(kw, grad_ckpt=True)
-    if kw.get("train", True) and not kw.get("grad_ckpt") and memory_estimate(args, **ckpt)["total"] <= free:
-        hints.append("pass --grad_ckpt true")
-    hints = hints or ["use a larger device, or shard over more GPUs with torchrun" if fixed > free
-                      else "shorten the sequences or use a larger device"]
-    g = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    parts = " + ".join(f"{k.replace('_', ' ')} {g(est[k])}" for k in PARTS if est[k])
-    raise ModelError(f"needs ~{g(est['total'])} GiB on {device} ({parts}) but {g(free)} GiB is free: "
-                     f"{' or '.join(hints)}")
 
 
 if __name__ == "__main__":
@@ -690,9 +455,3 @@ if __name__ == "__main__":
         again = Transformer.from_pretrained(d)
         diff = (model(idx) - again(idx)).abs().max().item()
     print(f"{model.num_params():,} params; logits {tuple(model(idx).shape)}; save->load max |diff| {diff:.2e}")
-    mistral7b = ModelArgs(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                          head_dim=128, hidden_dim=14336)
-    for ckpt in (False, True):  # the paper's model, one pair per micro-batch, 2048 tokens, bf16 autocast, one rank
-        est = memory_estimate(mistral7b, micro_batch=1, seq_len=2048, seqs_per_item=2, grad_ckpt=ckpt)
-        print(f"Mistral-7B train step, grad_ckpt={ckpt}: " + ", ".join(f"{k} {v / 2**30:.1f} GiB"
-              for k, v in est.items() if k != "params") + f" ({est['params']:,} params)")

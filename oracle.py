@@ -97,7 +97,7 @@ class Config:
     base_url: str = ""             # OpenAI-compatible endpoint; "" -> $OPENAI_BASE_URL or api.openai.com
     model: str = "gpt-4-turbo"     # judge model name sent to the endpoint
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key (the key itself is never stored)
-    local_model: str = ""          # HF-layout model dir for judge == "local" ("" -> --model)
+    local_model: str = ""          # judge == "local": HF model folder or hub id ORG/NAME ("" -> --model)
     local_batch_size: int = 8      # prompts per forward pass of the local judge
     concurrency: int = 8           # requests in flight
     retries: int = 4               # retries per request on 429 / 5xx / timeouts / malformed replies (refused: 2)
@@ -223,12 +223,13 @@ def run_local(units, cfg, ledger, done):
     """Local judge: the pairwise prompt through a model.py Transformer; P(A) read from the next-token
     log-softmax over the verdict tokens, batches left-padded."""
     import torch
-    from transformers import AutoTokenizer
     from model import Transformer
-    path = cfg.local_model or cfg.model
-    if not os.path.isdir(path):
-        raise OracleError(f"local judge model {path!r} is not a directory (--local_model)")
-    tok, model = AutoTokenizer.from_pretrained(path), Transformer.from_pretrained(path).eval()
+    from model_io import ModelError, load_tokenizer, resolve_model
+    try:  # a folder, or a hub id ORG/NAME -> its cached snapshot, as transformers resolves it
+        path = resolve_model(cfg.local_model or cfg.model, what="--local_model")
+        tok, model = load_tokenizer(path), Transformer.from_pretrained(path).eval()
+    except ModelError as e:  # main() reports OracleErrors in one line
+        raise OracleError(str(e)) from None
     letters = {v: {ids[0] for ids in (tok.encode(s, add_special_tokens=False) for s in (v, " " + v)) if len(ids) == 1}
                for v in "AB"}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -261,6 +262,10 @@ def load_fn(spec):
         raise OracleError(f"--judge {spec!r}: cannot import module {mod!r} ({e})") from None
     except AttributeError:
         raise OracleError(f"--judge {spec!r}: module {mod!r} has no attribute {name!r}") from None
+    except Exception as e:                               # the module itself is broken: say where, in one line
+        where = f" ({e.filename}:{e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise OracleError(f"--judge {spec!r}: importing {mod!r} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}{where}") from None
     if not callable(fn):
         raise OracleError(f"--judge {spec!r}: {name!r} is not callable")
     return fn

@@ -1,7 +1,7 @@
 """Batched, KV-cached sampling: K samples per prompt, prefilled once (Alg. 2, line 2: K = 5, T = 0.7, top-p 0.95).
 
     python sample.py                                  # CPU demo: cached greedy == naive greedy, tokens/s
-    python sample.py --model DIR --prompts IN.jsonl --out OUT.jsonl --num_samples 5 --max_new_tokens 512 \
+    python sample.py --model DIR|ORG/NAME --prompts IN.jsonl --out OUT.jsonl --num_samples 5 --max_new_tokens 512 \
         --temperature 0.7 --top_p 0.95 --seed 0      # add --device cuda --dtype bfloat16 --compile true on a GPU
     python bench/bench_eos.py                         # EOS on: dropping finished rows vs lock-step vs transformers
     from sample import generate, encode_prompt
@@ -16,13 +16,13 @@ folder are checked before the model loads.
 How a batch runs: B prompts are LEFT-padded to T0 tokens and prefilled once; each prompt's keys/values are
 written into K consecutive cache rows, so N = B * K rows then decode together (model.decode), all writing
 cache slot T0 + t at step t. Rows that emitted a stop id are dropped from the decode batch: once >= 25% of the
-live rows have finished, every per-row cache tensor (k, v, key_valid, next_pos) is gathered in place onto its
-first n rows and viewed as (n, ...); `live` maps cache row -> output row. A batch then costs about the sum of
-its samples' lengths instead of N times its longest one (bench/bench_eos.py: 2.6x on geometric lengths);
-generate(compact=False) keeps the old lock-step for comparison. Sampling is exact top-p by inverse CDF with three
-uniforms per (output row, step), drawn from a torch.Generator seeded by hash(seed, prompt id, sample index): a
-sample does not depend on which other prompts share its batch, on batch_size, on prompt order, or on when its
-batch was compacted (the uniforms follow the row, and greedy stays equal to naive recomputation).
+live rows have finished, model.keep_rows gathers every per-row cache tensor (k, v, key_valid, next_pos) in
+place onto its first n rows and views it as (n, ...); `live` maps cache row -> output row. A batch then costs
+about the sum of its samples' lengths instead of N times its longest one (bench/bench_eos.py: 2.6x on geometric
+lengths); generate(compact=False) keeps the old lock-step for comparison. Sampling is exact top-p by inverse
+CDF with three uniforms per (output row, step), drawn from a torch.Generator seeded by hash(seed, prompt id,
+sample index): a sample does not depend on which other prompts share its batch, on batch_size, on prompt order,
+or on when its batch was compacted (the uniforms follow the row, and greedy stays equal to naive recomputation).
 
 Departures:
  1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching top_p), as the
@@ -48,13 +48,14 @@ from tqdm import tqdm
 
 from cli import cli
 from model import ModelArgs, Transformer
+from model_io import load_tokenizer, resolve_model
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
 
 @dataclass
 class Config:
-    model: str = ""               # Hugging Face model folder; empty = the built-in demo
+    model: str = ""               # Hugging Face model folder or hub id ORG/NAME; empty = the built-in demo
     prompts: str = ""             # input JSONL
     out: str = ""                 # output JSONL
     num_samples: int = 5          # K samples per prompt (paper: 5)
@@ -171,7 +172,6 @@ def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p
     if static:  # round the cache length so compiled shapes repeat across batches
         S = -(-S // 256) * 256
     model.setup_cache(N, S)
-    full = [(m, name, getattr(m, name)) for m, name in _row_buffers(model)]  # compaction shrinks these to views
     logits = model.prefill(idx.to(dev), mask.to(dev)).repeat_interleave(K, 0)  # (N, V): prompt b -> rows b*K..
     u = torch.stack([torch.rand(max_new_tokens, 3, generator=torch.Generator().manual_seed(s)) for s in seeds])
     u = u.to(dev)  # (N, max_new_tokens, 3): three uniforms per (output row, step), see sample_tokens
@@ -180,34 +180,24 @@ def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p
     live = torch.arange(N, device=dev)  # (n,): cache row r holds output row live[r]
     done = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) per cache row
     slots = torch.arange(T0, T0 + max_new_tokens, device=dev)  # decode step t writes cache slot T0 + t
-    try:
-        for t in range(max_new_tokens):
-            tok = sample_tokens(logits, u[live, t], temperature, top_p)  # (n,): a row's uniforms follow it
-            out[live, t] = tok
-            if len(stops):
-                done |= torch.isin(tok, stop_t)
-            if t == max_new_tokens - 1:
+    for t in range(max_new_tokens):
+        tok = sample_tokens(logits, u[live, t], temperature, top_p)  # (n,): a row's uniforms follow it
+        out[live, t] = tok
+        if len(stops):
+            done |= torch.isin(tok, stop_t)
+        if t == max_new_tokens - 1:
+            break
+        if len(stops) and (dev.type == "cpu" or t % 8 == 7):  # on GPU this host sync runs every 8 steps
+            finished = int(done.sum())
+            if finished == len(live):
                 break
-            if len(stops) and (dev.type == "cpu" or t % 8 == 7):  # on GPU this host sync runs every 8 steps
-                finished = int(done.sum())
-                if finished == len(live):
-                    break
-                if compact and finished >= COMPACT_AT * len(live):
-                    keep = _rows_to_keep(done, static)
-                    if len(keep) < len(live):
-                        _compact_cache(model, keep, T0 + t)
-                        live, done, tok = live[keep], done[keep], tok[keep]
-            logits = step(tok, slots[t:t + 1], S if static else T0 + t + 1)  # (n, V)
-    finally:  # hand back the full-size buffers (setup_cache reuses them; compiled graphs point at them)
-        for m, name, x in full:
-            setattr(m, name, x)
+            if compact and finished >= COMPACT_AT * len(live):
+                keep = _rows_to_keep(done, static)
+                if len(keep) < len(live):
+                    model.keep_rows(keep, T0 + t)  # slots [0, T0 + t) written
+                    live, done, tok = live[keep], done[keep], tok[keep]
+        logits = step(tok, slots[t:t + 1], S if static else T0 + t + 1)  # (n, V)
     return out[:, :t + 1].tolist()
-
-
-def _row_buffers(model):
-    """(module, buffer name) of every per-row decode tensor the model exposes; row = dim 0 of each."""
-    return [(layer.self_attn.cache, n) for layer in model.layers for n in ("k", "v")] + \
-        [(model, "key_valid"), (model, "next_pos")]
 
 
 def _rows_to_keep(done, static):
@@ -220,19 +210,6 @@ def _rows_to_keep(done, static):
             n //= 2
         keep = torch.cat([keep, done.nonzero()[:, 0][:n - len(keep)]]).sort().values
     return keep
-
-
-def _compact_cache(model, keep, L):
-    """Move cache rows keep (n',) to rows 0..n'-1 in place and shrink every per-row buffer to a view of its first
-    n' rows (same storage: nothing allocated but the gather). Only cache slots [0, L) hold keys so far."""
-    n = len(keep)
-    for m, name in _row_buffers(model):
-        x = getattr(m, name)
-        if x.dim() == 4:  # k / v (N, H_kv, S, D)
-            x[:n, :, :L] = x[keep, :, :L]
-        else:             # key_valid (N, S), next_pos (N,)
-            x[:n] = x[keep]
-        setattr(m, name, x[:n])
 
 
 def check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size):
@@ -372,19 +349,39 @@ def check_config(cfg: Config):
         raise PermissionError(f"cannot write --out {cfg.out}")
 
 
-def run(cfg: Config):
-    from transformers import AutoTokenizer
+def load_prompts(path, tok, max_prompt_tokens):
+    """train.py's prompts: read_prompts' rows -> ([{"id": str, "prompt", "gold", "prompt_tokens"}], n_skipped). Checks
+    the optional gold response (a string) and unique ids; prompts longer than max_prompt_tokens are skipped and
+    counted (train.py's departure 1)."""
+    rows, skipped, seen = [], 0, set()
+    try:
+        raw = read_prompts(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for r in raw:
+        where, rid = f"{path}:{r['line']}", str(r["id"])
+        if not (r.get("gold") is None or isinstance(r["gold"], str)):
+            raise ValueError(f"{where}: 'gold' must be a string")
+        if rid in seen:
+            raise ValueError(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+        ids = encode_prompt(tok, r["prompt"])
+        if len(ids) > max_prompt_tokens:                        # departure 1
+            skipped += 1
+            continue
+        rows.append({"id": rid, "prompt": r["prompt"], "gold": r.get("gold") or None, "prompt_tokens": ids})
+    return rows, skipped
 
+
+def run(cfg: Config):
     check_config(cfg)
     rows = read_prompts(cfg.prompts)
     ids, prompts = [r["id"] for r in rows], [r["prompt"] for r in rows]
     if len(set(map(str, ids))) != len(ids):
         raise ValueError(f"{cfg.prompts}: duplicate ids")
-    model = Transformer.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a tokenizer from {cfg.model}: {str(e).splitlines()[0]}") from None
+    path = resolve_model(cfg.model)  # a folder as is, or a hub id ORG/NAME -> its cached snapshot, as transformers
+    tok = load_tokenizer(path)       # before the weights: a broken tokenizer fails in a second
+    model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, ids=ids,
                     batch_size=cfg.batch_size, progress=True, compile=cfg.compile)

@@ -1,5 +1,6 @@
 """stages.py: the run folder of train.py -- atomic stages, manifests that name their inputs, verified resume, one run
-per folder -- and the few process helpers that torchrun needs (rank, print0, barrier, on_rank0).
+per folder -- and the process plumbing that torchrun needs (device and process group, rank, print0, barrier,
+on_rank0, gather, FSDP2 wrapping and the full state dict).
 
     python stages.py                       # demo: commit a stage, resume it, change a flag, see the one-line refusal
 
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import torch
 import torch.distributed as dist
 
 
@@ -64,6 +66,54 @@ def on_rank0(fn, *args):
         dist.broadcast_object_list(box, src=0)
         if box[0]:
             raise SystemExit(f"error: {box[0]}")
+
+
+def setup(device_name):
+    """-> torch.device; under torchrun (WORLD_SIZE > 1) also the process group: nccl on GPU, gloo on CPU."""
+    from datetime import timedelta
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))  # rank 0 judges for long
+    return device
+
+
+def gather(items):
+    """Concatenate every rank's list (in rank order); a no-op in one process."""
+    if world() == 1:
+        return items
+    parts = [None] * world()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
+
+
+def for_training(model, grad_ckpt=False, bf16=False):
+    """Activation checkpointing per block (optional), then under torchrun FSDP2: each block, then the root; with bf16
+    the sharded fp32 parameters are all-gathered and computed in bf16, gradients reduced in fp32. Parameter names
+    are unchanged, so the state dict saves as is."""
+    model.train()
+    if grad_ckpt:
+        from torch.distributed._composable import checkpoint
+        for block in model.layers:
+            checkpoint(block)
+    if world() > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model):
+    """Under torchrun: the full (unsharded) state dict gathered on CPU (every rank must call it); else None."""
+    if world() == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ----------------------------------------------------------------------------- files
@@ -138,6 +188,14 @@ def is_done(path, want):
     if manifest.get("outputs") not in (None, sha(path)):
         raise StageError(f"{where}: its files changed since it was made; delete {path} to redo the stage")
     return True
+
+
+def rollback(out, t):
+    """Discard the folders of iterations > t (t = -1: keep all); the judge cache keeps their answers."""
+    for name in sorted(os.listdir(out)) if t >= 0 else []:
+        if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) > t:
+            print0(f"rollback: removing {name}")
+            shutil.rmtree(os.path.join(out, name))
 
 
 def commit(path, files, manifest, config, save=None, pause=0.0):

@@ -1,7 +1,7 @@
 """train.py: Direct Nash Optimization (Rosset et al. 2024), Algorithm 2 (DNO-Prct) as a program; --target soft trains
-with Algorithm 1's regression target instead. The loop is `dno_prct` below, one line per algorithm line.
+Algorithm 1's regression target instead. The loop is `dno_prct`, one line per algorithm line (docs/paper.md maps
+every line of the paper's algorithms to the code).
 
-Usage:
     python train.py                                         # CPU demo: built-in task, model and judge, offline (~1 min)
     python train.py --out runs/x --model Qwen/Qwen2.5-0.5B-Instruct --prompts p.jsonl --judge rubric \
         --judge_model gpt-4o-mini --max_usd 20              # one GPU, an API judge (docs/one_gpu.md)
@@ -10,42 +10,35 @@ Usage:
     python evaluate.py --out runs/x                         # re-render the table, metrics and plot of a run
 
 Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teacher response, "id"?: str}.
-Layout of --out (stages.py: every stage folder is atomic and records its inputs and flags; a resume reuses it only
-if they match, else it stops with one line):
-    iter_0/eval/                                   pi_1 on the validation prompts
-    iter_t/{samples,judgments,pairs,reference,checkpoint,eval}/   t = 1..T; checkpoint/ is pi_{t+1} (HF layout)
-    judge_cache.jsonl  judge_ledger.json  lock  metrics.jsonl  best.json  metrics.png   (evaluate.py writes the last 3)
---judge: a demo_task.JUDGES / oracle.SYNTHETIC name, rubric | pairwise | local (oracle.py), or module:function.
-torchrun (WORLD_SIZE > 1): FSDP2 on nccl (GPU, bf16 compute) or gloo (CPU); prompts are split across ranks for
-sampling and reference log-probs, rank 0 judges and writes (OUT must be shared by all ranks' machines).
-The paper's algorithms, line by line, and which function implements each: docs/paper.md.
+--out holds iter_0/eval/ (pi_1 on validation), iter_t/{samples,judgments,pairs,reference,checkpoint,eval}/ for
+t = 1..T (checkpoint/ is pi_{t+1} in the HF layout), judge_cache.jsonl, judge_ledger.json (the run's judge budget),
+metrics.jsonl, best.json and metrics.png. Each stage folder is atomic and records its inputs and flags: a rerun
+resumes, reusing a stage only when they match (stages.py). --judge: rubric | pairwise | local (oracle.py), a
+demo_task.JUDGES / oracle.SYNTHETIC name, or module:function. Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU):
+ranks split sampling and reference log-probs; rank 0 judges and writes (OUT must be shared).
 
 Departures from the paper (numbered):
-    1. Prompts whose tokens + max_new_tokens exceed the model's context are skipped (count logged and stored in the
-       manifests). Malformed lines, missing or empty prompts are one-line errors with the line number.
-    2. Each response ends with the token that ended it (the sampler records it; eos for the gold of a text prompt,
-       <|im_end|> for the gold of a chat prompt when the tokenizer has it), scored in the log-probs; a gold
-       response longer than the context is cut.
-    3. "Rank by win-rate" (line 5): r_t(y) is estimated by y's win-rate among the K+1 candidates (dno.winrates of
-       the judge's table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's large-margin pairs
-       (dno.select_pairs on rubric scores, or our win-rate thresholds); --pairs all keeps every candidate pair.
-    4. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same pipeline (Alg. 1's
-       mu_1 = mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
-    5. Learning rate: lr_t = lr * lr_decay**(t-1) (the paper lowers it in later iterations without saying how);
-       linear warmup, then cosine (or linear) decay to 0; AdamW; <= 1 epoch.
-    6. The best iterate (line 9) is chosen on held-out prompts judged by the training oracle in both candidate
-       orders (the paper: AlpacaEval 2 / MT-Bench), by --select_by (default: length-controlled win-rate vs gold).
-    7. A judged stage whose failure rate exceeds --max_failure_rate is not committed: the run stops, the answers
-       so far stay cached, and a rerun re-asks only the failures. No surviving pairs stops the run too.
+    1. Prompts whose tokens + max_new_tokens exceed the model's context are skipped and counted.
+    2. Each response ends with the token that ended it (the sampler records it; for the gold: eos for a text
+       prompt, <|im_end|> for a chat prompt when the tokenizer has it), scored in the log-probs.
+    3. "Rank by win-rate" (line 5): r_t(y) is y's win-rate among the K+1 candidates (dno.winrates of the judge's
+       table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's large-margin pairs
+       (dno.select_pairs); --pairs all keeps every candidate pair.
+    4. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same pipeline (mu_1 =
+       mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
+    5. lr_t = lr * lr_decay**(t-1) (the paper lowers it in later iterations without saying how); linear warmup,
+       then cosine (or linear) decay to 0; AdamW; <= 1 epoch.
+    6. The best iterate (line 9) is chosen on held-out prompts judged by the training oracle in both orders (the
+       paper: AlpacaEval 2 / MT-Bench), by --select_by (default: length-controlled win-rate vs gold).
+    7. A judged stage with more failures than --max_failure_rate is not committed: the run stops, the answers so
+       far stay cached, a rerun re-asks only the failures. No surviving pairs stops the run too.
 """
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -57,7 +50,7 @@ import oracle
 import stages
 from cli import cli
 from model import Transformer
-from sample import encode_prompt, generate, read_prompts
+from sample import generate, load_prompts
 from stages import barrier, print0, rank, read_jsonl, world
 
 
@@ -87,6 +80,7 @@ class Config:
     epochs: float = 1.0             # passes over the pairs per iteration (the paper: <= 1)
     max_steps: int = 0              # stop after this many optimizer steps (0 = no cap)
     grad_ckpt: bool = False         # activation checkpointing per block: recompute in backward, far less memory
+    precision: str = "auto"         # auto (bf16 compute on GPU, fp32 on CPU) | bf16 | fp32, for training and log-probs
     weight_decay: float = 0.0       # AdamW weight decay
     grad_clip: float = 1.0          # gradient norm clip
     replay: float = 0.3             # share of pairs replayed from t-1, halving further back (the paper: 30%, 15%, ...)
@@ -107,7 +101,23 @@ class Config:
 
 
 CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": ("cosine", "linear"),
-           "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"), "device": ("auto", "cpu", "cuda")}
+           "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"), "device": ("auto", "cpu", "cuda"),
+           "precision": ("auto", "bf16", "fp32")}
+PRECISION = {"auto": None, "bf16": torch.bfloat16, "fp32": False}
+
+
+inf, tiny = math.inf, 1e-300
+LIMITS = {  # flag: (lowest, highest, in words); every number must also be finite
+    "iterations": (1, inf, ">= 1"), "num_val": (1, inf, ">= 1"), "prompts_per_iter": (0, inf, ">= 0"),
+    "num_samples": (1, inf, ">= 1"), "max_new_tokens": (1, inf, ">= 1"), "temperature": (0, inf, "finite and >= 0"),
+    "eval_temperature": (0, inf, "finite and >= 0"), "top_p": (tiny, 1, "in (0, 1]"), "eta": (tiny, inf, "finite and > 0"),
+    "lr": (tiny, inf, "finite and > 0"), "lr_decay": (tiny, inf, "finite and > 0"), "warmup": (0, 1 - 1e-9, "in [0, 1)"),
+    "batch_size": (1, inf, ">= 1"), "micro_batch": (1, inf, ">= 1"), "epochs": (tiny, inf, "finite and > 0"),
+    "max_steps": (0, inf, ">= 0"), "weight_decay": (0, inf, "finite and >= 0"), "grad_clip": (tiny, inf, "finite and > 0"),
+    "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"), "concurrency": (1, inf, ">= 1"),
+    "max_usd": (0, inf, "finite and >= 0"), "max_calls": (0, inf, ">= 0"), "max_failure_rate": (0, 1, "in [0, 1]"),
+    "position_audit": (0, 1, "in [0, 1]"), "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
+    "stage_pause": (0, inf, ">= 0")}
 
 
 def validate(cfg):
@@ -115,28 +125,9 @@ def validate(cfg):
     for name, ok in CHOICES.items():
         if getattr(cfg, name) not in ok:
             raise ValueError(f"--{name} must be one of {', '.join(ok)}; got {getattr(cfg, name)!r}")
-    finite = lambda x: math.isfinite(x)
-    rules = [("iterations", cfg.iterations >= 1, ">= 1"), ("num_val", cfg.num_val >= 1, ">= 1"),
-             ("prompts_per_iter", cfg.prompts_per_iter >= 0, ">= 0"), ("num_samples", cfg.num_samples >= 1, ">= 1"),
-             ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
-             ("temperature", finite(cfg.temperature) and cfg.temperature >= 0, "finite and >= 0"),
-             ("eval_temperature", finite(cfg.eval_temperature) and cfg.eval_temperature >= 0, "finite and >= 0"),
-             ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"), ("eta", finite(cfg.eta) and cfg.eta > 0, "finite and > 0"),
-             ("lr", finite(cfg.lr) and cfg.lr > 0, "finite and > 0"),
-             ("lr_decay", finite(cfg.lr_decay) and cfg.lr_decay > 0, "finite and > 0"),
-             ("warmup", 0 <= cfg.warmup < 1, "in [0, 1)"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
-             ("micro_batch", cfg.micro_batch >= 1, ">= 1"), ("epochs", finite(cfg.epochs) and cfg.epochs > 0, "> 0"),
-             ("max_steps", cfg.max_steps >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-             ("grad_clip", finite(cfg.grad_clip) and cfg.grad_clip > 0, "finite and > 0"),
-             ("replay", 0 <= cfg.replay < 0.5, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"),
-             ("concurrency", cfg.concurrency >= 1, ">= 1"), ("max_usd", cfg.max_usd >= 0, ">= 0"),
-             ("max_calls", cfg.max_calls >= 0, ">= 0"), ("max_failure_rate", 0 <= cfg.max_failure_rate <= 1,
-                                                         "in [0, 1]"),
-             ("position_audit", 0 <= cfg.position_audit <= 1, "in [0, 1]"),
-             ("judge_context", cfg.judge_context >= 256, ">= 256"), ("rollback", cfg.rollback >= -1, ">= -1"), ("stage_pause", cfg.stage_pause >= 0, ">= 0")]
-    for name, ok, want in rules:
-        if not ok:
-            raise ValueError(f"--{name} must be {want}; got {getattr(cfg, name)}")
+    for name, (lo, hi, words) in LIMITS.items():
+        if not (math.isfinite(getattr(cfg, name)) and lo <= getattr(cfg, name) <= hi):
+            raise ValueError(f"--{name} must be {words}; got {getattr(cfg, name)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
@@ -155,32 +146,10 @@ class Run:
     device: torch.device
     judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
     fn: object = None               # a Python judge function, when --judge names one
+    amp: object = None              # autocast dtype of log-probs: None = bf16 on GPU only, torch.bfloat16, False
 
 
 # ----------------------------------------------------------------------------- data
-def load_prompts(path, tok, max_prompt_tokens):
-    """-> (rows, n_skipped). sample.read_prompts checks each line (one-line errors with the line number); here the
-    optional gold response, unique ids, and over-long prompts, which are skipped and counted (departure 1)."""
-    rows, skipped, seen = [], 0, set()
-    try:
-        raw = read_prompts(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    for r in raw:
-        where, rid = f"{path}:{r['line']}", str(r["id"])
-        if not (r.get("gold") is None or isinstance(r["gold"], str)):
-            raise ValueError(f"{where}: 'gold' must be a string")
-        if rid in seen:
-            raise ValueError(f"{where}: duplicate id {rid!r}")
-        seen.add(rid)
-        ids = encode_prompt(tok, r["prompt"])
-        if len(ids) > max_prompt_tokens:                        # departure 1
-            skipped += 1
-            continue
-        rows.append({"id": rid, "prompt": r["prompt"], "gold": r.get("gold") or None, "prompt_tokens": ids})
-    return rows, skipped
-
-
 def split(rows, cfg):
     """Held-out validation + T disjoint training slices D_t (the paper split its prompts over the iterations)."""
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
@@ -231,12 +200,7 @@ def sample_split(run, policy, rows, k, seed, temperature):
     outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k, max_new_tokens=run.cfg.max_new_tokens,
                     temperature=temperature, top_p=run.cfg.top_p, seed=seed, ids=[r["id"] for r in mine],
                     progress=rank() == 0)
-    got = [(r["id"], o) for r, o in zip(mine, outs)]
-    if world() > 1:
-        parts = [None] * world()
-        dist.all_gather_object(parts, got)
-        got = [x for p in parts for x in p]
-    by_id = dict(got)
+    by_id = dict(stages.gather([(r["id"], o) for r, o in zip(mine, outs)]))
     return [{"id": r["id"], "samples": by_id[r["id"]]} for r in rows]
 
 
@@ -307,7 +271,7 @@ def pairs_step(run, t, D_t, samples, judgments, previous):
             teacher += [] if gold is None else [(r_t[gold], res["scores"][gold])]
             bad = [dno.is_defective(x) for x in texts]
             chosen = (dno.select_pairs(res["scores"], gold, bad, kind=res["score_kind"]) if run.cfg.pairs == "margin"
-                      else dno.all_pairs(r_t, bad))             # line 6 (or Alg. 1's all pairs)
+                      else dno.all_pairs(r_t, bad, gold))       # line 6 (or Alg. 1's all pairs)
             for p in chosen:
                 current.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
                                 "r_chosen": float(r_t[p["chosen"]]), "r_rejected": float(r_t[p["rejected"]]),
@@ -349,13 +313,9 @@ def reference_step(run, t, pairs):
         for k in range(0, len(mine), mb):                       # similar lengths share a batch: little padding
             chunk = [P[i] for i in mine[k:k + mb]]
             seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in chunk]
-            logp = dno.batch_logps(model, seqs, run.device)[0].tolist()     # (2m,) log pi_t(y|x)
+            logp = dno.batch_logps(model, seqs, run.device, run.amp)[0].tolist()   # (2m,) log pi_t(y|x)
             got += [(i, logp[j], logp[j + len(chunk)]) for j, i in enumerate(mine[k:k + mb])]
-        if world() > 1:
-            parts = [None] * world()
-            dist.all_gather_object(parts, got)
-            got = [x for p in parts for x in p]
-        for i, c, r in got:
+        for i, c, r in stages.gather(got):
             P[i].update(ref_chosen=c, ref_rejected=r)
         if rank() == 0:
             commit(run, path, want, {"pairs.jsonl": P}, {"pairs": len(P)})
@@ -366,11 +326,10 @@ def train_pi(run, t, pairs):
     """Line 7: pi_{t+1} = argmax of the contrastive objective on the pairs, reference pi_t (dno.dno_loss)."""
     def make(run, t, path, want):
         model, tok = load_policy(policy_dir(run, t), run.device)
-        log = optimize(model, read_jsonl(os.path.join(pairs, "pairs.jsonl")), run.cfg, t, run.device)
-        sd = None
-        if world() > 1:                                         # gather the full state dict on rank 0 (CPU)
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        stages.for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16 or (
+            run.amp is None and run.device.type == "cuda"))  # FSDP2 under torchrun, bf16 compute when amp is
+        log = optimize(model, read_jsonl(os.path.join(pairs, "pairs.jsonl")), run, t)
+        sd = stages.full_state_dict(model)                      # under torchrun: gathered on CPU, else None
         if rank() == 0:
             commit(run, path, want, {"train_log.jsonl": log}, {"steps": len(log)},
                    save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=sd))
@@ -396,25 +355,7 @@ def eval_step(run, t):
 
 
 # ----------------------------------------------------------------------------- training (line 7)
-def for_training(model, cfg, device):
-    """Activation checkpointing (optional), then under torchrun FSDP2: each block, then the root; bf16 compute
-    with fp32 reductions on GPU. Parameter names are unchanged, so the state dict saves as is."""
-    model.train()
-    if cfg.grad_ckpt:
-        from torch.distributed._composable import checkpoint
-        for block in model.layers:
-            checkpoint(block)
-    if world() > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device.type == "cuda" else MixedPrecisionPolicy())
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    return model
-
-
-def train_step(model, opt, pairs, batch, cfg, device):
+def train_step(model, opt, pairs, batch, cfg, device, amp=None):
     """One optimizer step on a global batch of pairs; each rank takes batch[rank::world] in micro-batches
     (gradient accumulation). -> float64 tensor [loss sum, margin sum, accuracy sum, pairs, tokens]."""
     batch = sorted(batch, key=lambda i: pair_len(pairs[i]))    # the gradient is a sum: order is free, pad little
@@ -429,7 +370,7 @@ def train_step(model, opt, pairs, batch, cfg, device):
             model.set_requires_gradient_sync(k == n_micro - 1)
         P, m = [pairs[i] for i in chunk], len(chunk)
         seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in P]
-        logp, ntok = dno.batch_logps(model, seqs, device)      # (2m,) log pi(y|x), summed over tokens
+        logp, ntok = dno.batch_logps(model, seqs, device, amp)  # (2m,) log pi(y|x), summed over tokens
         ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in P], device=device)   # (m, 2) pi_t
         r = torch.tensor([[p["r_chosen"], p["r_rejected"]] for p in P], device=device)         # (m, 2) r_t
         target = 1.0 if cfg.target == "hard" else dno.soft_target(r[:, 0], r[:, 1])   # Alg. 2 | Alg. 1 (m,)
@@ -448,10 +389,10 @@ def train_step(model, opt, pairs, batch, cfg, device):
     return acc
 
 
-def optimize(model, pairs, cfg, t, device):
+def optimize(model, pairs, run, t):
     """AdamW over <= epochs passes of the pairs, warmup then cosine/linear decay (departure 5). -> step log."""
     from tqdm import tqdm
-    for_training(model, cfg, device)
+    cfg = run.cfg
     lr_t = cfg.lr * cfg.lr_decay ** (t - 1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr_t, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + t)
@@ -466,7 +407,8 @@ def optimize(model, pairs, cfg, t, device):
         lr = lr_t * ((s + 1) / warm if s < warm else decay)
         for group in opt.param_groups:
             group["lr"] = lr
-        acc = train_step(model, opt, pairs, order[s * cfg.batch_size:(s + 1) * cfg.batch_size], cfg, device)
+        acc = train_step(model, opt, pairs, order[s * cfg.batch_size:(s + 1) * cfg.batch_size], cfg, run.device,
+                         run.amp)
         n = acc[3].item()
         log.append({"step": s + 1, "loss": acc[0].item() / n, "margin": acc[1].item() / n, "acc": acc[2].item() / n,
                     "lr": lr})
@@ -493,66 +435,24 @@ def dno_prct(run):
 
 
 # ----------------------------------------------------------------------------- setup
-def make_judge(cfg, out):
-    """-> (oracle.Config, fn): a named synthetic judge function, module:function, or an oracle.py judge."""
-    ocfg = oracle.Config(judge=cfg.judge, base_url=cfg.base_url, model=cfg.judge_model, api_key_env=cfg.api_key_env,
-                         concurrency=cfg.concurrency, max_usd=cfg.max_usd, max_calls=cfg.max_calls, seed=cfg.seed,
-                         cache=os.path.join(out, "judge_cache.jsonl"), ledger=os.path.join(out, "judge_ledger.json"),
-                         position_audit=cfg.position_audit, judge_context=cfg.judge_context)
-    if cfg.judge in ("rubric", "pairwise"):
-        oracle.make_client(ocfg)                                # fail fast on a missing API key, before sampling
-        return ocfg, None
-    if cfg.judge == "local":
-        ocfg.local_model = cfg.judge_model
-        return ocfg, None
-    if ":" in cfg.judge:                                        # your own fn(prompt, candidates, ...), mymod:judge
-        fn = oracle.load_fn(cfg.judge)
-    else:
-        import demo_task
-        fn = {**oracle.SYNTHETIC, **demo_task.JUDGES}.get(cfg.judge)
-        if fn is None:
-            raise ValueError(f"unknown --judge {cfg.judge!r}: use rubric, pairwise, local, module:function or one "
-                             f"of {sorted({**oracle.SYNTHETIC, **demo_task.JUDGES})}")
-    ocfg.judge = "synthetic"
-    return ocfg, fn
-
-
-def setup(cfg):
-    """Device and process group: nccl on GPU / gloo on CPU under torchrun (WORLD_SIZE > 1), else one process."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))  # rank 0 judges for long
-    return device
-
-
 def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs, split. -> Run."""
     from model import ModelArgs, check_memory, load_tokenizer, read_config, resolve_model
     validate(cfg)
-    device = setup(cfg)
+    device = stages.setup(cfg.device)
     print0("config: " + json.dumps(vars(cfg)))
     os.makedirs(cfg.out, exist_ok=True)
-    judge, fn = make_judge(cfg, cfg.out)                        # a bad --judge is refused before the demo's SFT
+    judge, fn = evaluate.make_judge(cfg)                        # a bad --judge is refused before the demo's SFT
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise FileNotFoundError(f"prompts file {cfg.prompts} not found")
     model = resolve_model(cfg.model) if cfg.model else ""
     if rank() == 0:
-        stages.lock(cfg.out)
-        if cfg.rollback >= 0:                                   # --rollback t: discard iterations > t
-            for name in sorted(os.listdir(cfg.out)):
-                if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) > cfg.rollback:
-                    print0(f"rollback: removing {name}")
-                    shutil.rmtree(os.path.join(cfg.out, name))
+        stages.lock(cfg.out)                                    # one run per folder
+        stages.rollback(cfg.out, cfg.rollback)                  # --rollback t: discard iterations > t
     if not (model and cfg.prompts):                             # the built-in demo task, prepared once in OUT/demo
         import demo_task
-        if rank() == 0:
-            demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=print0)
-        barrier()
-        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=lambda *a: None)
+        stages.on_rank0(demo_task.prepare, os.path.join(cfg.out, "demo"), cfg.seed)
+        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=lambda *a: None)   # then reused
         model, cfg.prompts = model or m, cfg.prompts or p
     barrier()
     args, tok = ModelArgs.from_hf_config(read_config(model), os.path.join(model, "config.json")), load_tokenizer(model)
@@ -565,7 +465,7 @@ def prepare(cfg):
            f"({est['params'] / 1e6:.1f}M parameters)")
     val, slices = split(rows, cfg)
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val, slices=slices,
-               skipped=skipped, device=device, judge=judge, fn=fn)
+               skipped=skipped, device=device, judge=judge, fn=fn, amp=PRECISION[cfg.precision])
 
 
 def main(argv=None):

@@ -135,6 +135,8 @@ def run_dno(cfg):
     """Our step: train.train_step on the pairs, reference log-probs computed once beforehand."""
     import torch
     from transformers import AutoTokenizer
+    import dno
+    import stages
     import train
     from model import Transformer
     device, mdir = torch.device(cfg.device), os.path.join(cfg.workdir, "model")
@@ -142,17 +144,18 @@ def run_dno(cfg):
     rows = train.read_jsonl(os.path.join(cfg.workdir, "pairs.jsonl"))
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     pairs = [{"prompt_tokens": ids(r["prompt"]), "chosen_tokens": ids(r["chosen"]) + [tok.eos_token_id],
-              "rejected_tokens": ids(r["rejected"]) + [tok.eos_token_id]} for r in rows]
+              "rejected_tokens": ids(r["rejected"]) + [tok.eos_token_id], "r_chosen": 1.0, "r_rejected": 0.0}
+             for r in rows]
     model = Transformer.from_pretrained(mdir, device=device)
     with torch.no_grad():                                       # pi_t's log-probs, once (train.py's reference stage)
         for k in range(0, len(pairs), cfg.micro_batch):
             chunk = pairs[k:k + cfg.micro_batch]
             seqs = [(p["prompt_tokens"], p[f"{s}_tokens"]) for s in ("chosen", "rejected") for p in chunk]
-            logp = train.sequence_batch(model, seqs, device)[0].tolist()
+            logp = dno.batch_logps(model, seqs, device)[0].tolist()
             for j, p in enumerate(chunk):
                 p["ref_chosen"], p["ref_rejected"] = logp[j], logp[j + len(chunk)]
-    tcfg = SimpleNamespace(micro_batch=cfg.micro_batch, eta=0.1, grad_clip=1.0, grad_ckpt=cfg.grad_ckpt)
-    train.for_training(model, tcfg, device)
+    tcfg = SimpleNamespace(micro_batch=cfg.micro_batch, eta=0.1, grad_clip=1.0, grad_ckpt=cfg.grad_ckpt, target="hard")
+    stages.for_training(model, cfg.grad_ckpt, bf16=device.type == "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
     times, tokens, mem = [], 0, PeakMemory(cfg.device)
     for step in range(cfg.warmup + cfg.steps):

@@ -186,7 +186,8 @@ def test_default_demo_run_shows_the_claims(tmp_path):
     0.60, 0.63, i.e. 6, 3 and 4 SE above 1/2):
       - the best iterate (Alg. 2, line 9) beats pi_1 by more than one SE;
       - policy samples beat the gold in every iteration (sample>gold pairs exist);
-      - the rubric judge is transitive: no preference cycle and no Bradley-Terry/win-rate disagreement.
+      - the rubric judge is transitive: no preference cycle and no Bradley-Terry/Copeland disagreement, while
+        the intransitive preset (--judge demo_rps, one iteration from the same pi_1) shows cycles.
     SE = sqrt(1/4 / n) bounds the standard error of a mean of n outcomes in [0, 1]. Not asserted: that every
     iteration improves on the previous one, or that the last one is the best (on seed 1 the third iterate fell
     back to 0.43: that is why Alg. 2 outputs the best iterate)."""
@@ -205,6 +206,14 @@ def test_default_demo_run_shows_the_claims(tmp_path):
     assert all(r["provenance"]["sample>gold"] > 0 for r in rows[1:])
     assert all(r["preferences"]["cycle_share"] == 0 and r["preferences"]["bt_disagreement_share"] == 0
                and r["preferences"]["n"] > 100 for r in rows[1:])
+    # the intransitive preset on the same SFT'd pi_1: its preference tables do contain cycles
+    cyc = str(tmp_path / "cyclic")
+    train.main(["--out", cyc, "--model", os.path.join(out, "demo", "init"), "--prompts", os.path.join(out, "demo",
+                "prompts.jsonl"), "--judge", "demo_rps", "--iterations", "1", "--prompts_per_iter", "100",
+                "--num_val", "20", "--eval_temperature", "0.7"])
+    pref = [json.loads(line) for line in open(os.path.join(cyc, "metrics.jsonl"))][1]["preferences"]
+    print("demo_rps preferences", pref)
+    assert pref["n"] >= 90 and pref["cycle_share"] > 0.05
 
 
 @pytest.mark.parametrize("judge,cycle_win", [("demo_cyclic", sigmoid(1.5)), ("demo_rps", sigmoid(3.0))])

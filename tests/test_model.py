@@ -120,6 +120,32 @@ def test_cache_prefill_decode_equals_full_forward(arch, tmp_path):
         assert (g - ref[:, T0 - 1 + t]).abs().max().item() < 1e-4
 
 
+
+def test_keep_rows_then_decode_equals_full_forward_and_setup_cache_restores(tmp_path):
+    """The sampler's compaction: after keep_rows the kept rows decode exactly as the uncached forward; the next
+    setup_cache hands back the same full-size tensors (compiled graphs point at them), not new ones."""
+    make_hf_model("mistral", tmp_path / "m")
+    m = Transformer.from_pretrained(tmp_path / "m")
+    idx, mask, _ = padded_batch(m.args.vocab_size, [6, 3, 5, 4], seed=3)
+    steps, keep = 6, torch.tensor([1, 3])
+    new = torch.randint(5, m.args.vocab_size, (4, steps), generator=torch.Generator().manual_seed(4))
+    T0, S = idx.shape[1], idx.shape[1] + steps
+    with torch.no_grad():
+        ref = m(torch.cat([idx, new], 1), attention_mask=torch.cat([mask, torch.ones_like(new)], 1))  # (4, S, V)
+        m.setup_cache(4, S)
+        full = [m.layers[1].self_attn.cache.k, m.key_valid, m.next_pos]
+        m.prefill(idx, mask)
+        for t in range(steps - 1):
+            if t == 2:
+                m.keep_rows(keep, T0 + t)  # slots [0, T0 + 2) are written
+                assert m.layers[1].self_attn.cache.v.shape[0] == m.next_pos.shape[0] == 2
+            rows = keep if t >= 2 else torch.arange(4)
+            got = m.decode(new[rows, t], torch.tensor([T0 + t]), T0 + t + 1)
+            assert (got - ref[rows, T0 + t]).abs().max().item() < 1e-4
+        m.setup_cache(4, S)
+    again = [m.layers[1].self_attn.cache.k, m.key_valid, m.next_pos]
+    assert all(a is b and a.shape[0] == 4 for a, b in zip(again, full))
+
 def test_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Transformer.from_pretrained(tmp_path / "nothing")

@@ -1,17 +1,19 @@
-"""model.py's edges: hub ids through an offline cache, refused custom code, one-line errors for broken folders,
-memory estimates checked against hand counts, generation_config.json kept, bf16 on CPU."""
-import hashlib
+"""model_io.py (and model.py's edges): hub ids through an offline cache, refused custom code, one-line errors for
+broken folders, memory estimates checked against hand counts, generation_config.json kept, bf16 on CPU."""
 import json
 import os
-import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model as M
-from model import ModelArgs, ModelError, Transformer
-from tiny import hf_config, make_hf_model
+import model
+import model_io as M
+from model import ModelArgs, Transformer
+from model_io import ModelError
+from tiny import hf_config, hub_snapshot, make_hf_model, offline_hub
 
 torch.set_num_threads(1)
 GiB = 2**30
@@ -22,36 +24,14 @@ def one_line(e):
     return str(e.value)
 
 
-def hub_cache(root, repo_id, src):
-    """Lay out src's files the way huggingface_hub caches a download: models--ORG--NAME/{refs/main, blobs,
-    snapshots/<commit>/file -> ../../blobs/<sha256>}."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for f in src.iterdir():
-        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, blob)
-        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-    return snap
-
-
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
+    return offline_hub(tmp_path, monkeypatch)
 
 
 def test_resolve_model_from_offline_hub_cache(tmp_path, offline):
     hf = make_hf_model("qwen2", tmp_path / "src")
-    snap = hub_cache(offline, "tiny-org/tiny-qwen", tmp_path / "src")
+    snap = hub_snapshot(offline, "tiny-org/tiny-qwen", tmp_path / "src")
     path = M.resolve_model("tiny-org/tiny-qwen")
     assert os.path.samefile(path, snap)
     ours, tok = Transformer.from_pretrained(path), M.load_tokenizer(path)
@@ -74,6 +54,9 @@ def test_resolve_model_errors_are_one_line(tmp_path, offline):
     with pytest.raises(ModelError, match="not a Hugging Face id") as e:
         M.resolve_model("no/such/folder", what="--judge")
     assert one_line(e).startswith("--judge no/such/folder")
+    for path in ("./no_such_folder", "../no/such"):  # look like ORG/NAME, but are relative paths
+        with pytest.raises(ModelError, match="no such folder, and not a Hugging Face id"):
+            M.resolve_model(path)
 
 
 @pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
@@ -311,3 +294,14 @@ def test_bf16_weights_forward_and_backward_on_cpu(tmp_path):
     g = m.layers[0].self_attn.q_proj.weight.grad
     assert logp.shape == (14,) and torch.isfinite(logp).all() and (logp < 0).all()
     assert g.dtype == torch.bfloat16 and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_model_reexports_model_io_which_never_imports_model():
+    """train.py's `from model import ModelArgs, check_memory, load_tokenizer, read_config, resolve_model` keeps
+    working, and model_io.py imports without model.py (no import cycle)."""
+    for name in ("ModelError", "check_memory", "load_tokenizer", "read_config", "resolve_model"):
+        assert getattr(model, name) is getattr(M, name)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", "import sys, model_io; print('model' in sys.modules)"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -387,6 +387,27 @@ def test_local_judge_matches_transformers(tmp_path):
     assert max(abs(x - 0.5) for row in res[0]["P"] for x in row) > 0.05
 
 
+
+def test_local_judge_loads_a_hub_id_from_the_cache(tmp_path, monkeypatch):
+    """--local_model ORG/NAME resolves like transformers (the cached snapshot, offline here): the same P as the
+    folder; an id that is not cached, or no model at all, is a one-line OracleError."""
+    tiny = pytest.importorskip("tiny")
+    pytest.importorskip("model")
+    tiny.make_hf_model("qwen2", tmp_path / "j")
+    tiny.hub_snapshot(tiny.offline_hub(tmp_path, monkeypatch), "tiny-org/judge", tmp_path / "j")
+    items = [{"id": "h", "prompt": "Say hi", "candidates": ["hi", "hello there"]}]
+    P = {}
+    for name in (str(tmp_path / "j"), "tiny-org/judge"):
+        res, s = judge_items(items, Config(judge="local", local_model=name, cache=""), progress=False)
+        assert res[0]["ok"] and s["calls"] == 2
+        P[name] = res[0]["P"]
+    assert P["tiny-org/judge"] == P[str(tmp_path / "j")] and P["tiny-org/judge"][0][1] != 0.5
+    for name, says in [("tiny-org/missing", "--local_model tiny-org/missing: not in the Hugging Face cache"),
+                       ("", "--local_model is empty")]:
+        with pytest.raises(OracleError, match=says) as e:
+            judge_items(items, Config(judge="local", local_model=name, model=name, cache=""), progress=False)
+        assert "\n" not in str(e.value)
+
 # ----------------------------------------------------------------------------- the paper's rubric output
 def test_parse_scores_dictionary_format():
     reply = ("Candidate 1 restates the question and loops, so it only earns the relevance point. Candidate 2 is "

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 import sample
 from model import Transformer
+from model_io import ModelError
 from sample import encode_prompt, generate, naive_greedy, sample_tokens
-from tiny import make_hf_model, make_tokenizer
+from tiny import hub_snapshot, make_hf_model, make_tokenizer, offline_hub
 
 torch.set_num_threads(1)
 PROMPTS = ["The cat", "A much longer prompt here, yes", "Hi", [{"role": "user", "content": "2+2?"}]]
@@ -237,8 +238,30 @@ def test_cli_writes_jsonl_and_reports_bad_lines(tiny, tmp_path, capsys):
         with pytest.raises(ValueError, match=msg):
             sample.run(sample.cli(sample.Config, argv))
     src.write_text('{"prompt": "ok"}\n')
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelError, match="none: no such folder, and not a Hugging Face id ORG/NAME"):
         sample.run(sample.cli(sample.Config, ["--model", str(tmp_path / "none")] + argv[2:]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="empty: folder has no config.json"):
+        sample.run(sample.cli(sample.Config, ["--model", str(tmp_path / "empty")] + argv[2:]))
+
+
+def test_cli_resolves_a_hub_id_like_transformers(tiny, tmp_path, monkeypatch):
+    """--model ORG/NAME is the cached snapshot of that id (HF_HUB_CACHE, offline): the same samples as the folder;
+    an id that is not cached is a one-line error, before any model loads."""
+    d, _, _ = tiny
+    hub_snapshot(offline_hub(tmp_path, monkeypatch), "tiny-org/tiny-llama", d)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "The cat"}) + "\n" + json.dumps({"id": "b", "prompt": "Hi"}))
+    flags = ["--prompts", str(src), "--num_samples", "2", "--max_new_tokens", "6", "--seed", "3"]
+    for model, out in [(str(d), "folder.jsonl"), ("tiny-org/tiny-llama", "hub.jsonl")]:
+        sample.run(sample.cli(sample.Config, ["--model", model, "--out", str(tmp_path / out)] + flags))
+    hub = [json.loads(line) for line in (tmp_path / "hub.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in hub] == ["a", "b"] and all(len(r["samples"]) == 2 for r in hub)
+    assert (tmp_path / "hub.jsonl").read_text() == (tmp_path / "folder.jsonl").read_text()
+    with pytest.raises(ModelError, match="--model tiny-org/missing: not in the Hugging Face cache") as e:
+        sample.run(sample.cli(sample.Config, ["--model", "tiny-org/missing", "--out", str(tmp_path / "x.jsonl")]
+                              + flags))
+    assert "\n" not in str(e.value) and not (tmp_path / "x.jsonl").exists()
 
 
 def test_cli_checks_flags_device_and_out_before_loading(tmp_path):

@@ -3,7 +3,12 @@
     from tiny import make_tokenizer, make_hf_model
     tok = make_tokenizer(tmp_path / "tok")
     hf = make_hf_model("llama", tmp_path / "llama")      # saved with its tokenizer; returns the HF module
+    cache = offline_hub(tmp_path, monkeypatch)           # an empty hub cache, HF_HUB_OFFLINE=1
+    hub_snapshot(cache, "tiny-org/tiny-llama", tmp_path / "llama")  # now resolve_model("tiny-org/tiny-llama") works
 """
+import hashlib
+import os
+import shutil
 import string
 
 import torch
@@ -59,8 +64,36 @@ def make_hf_model(arch, path=None, seed=0, **overrides):
     return model
 
 
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache under tmp_path, found through HF_HOME / HF_HUB_CACHE, with HF_HUB_OFFLINE=1
+    so nothing is ever downloaded. Returns the cache folder."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def hub_snapshot(cache, repo_id, src):
+    """Lay out src's files the way huggingface_hub caches a download: models--ORG--NAME/{refs/main, blobs,
+    snapshots/<commit>/file -> ../../blobs/<sha256>}. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in src.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    return snap
+
+
 if __name__ == "__main__":
-    import os, sys, tempfile
+    import sys, tempfile
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: demo_task
 
     with tempfile.TemporaryDirectory() as d:

@@ -1,0 +1,315 @@
+"""Model folders, hub ids, tokenizers and memory budgets: everything model.py needs from outside the network.
+
+    python model_io.py                                # memory estimates of the paper's Mistral-7B (no download)
+    from model_io import resolve_model, load_tokenizer, check_memory, read_config
+    path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
+    tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
+    check_memory(args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError if a step cannot fit
+
+What lives here: reading and writing a Hugging Face folder (config.json, safetensors shards renamed by HF_PREFIX,
+generation_config.json, tokenizer), resolving an id ORG/NAME the way transformers does (HF_HUB_CACHE / HF_HOME,
+HF_HUB_OFFLINE), and estimating a step's memory from a ModelArgs before anything is allocated. model.py (the
+network) imports from here and re-exports resolve_model, load_tokenizer, read_config, check_memory and ModelError
+(train.py, sample.py and oracle.py's local judge load models through these); this file never imports model.py.
+
+User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json that is not JSON or not an
+object; weights garbage, truncated or unreadable; a config whose weights alone exceed the device's free memory
+(refused from a parameter count); a hub id that is neither cached nor downloadable; a step that cannot fit, with
+what to change. Nothing here runs code shipped with a model.
+
+Departures (none from the paper: this file is infrastructure; these are from transformers' own loading):
+ 1. A config.json or tokenizer_config.json with "auto_map" (custom model code) is refused, and transformers is
+    always called with trust_remote_code=False; hub downloads fetch only HUB_FILES (never .py files).
+ 2. Hub ids resolve to the "main" revision only; safetensors only, never pickle (.bin) checkpoints.
+ 3. memory_estimate leaves out allocator fragmentation and the CUDA context, so check_memory can pass a step that
+    still runs out of memory by a few percent.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+# our parameter name prefix -> transformers' name prefix (the entire checkpoint mapping)
+HF_PREFIX = {"embed_tokens.": "model.embed_tokens.", "layers.": "model.layers.", "norm.": "model.norm.",
+             "lm_head.": "lm_head."}
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; we recompute it
+
+
+class ModelError(ValueError):
+    """A user mistake in a model folder, a model id or a memory budget; the message is one line naming the file."""
+
+
+# ---- model folders, hub ids, tokenizers: one-line errors, never custom code ----
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .py
+
+
+def one_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def read_json(file):
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({one_line(e)})") from None
+
+
+def refuse_custom_code(cfg, file):
+    """A folder whose config names its own Python classes (auto_map) is refused: we never run code from a model."""
+    if isinstance(cfg, dict) and "auto_map" in cfg:
+        raise ModelError(f"{file}: has auto_map (custom model code); refused, this repo never runs code shipped "
+                         "with a model (trust_remote_code=False)")
+
+
+def read_config(path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found (expected a Hugging Face model folder)")
+    cfg = read_json(file)
+    refuse_custom_code(cfg, file)
+    return cfg
+
+
+def weight_files(path) -> list:
+    """The safetensors files of a model folder: model.safetensors, or the shards named by its index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        wm = read_json(index)
+        if not isinstance(wm, dict) or not isinstance(wm.get("weight_map"), dict):
+            raise ModelError(f"{index}: expected an object with a weight_map")
+        files = [path / f for f in sorted(set(wm["weight_map"].values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                                "(only safetensors checkpoints are supported)")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint shard {f} not found")
+    return files
+
+
+def load_tensors(file, device, dtype, tied) -> dict:
+    """{transformers name: tensor} of one safetensors file, cast to dtype; tied: skip a stored lm_head.weight."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            return {n: f.get_tensor(n).to(dtype) for n in f.keys()
+                    if not n.endswith(IGNORED_HF_SUFFIXES) and not (tied and n == "lm_head.weight")}
+    except (SafetensorError, OSError) as e:  # garbage, truncated or unreadable
+        raise ModelError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+
+
+
+def read_weights(path, device, dtype, tied) -> dict:
+    """{our parameter name: tensor} of a folder's safetensors, renamed by HF_PREFIX; tied: lm_head = embed_tokens."""
+    to_ours = {hf: ours for ours, hf in HF_PREFIX.items()}
+    state = {}
+    for file in weight_files(path):
+        for name, t in load_tensors(file, device, dtype, tied).items():
+            prefix = next((p for p in to_ours if name.startswith(p)), None)
+            if prefix is None:
+                raise ModelError(f"{file}: unexpected tensor {name!r}")
+            state[to_ours[prefix] + name[len(prefix):]] = t
+    if tied and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def write_weights(path, state, config, tied, source=None):
+    """{our name: tensor} -> path/model.safetensors in transformers' names, config.json (config, dtype updated) and
+    generation_config.json: source's (a model folder) copied unchanged when it has one, else built from config."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, t in state.items():
+        if tied and name == "lm_head.weight":
+            continue  # tied: transformers re-ties it from embed_tokens
+        prefix = next(p for p in HF_PREFIX if name.startswith(p))
+        out[HF_PREFIX[prefix] + name[len(prefix):]] = t.detach().contiguous().cpu()
+    dtype = next(iter(out.values())).dtype
+    cfg = dict(config, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=tied)
+    cfg.pop("torch_dtype", None)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = Path(source) / "generation_config.json" if source is not None else None
+    if gen is not None and gen.is_file():
+        if gen.resolve() != (path / "generation_config.json").resolve():
+            shutil.copyfile(gen, path / "generation_config.json")
+    else:
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+def hub_cache() -> str:
+    """The hub cache folder the way huggingface_hub finds it, read from the environment now (not at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+                              or os.path.join(home, "hub"))
+
+
+def resolve_model(name_or_path, what="--model") -> str:
+    """A local model folder, or a hub id ORG/NAME -> its snapshot folder in the hub cache (downloading config,
+    safetensors and tokenizer files when online; never .py files). `what` names the flag in error messages."""
+    if not str(name_or_path):  # Path("") is the working directory
+        raise ModelError(f"{what} is empty: pass a model folder or a Hugging Face id ORG/NAME")
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{what} {name_or_path}: folder has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name_or_path)):  # ./x, ../x are paths, not ids
+        raise ModelError(f"{what} {name_or_path}: no such folder, and not a Hugging Face id ORG/NAME")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    cache = hub_cache()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        folder = snapshot_download(str(name_or_path), cache_dir=cache, allow_patterns=HUB_FILES,
+                                   local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{what} {name_or_path}: not in the Hugging Face cache (HF_HUB_CACHE={cache}) and "
+                         f"{'offline (HF_HUB_OFFLINE=1)' if offline else 'the hub is unreachable'}; download it once "
+                         "online, or pass a local folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:  # unknown or gated repo, bad revision, disk full
+        raise ModelError(f"{what} {name_or_path}: {type(e).__name__} from the hub ({one_line(e)})") from None
+    if not (Path(folder) / "config.json").is_file():
+        raise ModelError(f"{what} {name_or_path}: the hub snapshot {folder} has no config.json")
+    return folder
+
+
+def load_tokenizer(path):
+    """AutoTokenizer of a local folder (trust_remote_code=False; an auto_map is refused) with one-line errors."""
+    from transformers import AutoTokenizer
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} not found")
+    for name in ("config.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            refuse_custom_code(read_json(path / name), path / name)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' messages run 3-5 lines
+        raise ModelError(f"{path}: cannot load a tokenizer ({one_line(e)})") from None
+
+
+# ---- memory: estimate before anything is allocated ----
+def count_params(args) -> int:
+    """Parameters of model.Transformer(args: model.ModelArgs), counted by hand from the shapes (no allocation)."""
+    C, F, H, K, D = args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim
+    attn = 2 * C * H * D + 2 * C * K * D                                  # q, o (C x H D); k, v (C x K D)
+    attn += (H * D + 2 * K * D) * args.qkv_bias + C * args.o_bias + 2 * D * args.qk_norm
+    mlp = 3 * C * F + (2 * F + C) * args.mlp_bias                         # gate, up, down
+    layer = attn + mlp + 2 * C                                            # + two RMSNorms
+    return args.vocab_size * C * (1 if args.tie_embeddings else 2) + C + args.n_layers * layer
+
+
+def free_memory(device):
+    """Bytes free on device now: CUDA mem_get_info, CPU /proc/meminfo MemAvailable; None when unknown (then
+    nothing is checked). A container's cgroup limit is not read: its page cache would make it look full."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    if device.type != "cpu":  # mps, meta: unknown
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux
+        return None
+
+
+def check_fits(args, device, dtype, source):
+    """Refuse a config whose weights alone exceed the free memory, before the loader allocates (or loops) at all."""
+    n, free = count_params(args), free_memory(device)
+    if free is not None and n * dtype.itemsize > free:
+        raise ModelError(f"{source}: {n:,} parameters (num_hidden_layers={args.n_layers}, hidden_size={args.dim}) "
+                         f"need {n * dtype.itemsize / 2**30:.1f} GiB in {dtype} but {device} has "
+                         f"{free / 2**30:.1f} GiB free")
+
+
+def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, param_bytes=4, optimizer="adamw",
+                    act_bytes=2, seqs_per_item=1, shards=1) -> dict:
+    """Bytes one rank needs for a step on micro_batch items of seq_len tokens (seqs_per_item sequences each: 2 for
+    a DNO pair). Weights, gradients and the optimizer state (AdamW: exp_avg and exp_avg_sq in the parameter dtype,
+    fp32 in train.py; sgd: none) are split over `shards` FSDP ranks. Activations kept for backward, per token,
+    C = dim, H/K = query/kv heads, D = head_dim, F = hidden_dim, a = act_bytes (2 under bf16 autocast, 4 in fp32):
+        per layer   16 C + 4 H                 fp32 residual input and normalised output of both RMSNorms, the
+                  + a (2HD + 2KD + 4F)         attention's logsumexp; q, k, v, attention output, gate, up,
+                                               silu(gate), their product
+                  + a 2C, or a 5C (autocast)   the matmul inputs: both norm outputs, or under autocast the cast
+                                               copy each of the five q/k/v/gate/up matmuls keeps
+        grad_ckpt   4 C per layer (the block input), plus one layer's full set recomputed during backward
+        head        a (V + C) + 8 C            HeadLogp's (N, V) exp buffer and input, the final norm (N <= tokens)
+    weight_copies: a bytes per matmul weight, the cast weights kept for backward (autocast is assumed when a <
+    param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16 weights, no cast).
+    Not training (generation, sample.py): a KV cache of 2 K D a per token per layer, one layer's working set and
+    (B, V) float32 logits. The estimate leaves out allocator fragmentation and the CUDA context."""
+    if optimizer not in ("adamw", "sgd"):
+        raise ModelError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    C, F, H, K, D, V, L = (args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size,
+                           args.n_layers)
+    B = micro_batch * seqs_per_item
+    tokens, n = B * seq_len, count_params(args)
+    cast = act_bytes < param_bytes  # autocast: matmuls keep cast copies of their inputs and weights for backward
+    layer = 16 * C + 4 * H + act_bytes * (2 * H * D + 2 * K * D + 4 * F + (5 if cast else 2) * C)  # per token
+    if train:
+        kept = 4 * C * L + layer if grad_ckpt else layer * L
+        # the embedding is no matmul; under FSDP the weights arrive in bf16 already (MixedPrecisionPolicy)
+        copies = (n - V * C * (not args.tie_embeddings)) * act_bytes * cast * (shards == 1)
+        act, kv = tokens * (kept + act_bytes * (V + C) + 8 * C), 0
+    else:
+        copies, act, kv = 0, tokens * layer + B * V * 4, tokens * L * 2 * K * D * act_bytes
+    weights = n * param_bytes // shards
+    grads = weights if train else 0
+    opt = 2 * weights if train and optimizer == "adamw" else 0
+    return dict(params=n, weights=weights, grads=grads, optimizer=opt, weight_copies=copies, activations=act,
+                kv_cache=kv, total=weights + grads + opt + copies + act + kv)
+
+
+PARTS = ("weights", "grads", "optimizer", "weight_copies", "activations", "kv_cache")  # memory_estimate's sums
+
+
+def check_memory(args, device, **kw) -> dict:
+    """memory_estimate(args, **kw) plus free=bytes free on device; a one-line ModelError with what to change when
+    the total does not fit. Call it before loading or training so a run fails in seconds, not at the first OOM.
+    act_bytes, unless given, follows train.py: bf16 autocast (2) on CUDA, float32 (4) elsewhere."""
+    kw.setdefault("act_bytes", 2 if torch.device(device).type == "cuda" else 4)
+    est = memory_estimate(args, **kw)
+    est["free"] = free = free_memory(device)
+    if free is None or est["total"] <= free:
+        return est
+    fixed = est["weights"] + est["grads"] + est["optimizer"] + est["weight_copies"]
+    per_item = (est["total"] - fixed) / kw["micro_batch"]  # activations and KV cache grow with the micro-batch
+    fit = int((free - fixed) // per_item) if free > fixed else 0
+    hints = [f"lower --micro_batch to {fit}"] if fit >= 1 else []
+    ckpt = dict(kw, grad_ckpt=True)
+    if kw.get("train", True) and not kw.get("grad_ckpt") and memory_estimate(args, **ckpt)["total"] <= free:
+        hints.append("pass --grad_ckpt true")
+    hints = hints or ["use a larger device, or shard over more GPUs with torchrun" if fixed > free
+                      else "shorten the sequences or use a larger device"]
+    g = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    parts = " + ".join(f"{k.replace('_', ' ')} {g(est[k])}" for k in PARTS if est[k])
+    raise ModelError(f"needs ~{g(est['total'])} GiB on {device} ({parts}) but {g(free)} GiB is free: "
+                     f"{' or '.join(hints)}")
+
+
+if __name__ == "__main__":
+    from model import ModelArgs  # the demo only: this module never imports model.py at import time
+
+    mistral7b = ModelArgs(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                          head_dim=128, hidden_dim=14336)
+    for ckpt in (False, True):  # the paper's model, one pair per micro-batch, 2048 tokens, bf16 autocast, one rank
+        est = memory_estimate(mistral7b, micro_batch=1, seq_len=2048, seqs_per_item=2, grad_ckpt=ckpt)
+        print(f"Mistral-7B train step, grad_ckpt={ckpt}: " + ", ".join(f"{k} {v / 2**30:.1f} GiB"
+              for k, v in est.items() if k != "params") + f" ({est['params']:,} params)")
+    est = memory_estimate(mistral7b, micro_batch=16, seq_len=2048, seqs_per_item=5, train=False, param_bytes=2)
+    print(f"Mistral-7B sampling, 16 prompts x 5 samples x 2048 tokens, bf16: {est['total'] / 2**30:.1f} GiB "
+          f"(KV cache {est['kv_cache'] / 2**30:.1f} GiB)")
+    free = free_memory("cpu")
+    print(f"free on cpu now: {free / 2**30:.1f} GiB" if free is not None else "free on cpu: unknown")
