@@ -1,7 +1,7 @@
 """The built-in offline demo task: sort a short list of digits, judged by a program.
 
     python demo_task.py                                   # a few prompts, the teacher's answers, their scores
-    python train.py --out runs/demo                       # the default DNO demo (CPU, ~5 min, no download)
+    python train.py --out runs/demo                       # the default DNO demo (CPU, ~35 s on 2 idle cores, offline)
     F="--iterations 8 --prompts_per_iter 100 --lr 1e-4 --eval_temperature 0.7"  # sampled eval: a mixed policy
     python train.py --judge demo_rps $F --out runs/rps    # the rock-paper-scissors preset ...
     python train.py --judge demo_rps $F --target soft --pairs all --replay 0 --out runs/rps_soft   # (Alg. 1's target)

@@ -125,6 +125,14 @@ def batch_logps(model, seqs, device, autocast_dtype=None):
     return logp, sum(len(p) + len(r) for p, r in seqs)
 
 
+def pair_logps(model, pairs, device, autocast_dtype=None):
+    """Stored pairs {"prompt_tokens", "chosen_tokens", "rejected_tokens"} -> (log pi(y+|x) (m,), log pi(y-|x) (m,),
+    n_tokens): both sides in one batch_logps call (one right-padded forward)."""
+    seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in pairs]
+    logp, n = batch_logps(model, seqs, device, autocast_dtype)                 # (2m,)
+    return logp[:len(pairs)], logp[len(pairs):], n
+
+
 # ----------------------------------------------------------------------------- the loss
 
 # Alg. 1, step 3 (regression form, Eq. 8) and Alg. 2, line 7 (DNO-Prct, Eq. 13) are one binary cross-entropy:
@@ -193,6 +201,9 @@ def is_defective(text, n=4, n_chars=10, max_repeat=0.5, min_ngrams=4):
         grams = [tuple(units[i:i + k]) for i in range(len(units) - k + 1)]
         return len(grams) >= min_ngrams and 1 - len(set(grams)) / len(grams) > max_repeat
     return repeated(text.split(), n) or repeated(text, n_chars)
+
+
+PROVENANCE = ("gold>sample", "sample>gold", "sample>sample", "defect")   # where a pair's y+ and y- come from
 
 
 def _provenance(i, j, gold_index):

@@ -27,9 +27,10 @@ log-probs, both orders averaged), "local" (the pairwise prompt on a local model.
 `messages`, `gold`, `id` (or **kwargs) gets messages=<the raw chat list or None>, gold=<gold text or None>, id=.
 
 Departures from the paper (numbered):
-1. The rubric is our own wording of the paper's Fig. 3 (same six criteria, same output: a justification of at
-   most ~100 words, then the scores as a dictionary); the paper's judge is GPT-4-Turbo, ours any
-   OpenAI-compatible endpoint. parse_scores also accepts "Candidate k ... Score: s" answers.
+1. The rubric is our own wording of the paper's Fig. 3 (same six criteria, same output: one dictionary with a
+   justification of at most ~100 words and a score per candidate, keys idK_justification / idK_score); the
+   paper's judge is GPT-4-Turbo, ours any OpenAI-compatible endpoint. parse_scores also accepts {"K": s} and
+   "Candidate K ... Score: s" answers. The paper's prompt also invites the judge to use web search; ours does not.
 2. The pairwise and local judges are not in the paper (which ranks by rubric scores only); they give a soft
    P(y > y' | x) in [0, 1], the quantity Alg. 1 is written in, judged in both orders to cancel position bias.
 3. For the rubric judge P[i][j] is 1/0.5/0 from comparing scores; "scores" of pairwise judges are win-rates.
@@ -55,26 +56,28 @@ from chat_api import (PRICES, Breaker, BudgetExceeded, Cache, JudgeUnavailable, 
                       count_tokens, endpoint, fit, get_encoder, run_pool, truncate)
 from cli import cli
 
-TEMPLATE_VERSION = "dno-oracle-v2"  # bump when any template below changes: it is part of every cache key
+TEMPLATE_VERSION = "dno-oracle-v3"  # bump when any template below changes: it is part of every cache key
 SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."
-RUBRIC_TEMPLATE = """Read the user prompt and the {n} candidate responses below. Grade every candidate on its own with
-an additive 6-point rubric: start from 0 and add one point for each of these criteria that it meets.
-1. It is relevant and offers some information that bears on the request; it reads as an answer (not, say, a
-   continuation of the prompt) and it does not repeat itself.
-2. It covers a substantial part of what was asked, even if some of it is missing.
-3. It handles the core of the request in a useful way.
-4. It plainly comes from an AI assistant speaking to the user's request directly and fully, and it is well
-   organised, even if it could be shorter or more focused.
-5. It is entirely correct: it contains no mistakes and no made-up facts.
-6. It is expert work: fitted exactly to the request, insightful and engaging, with nothing that does not belong.
+RUBRIC_TEMPLATE = """Below are a user prompt and {n} candidate responses written by AI assistants. Score every
+candidate on its own, from the point of view of an AI assistant answering the user, with this additive 6-point
+rubric: start at 0 and add one point for each criterion the candidate meets (use what you know to check facts).
+1. It reads as an answer to the prompt: it does not loop or repeat itself, and it is not a continuation of the
+   prompt or a list of unrelated examples.
+2. It is relevant and gives some information that bears on the request.
+3. It covers a substantial part of the request without rambling.
+4. It answers nearly all of the request correctly, directly and usefully, with few errors or digressions.
+5. It is entirely correct, with no errors and no made-up facts, and it answers every part of the request in a
+   helpful, organised, focused and brief way.
+6. It is correct and also concise, fitted to the request and expert: nothing in it is superfluous.
 
 [Prompt]
 {prompt}
 
 {candidates}
 
-First explain your grades briefly (at most 100 words for all candidates together). Then end with the scores as a
-dictionary from candidate number to points, on one line: {{"1": <points>, ..., "{n}": <points>}}"""
+For every candidate write a justification of at most 100 words, then its score. Return them all as one dictionary
+with the keys "id<k>_justification" and "id<k>_score" for candidate k = 1..{n}:
+{{"id1_justification": "...", "id1_score": <points>, ..., "id{n}_justification": "...", "id{n}_score": <points>}}"""
 CANDIDATE_TEMPLATE = "[Candidate {i}]\n{text}\n[End of candidate {i}]"
 PAIRWISE_TEMPLATE = """Which response answers the user prompt better? Consider helpfulness, correctness and clarity.
 
@@ -106,7 +109,7 @@ class Config:
     breaker: int = 8               # stop after this many requests in a row failed by outage (5xx/timeout/conn.); 0=off
     max_judge_tokens: int = 0      # > 0: fixed cap on each candidate (tokens); 0: cut only to fit --judge_context
     judge_context: int = 128000    # tokens of the judge model's context window
-    max_new_tokens: int = 1024     # cap on the rubric judge's own answer
+    max_new_tokens: int = 1536     # cap on the rubric judge's own answer (K+1 justifications of <= 100 words)
     temperature: float = 0.0       # judge decoding temperature
     top_logprobs: int = 5          # alternatives read at the verdict token (pairwise)
     extra_body: str = ""           # JSON merged into each request, e.g. '{"repeat_penalty": 1.0}' for llama.cpp
@@ -150,12 +153,13 @@ SYNTHETIC = {"length": length_judge, "overlap": overlap_judge, "cyclic": cyclic_
 # ----------------------------------------------------------------------------- parsing
 def parse_scores(text, n):
     """Rubric scores from a judge's answer -> n floats in [0, 6] or None (unparsable = failure, not zero).
-    Reads the last dictionary naming a candidate ({"1": 5, "2": 3} as Fig. 3 asks, quotes optional); without one,
+    Reads the last dictionary naming a candidate ({"id1_score": 5, ...} as Fig. 3 asks, or {"1": 5}; quotes optional;
+    "idK_justification" values are skipped); without one,
     'Candidate 2: ... Score: 5', '**Candidate 2** ... 5/6', 'Score 2: 5', 'Score for candidate 2: 5'."""
     num = r"(\d+(?:\.\d+)?)"
     for block in reversed(re.findall(r"\{[^{}]*\}", text)):
         found = {}
-        for k, v in re.findall(r"[\"']?(?:candidate\s*)?(\d+)[\"']?\s*:\s*[\"']?" + num, block, re.I):
+        for k, v in re.findall(r"[\"']?(?:candidate\s*|id)?(\d+)(?:_score)?[\"']?\s*:\s*[\"']?" + num, block, re.I):
             found.setdefault(int(k), []).append(float(v))
         if set(found) & set(range(1, n + 1)):
             break
@@ -460,7 +464,8 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     ledger = Ledger(price or (0.0, 0.0), cfg.max_usd, cfg.max_calls, cfg.ledger, durable=api)
     breaker = Breaker(cfg.breaker, endpoint(cfg.base_url) if api else cfg.judge)
     enc = encoder_for(cfg) if api else None  # local: ~4 chars/token
-    local = f"local:{os.path.abspath(cfg.local_model or cfg.model)}"
+    name = cfg.local_model or cfg.model                      # a folder (by absolute path) or a hub id (as given)
+    local = f"local:{os.path.abspath(name) if os.path.exists(name) else name}"
     judge_id = f"fn:{fn.__name__}" if fn else cfg.model if api else local
     listwise = fn is not None or cfg.judge == "rubric"
     views = [(k, order, show(it, order)) for k, it in enumerate(items) for order in shown_orders(it, cfg, listwise)]

@@ -6,8 +6,7 @@ every line of the paper's algorithms to the code).
     python train.py --out runs/x --model Qwen/Qwen2.5-0.5B-Instruct --prompts p.jsonl --judge rubric \
         --judge_model gpt-4o-mini --max_usd 20              # one GPU, an API judge (docs/one_gpu.md)
     torchrun --nproc_per_node=8 train.py --out runs/x --model DIR --prompts p.jsonl --judge rubric   # FSDP2
-    python train.py --out runs/x --rollback 1               # discard iterations > 1, then continue from there
-    python evaluate.py --out runs/x                         # re-render the table, metrics and plot of a run
+    python train.py --out runs/x --rollback 1               # discard iterations > 1 (python evaluate.py --out: report)
 
 Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teacher response, "id"?: str}.
 --out holds iter_0/eval/ (pi_1 on validation), iter_t/{samples,judgments,pairs,reference,checkpoint,eval}/ for
@@ -106,18 +105,16 @@ CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": (
 PRECISION = {"auto": None, "bf16": torch.bfloat16, "fp32": False}
 
 
-inf, tiny = math.inf, 1e-300
+inf, tiny, GE0, GE1 = math.inf, 1e-300, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
+POS, UNIT = (tiny, inf, "finite and > 0"), (0, 1, "in [0, 1]")
 LIMITS = {  # flag: (lowest, highest, in words); every number must also be finite
-    "iterations": (1, inf, ">= 1"), "num_val": (1, inf, ">= 1"), "prompts_per_iter": (0, inf, ">= 0"),
-    "num_samples": (1, inf, ">= 1"), "max_new_tokens": (1, inf, ">= 1"), "temperature": (0, inf, "finite and >= 0"),
-    "eval_temperature": (0, inf, "finite and >= 0"), "top_p": (tiny, 1, "in (0, 1]"), "eta": (tiny, inf, "finite and > 0"),
-    "lr": (tiny, inf, "finite and > 0"), "lr_decay": (tiny, inf, "finite and > 0"), "warmup": (0, 1 - 1e-9, "in [0, 1)"),
-    "batch_size": (1, inf, ">= 1"), "micro_batch": (1, inf, ">= 1"), "epochs": (tiny, inf, "finite and > 0"),
-    "max_steps": (0, inf, ">= 0"), "weight_decay": (0, inf, "finite and >= 0"), "grad_clip": (tiny, inf, "finite and > 0"),
-    "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"), "concurrency": (1, inf, ">= 1"),
-    "max_usd": (0, inf, "finite and >= 0"), "max_calls": (0, inf, ">= 0"), "max_failure_rate": (0, 1, "in [0, 1]"),
-    "position_audit": (0, 1, "in [0, 1]"), "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
-    "stage_pause": (0, inf, ">= 0")}
+    "iterations": GE1, "num_val": GE1, "prompts_per_iter": GE0, "num_samples": GE1, "max_new_tokens": GE1,
+    "temperature": (0, inf, "finite and >= 0"), "eval_temperature": (0, inf, "finite and >= 0"),
+    "top_p": (tiny, 1, "in (0, 1]"), "eta": POS, "lr": POS, "lr_decay": POS, "warmup": (0, 1 - 1e-9, "in [0, 1)"),
+    "batch_size": GE1, "micro_batch": GE1, "epochs": POS, "max_steps": GE0, "weight_decay": GE0, "grad_clip": POS,
+    "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"), "concurrency": GE1,
+    "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT, "position_audit": UNIT,
+    "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"), "stage_pause": GE0}
 
 
 def validate(cfg):
@@ -284,9 +281,8 @@ def pairs_step(run, t, D_t, samples, judgments, previous):
         if not pairs:
             raise ValueError(f"iteration {t}: no pairs survived selection ({len(tables)}/{len(judged)} prompts judged "
                              f"ok); nothing to train on - inspect {judgments} or change the judge")
-        prov = {k: sum(p["provenance"] == k for p in current) for k in ("gold>sample", "sample>gold",
-                                                                         "sample>sample", "defect")}
-        prov["replay"] = len(pairs) - len(current)
+        prov = {k: sum(p["provenance"] == k for p in current) for k in dno.PROVENANCE} | {
+            "replay": len(pairs) - len(current)}
         print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
         commit(run, path, want, {"pairs.jsonl": pairs}, {
             "pairs": len(pairs), "provenance": prov, "judged_ok": len(tables), "judged": len(judged),
@@ -311,10 +307,8 @@ def reference_step(run, t, pairs):
         P, (model, _) = read_jsonl(os.path.join(pairs, "pairs.jsonl")), load_policy(policy_dir(run, t), run.device)
         mine, got, mb = sorted(range(len(P))[rank()::world()], key=lambda i: pair_len(P[i])), [], run.cfg.micro_batch
         for k in range(0, len(mine), mb):                       # similar lengths share a batch: little padding
-            chunk = [P[i] for i in mine[k:k + mb]]
-            seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in chunk]
-            logp = dno.batch_logps(model, seqs, run.device, run.amp)[0].tolist()   # (2m,) log pi_t(y|x)
-            got += [(i, logp[j], logp[j + len(chunk)]) for j, i in enumerate(mine[k:k + mb])]
+            c, r, _ = dno.pair_logps(model, [P[i] for i in mine[k:k + mb]], run.device, run.amp)   # (m,) pi_t
+            got += list(zip(mine[k:k + mb], c.tolist(), r.tolist()))
         for i, c, r in stages.gather(got):
             P[i].update(ref_chosen=c, ref_rejected=r)
         if rank() == 0:
@@ -326,8 +320,8 @@ def train_pi(run, t, pairs):
     """Line 7: pi_{t+1} = argmax of the contrastive objective on the pairs, reference pi_t (dno.dno_loss)."""
     def make(run, t, path, want):
         model, tok = load_policy(policy_dir(run, t), run.device)
-        stages.for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16 or (
-            run.amp is None and run.device.type == "cuda"))  # FSDP2 under torchrun, bf16 compute when amp is
+        stages.for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16 or (   # FSDP2 under torchrun
+            run.amp is None and run.device.type == "cuda"))
         log = optimize(model, read_jsonl(os.path.join(pairs, "pairs.jsonl")), run, t)
         sd = stages.full_state_dict(model)                      # under torchrun: gathered on CPU, else None
         if rank() == 0:
@@ -369,12 +363,11 @@ def train_step(model, opt, pairs, batch, cfg, device, amp=None):
         if world() > 1:
             model.set_requires_gradient_sync(k == n_micro - 1)
         P, m = [pairs[i] for i in chunk], len(chunk)
-        seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in P]
-        logp, ntok = dno.batch_logps(model, seqs, device, amp)  # (2m,) log pi(y|x), summed over tokens
+        logp_c, logp_r, ntok = dno.pair_logps(model, P, device, amp)   # (m,) log pi(y+|x), log pi(y-|x)
         ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in P], device=device)   # (m, 2) pi_t
         r = torch.tensor([[p["r_chosen"], p["r_rejected"]] for p in P], device=device)         # (m, 2) r_t
         target = 1.0 if cfg.target == "hard" else dno.soft_target(r[:, 0], r[:, 1])   # Alg. 2 | Alg. 1 (m,)
-        losses, st = dno.dno_loss(logp[:m], logp[m:], ref[:, 0], ref[:, 1], target=target, eta=cfg.eta)  # (m,)
+        losses, st = dno.dno_loss(logp_c, logp_r, ref[:, 0], ref[:, 1], target=target, eta=cfg.eta)  # (m,)
         # the mean over the global batch; FSDP averages gradients over ranks, hence * world
         (losses.sum() * (weight * world() / len(batch))).backward()
         acc += weight * torch.tensor([losses.sum().item(), st["margin"].item() * m, st["accuracy"].item() * m, m,

@@ -419,7 +419,16 @@ def test_parse_scores_dictionary_format():
     assert parse_scores('Format: {"1": 0, "2": 0}. Mine: {"1": 3, "2": 9}', 2) == [3.0, None]
     assert parse_scores('{"1": 3, "1": 4, "2": 2}', 3) == [None, 2.0, None]  # conflicting, missing
     assert "{{" not in oracle.RUBRIC_TEMPLATE.format(n=6, prompt="p", candidates="c")
-    assert '"6": <points>' in oracle.RUBRIC_TEMPLATE.format(n=6, prompt="p", candidates="c")
+    assert '"id6_score": <points>' in oracle.RUBRIC_TEMPLATE.format(n=6, prompt="p", candidates="c")
+    # the paper's Figure 3 output: one dictionary of per-candidate justifications and scores
+    fig3 = ('{"id1_justification": "Loops on the question 3 times; only relevant.", "id1_score": 1, '
+            '"id2_justification": "Correct but misses part 2.", "id2_score": 4, '
+            '"id3_justification": "Complete, accurate, concise.", "id3_score": 6}')
+    assert parse_scores("Here is my assessment.\n" + fig3, 3) == [1.0, 4.0, 6.0]
+    assert parse_scores(fig3.replace('"id3_score": 6', '"id3_score": 7'), 3) == [1.0, 4.0, None]
+    text = oracle.RUBRIC_TEMPLATE.format(n=6, prompt="p", candidates="c")   # the six criteria of Figure 3
+    assert [line[:2] for line in text.splitlines() if line[:1].isdigit()] == ["1.", "2.", "3.", "4.", "5.", "6."]
+    assert "repeat itself" in text and "no made-up facts" in text and "at most 100 words" in text
 
 
 # ----------------------------------------------------------------------------- budget for the whole run

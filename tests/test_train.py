@@ -362,3 +362,21 @@ def test_a_structured_judge_gets_messages_gold_and_id(task, tmp_path):
         pid = c["id"].split(":", 1)[1]
         assert c["gold"] == gold[pid] and c["gold"] in c["candidates"] and c["messages"][0]["role"] == "user"
     assert any(c["candidates"][-1] != c["gold"] for c in train_calls)     # shuffled: the gold is not always last
+
+
+def test_evaluate_rerenders_a_run_and_the_plot_is_optional(baseline, tmp_path, monkeypatch):
+    """`python evaluate.py --out RUN` re-renders metrics.jsonl, best.json and the table of a run; without matplotlib
+    the report warns once and still writes everything else."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline[0], out)
+    for name in ("metrics.jsonl", "best.json", "metrics.png"):
+        (out / name).unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)        # `import matplotlib` now raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        rows, mix, best = evaluate.report(str(out), "vs_init", final=True)
+    assert open(out / "metrics.jsonl").read() == open(baseline[0] / "metrics.jsonl").read()
+    assert json.load(open(out / "best.json"))["by"] == "winrate_vs_init on validation"
+    assert not (out / "metrics.png").exists() and [r["iter"] for r in rows] == [0, 1] and mix["iter"] == "mix"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--out", str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "best iterate: iter" in p.stdout and (out / "metrics.png").exists()

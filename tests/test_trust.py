@@ -168,3 +168,19 @@ def test_response_tokens_score_the_recorded_stop_token():
     assert train.response_tokens(tok, row, sample, 256) == [10, 11, 2]   # not <|im_end|> (4), the chat default
     assert train.response_tokens(tok, row, {**sample, "finish_reason": "length", "stop_token": None}, 256) == [10, 11]
     assert train.response_tokens(tok, row, "ab", 256)[-1] == 4           # the gold of a chat prompt: <|im_end|>
+
+
+def test_every_script_prints_its_help():
+    """--help of every script: its flags and their comments (a '%' in a comment once crashed argparse)."""
+    for script in ("train.py", "sample.py", "oracle.py", "dno.py", "evaluate.py", "demo_task.py", "prepare_data.py"):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0 and "--" in p.stdout and "Traceback" not in p.stderr, (script, p.stderr[-500:])
+
+
+# memory: an impossible configuration is refused from an estimate, in seconds, before any work
+def test_memory_check_refuses_an_impossible_config(task, tmp_path, monkeypatch):
+    t0 = time.time()
+    msg = run_inline(task, tmp_path / "out", monkeypatch, "--micro_batch", "100000000")
+    assert "lower --micro_batch" in msg and "GiB" in msg and time.time() - t0 < 30
+    assert not (tmp_path / "out" / "iter_0").exists()
