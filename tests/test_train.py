@@ -215,20 +215,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_matches_one_process(task, baseline, tmp_path):
-    """FSDP2 (gloo, CPU) over 2 ranks: reference log-probs and one training step match a single process."""
-    base, _, _ = baseline
+def one_and_two_ranks(task, base, tmp_path, *extra):
+    """Redo iteration 1's reference, checkpoint and eval of the baseline run in one process and under torchrun with
+    2 ranks (FSDP2 on gloo) -> the two run folders."""
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         shutil.copytree(base, d)
         for s in ("reference", "checkpoint", "eval"):
             shutil.rmtree(d / "iter_1" / s)
-    extra = ["--max_steps", "1", "--micro_batch", "1"]          # 4 pairs: 4 micro-steps, or 2 per rank
     run_ok(task, one, *extra)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        *cmd(task, two, *extra)[1:]], env=env_for(task), capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", *cmd(task, two, *extra)[1:]], env=env_for(task),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    return one, two
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_matches_one_process(task, baseline, tmp_path):
+    """FSDP2 (gloo, CPU) over 2 ranks: reference log-probs and one training step match a single process."""
+    one, two = one_and_two_ranks(task, baseline[0], tmp_path, "--max_steps", "1", "--micro_batch", "1")   # 4 pairs
     r1 = train.read_jsonl(one / "iter_1/reference/pairs.jsonl")
     r2 = train.read_jsonl(two / "iter_1/reference/pairs.jsonl")
     assert max(abs(a[k] - b[k]) for a, b in zip(r1, r2) for k in ("ref_chosen", "ref_rejected")) < 1e-4
@@ -313,18 +319,8 @@ def test_torchrun_fsdp2_bf16_params_on_gloo(task, baseline, tmp_path):
     reduction) run on CPU/gloo with --precision bf16, against one process with bf16 autocast. They round
     differently, and Adam's first step is ~lr * sign(grad), so compare update directions: cosine > 0.95
     (measured 0.995); the checkpoint stays fp32."""
-    base, _, _ = baseline
-    one, two = tmp_path / "one", tmp_path / "two"
-    for d in (one, two):
-        shutil.copytree(base, d)
-        for s in ("reference", "checkpoint", "eval"):
-            shutil.rmtree(d / "iter_1" / s)
-    extra = ["--max_steps", "1", "--micro_batch", "1", "--precision", "bf16"]
-    run_ok(task, one, *extra)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", *cmd(task, two, *extra)[1:]], env=env_for(task),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = one_and_two_ranks(task, baseline[0], tmp_path, "--max_steps", "1", "--micro_batch", "1",
+                                 "--precision", "bf16")
     w0 = load_file(task / "model/model.safetensors")
     d1, d2 = [torch.cat([(load_file(d / "iter_1/checkpoint/model.safetensors")[k] - w0[k]).flatten() for k in w0])
               for d in (one, two)]
