@@ -3,9 +3,11 @@
     from cli import cli
     cfg = cli(Config)                 # --name VALUE for every field; --help shows each field's trailing comment
     cfg = cli(Config, ["--lr", "1e-5"])
+    check(cfg, choices={"schedule": ("cosine", "linear")}, limits={"lr": (1e-300, math.inf, "finite and > 0")})
 """
 import argparse
 import inspect
+import math
 import re
 import sys
 from dataclasses import fields
@@ -39,6 +41,17 @@ def cli(cls, argv=None):
         p.add_argument(f"--{f.name}", type=typ, default=f.default, help=helps.get(f.name, " ").replace("%", "%%"))
     p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")   # a bad flag: one line, no usage dump
     return cls(**vars(p.parse_args(argv)))
+
+
+def check(cfg, choices=None, limits=None):
+    """Flag values against choices {name: allowed values} and limits {name: (lowest, highest, in words)}, every number
+    also finite: a one-line ValueError naming the first bad flag (scripts call it before any expensive work)."""
+    for name, ok in (choices or {}).items():
+        if getattr(cfg, name) not in ok:
+            raise ValueError(f"--{name} must be one of {', '.join(map(str, ok))}; got {getattr(cfg, name)!r}")
+    for name, (lo, hi, words) in (limits or {}).items():
+        if not (math.isfinite(getattr(cfg, name)) and lo <= getattr(cfg, name) <= hi):
+            raise ValueError(f"--{name} must be {words}; got {getattr(cfg, name)}")
 
 
 if __name__ == "__main__":

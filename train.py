@@ -47,7 +47,7 @@ import dno
 import evaluate
 import oracle
 import stages
-from cli import cli
+from cli import check, cli
 from model import Transformer
 from sample import generate, load_prompts
 from stages import barrier, print0, rank, read_jsonl, world
@@ -107,7 +107,7 @@ PRECISION = {"auto": None, "bf16": torch.bfloat16, "fp32": False}
 
 inf, tiny, GE0, GE1 = math.inf, 1e-300, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
 POS, UNIT = (tiny, inf, "finite and > 0"), (0, 1, "in [0, 1]")
-LIMITS = {  # flag: (lowest, highest, in words); every number must also be finite
+LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOICES before any work
     "iterations": GE1, "num_val": GE1, "prompts_per_iter": GE0, "num_samples": GE1, "max_new_tokens": GE1,
     "temperature": (0, inf, "finite and >= 0"), "eval_temperature": (0, inf, "finite and >= 0"),
     "top_p": (tiny, 1, "in (0, 1]"), "eta": POS, "lr": POS, "lr_decay": POS, "warmup": (0, 1 - 1e-9, "in [0, 1)"),
@@ -115,18 +115,6 @@ LIMITS = {  # flag: (lowest, highest, in words); every number must also be finit
     "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"), "concurrency": GE1,
     "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT, "position_audit": UNIT,
     "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"), "stage_pause": GE0}
-
-
-def validate(cfg):
-    """Every flag, before any model is loaded or built: one ValueError naming the first bad flag."""
-    for name, ok in CHOICES.items():
-        if getattr(cfg, name) not in ok:
-            raise ValueError(f"--{name} must be one of {', '.join(ok)}; got {getattr(cfg, name)!r}")
-    for name, (lo, hi, words) in LIMITS.items():
-        if not (math.isfinite(getattr(cfg, name)) and lo <= getattr(cfg, name) <= hi):
-            raise ValueError(f"--{name} must be {words}; got {getattr(cfg, name)}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
 @dataclass
@@ -203,8 +191,7 @@ def sample_split(run, policy, rows, k, seed, temperature):
 
 # ----------------------------------------------------------------------------- the steps of iteration t
 def step(run, t, name, make, inputs, flags, rank0=False):
-    """OUT/iter_t/<name>: reused when done and made from the same inputs and flags (stages.is_done), else
-    make(run, t, path, shape) computes and commits it (on rank 0 only when rank0). -> the stage folder."""
+    """OUT/iter_t/<name>, reused if done from the same inputs and flags, else made by make (on rank 0 if rank0)."""
     path = stage_dir(run, t, name)
     want = stages.shape(inputs, {f: getattr(run.cfg, f) for f in flags})
     if not stages.is_done(path, want):
@@ -300,8 +287,7 @@ def pair_len(p):
 
 
 def reference_step(run, t, pairs):
-    """Line 7's reference: log pi_t(y+|x), log pi_t(y-|x), computed once and stored with the pairs, so that
-    training holds a single model."""
+    """Line 7's reference log pi_t(y+|x), log pi_t(y-|x), once, stored with the pairs: training holds one model."""
     @torch.no_grad()
     def make(run, t, path, want):
         P, (model, _) = read_jsonl(os.path.join(pairs, "pairs.jsonl")), load_policy(policy_dir(run, t), run.device)
@@ -333,8 +319,7 @@ def train_pi(run, t, pairs):
 
 
 def eval_step(run, t):
-    """Line 9's data: pi_{t+1} (pi_1 for t = 0) answers the validation prompts; evaluate.py judges them against
-    pi_1's answers and the gold, in both orders."""
+    """Line 9's data: pi_{t+1} (pi_1 at t = 0) answers the validation prompts, judged vs pi_1 and gold."""
     policy, seed = run.pi_1 if t == 0 else stage_dir(run, t, "checkpoint"), run.cfg.seed * 1000 + 999
 
     def make(run, t, path, want):
@@ -431,7 +416,9 @@ def dno_prct(run):
 def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs, split. -> Run."""
     from model import ModelArgs, check_memory, load_tokenizer, read_config, resolve_model
-    validate(cfg)
+    check(cfg, CHOICES, LIMITS)                                 # every flag, before any model is loaded or built
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     device = stages.setup(cfg.device)
     print0("config: " + json.dumps(vars(cfg)))
     os.makedirs(cfg.out, exist_ok=True)
