@@ -191,7 +191,8 @@ def report(out, select_by="lc_vs_gold", final=False):
     """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; the table when final. Works on partial runs."""
     ts = [t for t in range(1000) if os.path.exists(os.path.join(out, f"iter_{t}", "eval", "done"))]
     if not ts:
-        raise FileNotFoundError(f"{out}: no evaluated iterate yet (no iter_0/eval/done)")
+        raise FileNotFoundError(f"{out}: no evaluated iterate yet (no iter_0/eval/done); first: python train.py "
+                                f"--out {out}")
     rows = [{**read_json(os.path.join(out, f"iter_{t}", "eval", "metrics.json")), **iteration_facts(out, t)}
             for t in ts]
     mix = mixture(out, ts) if len(ts) > 1 else None

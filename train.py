@@ -236,8 +236,9 @@ def judge_step(run, t, D_t, samples):
                 rank0=True)
 
 
-def pairs_step(run, t, D_t, samples, judgments, previous):
+def pairs_step(run, t, D_t, samples, judgments):
     """Lines 5-6: rank the K+1 candidates by win-rate r_t and keep (y+, y-) pairs (departure 3), plus replay."""
+    previous = [stage_dir(run, u, "pairs", "pairs.jsonl") for u in range(1, t)]   # iterations 1..t-1
     def make(run, t, path, want):
         rows = {r["id"]: r for r in D_t}
         judged = {j["id"]: j for j in read_jsonl(os.path.join(judgments, "judgments.jsonl"))}
@@ -261,8 +262,7 @@ def pairs_step(run, t, D_t, samples, judgments, previous):
                                 "r_chosen": float(r_t[p["chosen"]]), "r_rejected": float(r_t[p["rejected"]]),
                                 "chosen_tokens": response_tokens(run.tok, row, cands[p["chosen"]], run.context),
                                 "rejected_tokens": response_tokens(run.tok, row, cands[p["rejected"]], run.context)})
-        old = [[p for p in read_jsonl(stage_dir(run, u, "pairs", "pairs.jsonl")) if p["iter"] == u]
-               for u in range(t - 1, 0, -1)]                    # old[0] is iteration t-1
+        old = [[p for p in read_jsonl(f) if p["iter"] == u] for u, f in enumerate(previous, 1)][::-1]   # t-1 first
         pairs = dno.replay(current, old, seed=run.cfg.seed * 1000 + t, shares=dno.replay_shares(run.cfg.replay,
                                                                                                 len(old)))
         if not pairs:
@@ -404,8 +404,7 @@ def dno_prct(run):
         D_t = run.slices[t - 1]                                 # line 3: a fresh slice of prompts, each with gold
         samples = sample_step(run, t, D_t)                      # line 4: y_1..y_K ~ pi_t(.|x) for x in D_t
         judgments = judge_step(run, t, D_t, samples)            # line 5: P on {y_1..y_K, y_gold}
-        previous = [stage_dir(run, u, "pairs", "pairs.jsonl") for u in range(1, t)]
-        pairs = pairs_step(run, t, D_t, samples, judgments, previous)   # lines 5-6: rank, large-margin pairs
+        pairs = pairs_step(run, t, D_t, samples, judgments)     # lines 5-6: rank, large-margin pairs (+ replay)
         pairs = reference_step(run, t, pairs)                   # line 7: log pi_t(y|x), the reference
         train_pi(run, t, pairs)                                 # line 7: pi_{t+1} by the contrastive loss
         eval_step(run, t)                                       # line 9's data: pi_{t+1} on validation
