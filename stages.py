@@ -71,6 +71,8 @@ def on_rank0(fn, *args):
 def setup(device_name):
     """-> torch.device; under torchrun (WORLD_SIZE > 1) also the process group: nccl on GPU, gloo on CPU."""
     from datetime import timedelta
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
@@ -87,6 +89,15 @@ def gather(items):
     parts = [None] * world()
     dist.all_gather_object(parts, items)
     return [x for p in parts for x in p]
+
+
+def sum_over_ranks(x, device):
+    """x summed over every rank (through the device: nccl reduces device tensors only); x itself in one process."""
+    if world() == 1:
+        return x
+    x = x.to(device)
+    dist.all_reduce(x)
+    return x.cpu()
 
 
 def for_training(model, grad_ckpt=False, bf16=False):
@@ -256,6 +267,13 @@ def lock(out):
         atexit.register(unlock, out)
         return path
     raise StageError(f"cannot take {path}")
+
+
+def finish(out):
+    """At the end of a run, or on its error: release OUT/lock and, under torchrun, the process group."""
+    unlock(out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def unlock(out):

@@ -41,14 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import dno
 import evaluate
 import oracle
 import stages
 from cli import check, cli
-from model import Transformer
+from model import ModelArgs, Transformer, check_memory, load_tokenizer, read_config, resolve_model
 from sample import generate, load_prompts
 from stages import barrier, print0, rank, read_jsonl, world
 
@@ -103,8 +102,6 @@ CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": (
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "bf16", "fp32")}
 PRECISION = {"auto": None, "bf16": torch.bfloat16, "fp32": False}
-
-
 inf, tiny, GE0, GE1 = math.inf, 1e-300, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
 POS, UNIT = (tiny, inf, "finite and > 0"), (0, 1, "in [0, 1]")
 LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOICES before any work
@@ -134,7 +131,7 @@ class Run:
     amp: object = None              # autocast dtype of log-probs: None = bf16 on GPU only, torch.bfloat16, False
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data and models
 def split(rows, cfg):
     """Held-out validation + T disjoint training slices D_t (the paper split its prompts over the iterations)."""
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
@@ -162,9 +159,7 @@ def candidates(row, sample):
     return sample["samples"] + ([row["gold"]] if row["gold"] else [])
 
 
-# ----------------------------------------------------------------------------- models
 def load_policy(path, device):
-    from model import load_tokenizer
     return Transformer.from_pretrained(path, device=device), load_tokenizer(path)
 
 
@@ -357,10 +352,7 @@ def train_step(model, opt, pairs, batch, cfg, device, amp=None):
         (losses.sum() * (weight * world() / len(batch))).backward()
         acc += weight * torch.tensor([losses.sum().item(), st["margin"].item() * m, st["accuracy"].item() * m, m,
                                       ntok], dtype=torch.float64)
-    if world() > 1:                                             # nccl reduces device tensors only
-        acc = acc.to(device)
-        dist.all_reduce(acc)
-        acc = acc.cpu()
+    acc = stages.sum_over_ranks(acc, device)
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -414,11 +406,8 @@ def dno_prct(run):
 # ----------------------------------------------------------------------------- setup
 def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs, split. -> Run."""
-    from model import ModelArgs, check_memory, load_tokenizer, read_config, resolve_model
     check(cfg, CHOICES, LIMITS)                                 # every flag, before any model is loaded or built
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    device = stages.setup(cfg.device)
+    device = stages.setup(cfg.device)                           # --device cuda without a GPU: one line
     print0("config: " + json.dumps(vars(cfg)))
     os.makedirs(cfg.out, exist_ok=True)
     judge, fn = evaluate.make_judge(cfg)                        # a bad --judge is refused before the demo's SFT
@@ -456,9 +445,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("error: interrupted; finished stages are kept, rerun the same command to resume")
     finally:
-        stages.unlock(cfg.out)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        stages.finish(cfg.out)                                  # the lock, and the process group under torchrun
 
 
 if __name__ == "__main__":
