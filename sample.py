@@ -292,25 +292,30 @@ def read_prompts(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            p = row.get("prompt") if isinstance(row, dict) else None
-            if p is None:
-                raise ValueError(f"{path}:{n}: missing 'prompt'")
-            if not isinstance(p, str) and not (isinstance(p, list) and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in p)):
-                raise ValueError(f"{path}:{n}: 'prompt' must be a string or a list of "
-                                 "{\"role\": str, \"content\": str} messages")
-            if not (p.strip() if isinstance(p, str) else any(m["content"].strip() for m in p)):
-                raise ValueError(f"{path}:{n}: empty 'prompt'")
-            rows.append({**row, "id": row.get("id", n), "line": n})
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:                                                   # a non-UTF-8 file: one line naming it (CLI and train.py)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for n, line in enumerate(text.split("\n"), 1):   # as iterating the file would number them
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        p = row.get("prompt") if isinstance(row, dict) else None
+        if p is None:
+            raise ValueError(f"{path}:{n}: missing 'prompt'")
+        if not isinstance(p, str) and not (isinstance(p, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in p)):
+            raise ValueError(f"{path}:{n}: 'prompt' must be a string or a list of "
+                             "{\"role\": str, \"content\": str} messages")
+        if not (p.strip() if isinstance(p, str) else any(m["content"].strip() for m in p)):
+            raise ValueError(f"{path}:{n}: empty 'prompt'")
+        rows.append({**row, "id": row.get("id", n), "line": n})
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
@@ -354,11 +359,7 @@ def load_prompts(path, tok, max_prompt_tokens):
     the optional gold response (a string) and unique ids; prompts longer than max_prompt_tokens are skipped and
     counted (train.py's departure 1)."""
     rows, skipped, seen = [], 0, set()
-    try:
-        raw = read_prompts(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    for r in raw:
+    for r in read_prompts(path):
         where, rid = f"{path}:{r['line']}", str(r["id"])
         if not (r.get("gold") is None or isinstance(r["gold"], str)):
             raise ValueError(f"{where}: 'gold' must be a string")
