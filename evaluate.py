@@ -32,7 +32,8 @@ import numpy as np
 
 import oracle
 from cli import cli
-from stages import print0, read_json, read_jsonl, write_atomic
+from distributed import print0
+from stages import read_json, read_jsonl, write_atomic
 
 SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_vs_init": "lc_winrate_vs_init",
           "vs_init": "winrate_vs_init"}
@@ -126,9 +127,9 @@ def audit(outcomes, keys):
 
 
 # ----------------------------------------------------------------------------- judging an iterate
-def judge_eval(run, t, path, outs, commit):
-    """pi_{t+1}'s validation answers `outs` vs pi_1's (iteration 0's) and vs gold, both orders each, then
-    commit(files, counts) the stage: samples, judgments, per-prompt outcomes, metrics."""
+def judge_eval(run, t, outs):
+    """pi_{t+1}'s validation answers `outs` vs pi_1's (iteration 0's) and vs gold, both orders each.
+    -> (the eval stage's files: samples, judgments, per-prompt outcomes, metrics; its counts)."""
     new, run_rows = {o["id"]: o["samples"][0] for o in outs}, {r["id"]: r for r in run.val}
     tok = lambda text: len(run.tok.encode(text, add_special_tokens=False))
     opponents = {"gold": {r["id"]: (r["gold"], tok(r["gold"])) for r in run.val if r["gold"]}}
@@ -152,8 +153,8 @@ def judge_eval(run, t, path, outs, commit):
             o["init"], o["d_init"] = [0.5, 0.5], 0
     m = {"iter": t, "model": "pi_1" if t == 0 else f"iter_{t}/checkpoint", **metrics(outcomes),
          "judge_audit": audit(outcomes, ["gold"] + (["init"] if t else []))}
-    commit({"samples.jsonl": outs, "judgments.jsonl": judged, "outcomes.jsonl": outcomes, "metrics.json": m},
-           {"prompts": len(run.val)})
+    files = {"samples.jsonl": outs, "judgments.jsonl": judged, "outcomes.jsonl": outcomes, "metrics.json": m}
+    return files, {"prompts": len(run.val)}
 
 
 def metrics(outcomes):

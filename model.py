@@ -1,7 +1,8 @@
 """A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face checkpoint I/O.
 
     python model.py                                   # CPU demo: tiny random model, save -> load
-    from model import Transformer, resolve_model, load_tokenizer, check_memory
+    from model import Transformer
+    from model_io import check_memory, load_tokenizer, resolve_model
     path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
     tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
     m = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
@@ -22,7 +23,7 @@ its own rope position (number of real tokens so far) and a (N, S) key-validity m
 `prefill` runs B prompts once and writes each prompt's keys into N // B consecutive cache rows (its K samples);
 `keep_rows` drops finished rows in place.
 
-Folders, hub ids, tokenizers and memory budgets live in model_io.py (re-exported here). A folder's mistakes are
+Folders, hub ids, tokenizers and memory budgets live in model_io.py (import them from there). A folder's mistakes are
 one-line `ModelError`s (a ValueError) naming the file: config.json lacking a key or describing an unsupported
 model; tensors missing, unexpected or mis-shaped; custom code ("auto_map"), which is refused, never run.
 
@@ -39,8 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_io import (ModelError, check_fits, check_memory, load_tokenizer, read_config, read_weights,  # noqa: F401
-                      resolve_model, write_weights)  # re-exported: `from model import resolve_model, ...` still works
+from model_io import ModelError, check_fits, read_config, read_weights, write_weights
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}

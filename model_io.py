@@ -198,6 +198,16 @@ def load_tokenizer(path):
         raise ModelError(f"{path}: cannot load a tokenizer ({one_line(e)})") from None
 
 
+
+def check_vocab(tokenizer, vocab_size, path):
+    """A tokenizer with token ids past the model's embedding table (config.json vocab_size) is a
+    one-line ModelError, raised where tokenizer and model meet, before any work."""
+    top = max(tokenizer.get_vocab().values(), default=-1)   # added tokens included
+    if top >= vocab_size:
+        raise ModelError(f"{path}: the tokenizer has token ids up to {top}, but the model's "
+                         f"vocabulary (config.json vocab_size) has {vocab_size}: use the tokenizer "
+                         "the model was trained with")
+
 # ---- memory: estimate before anything is allocated ----
 def count_params(args) -> int:
     """Parameters of model.Transformer(args: model.ModelArgs), counted by hand from the shapes (no allocation)."""

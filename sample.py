@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from cli import cli
 from model import ModelArgs, Transformer
-from model_io import load_tokenizer, resolve_model
+from model_io import check_vocab, load_tokenizer, read_config, resolve_model
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
@@ -288,7 +288,7 @@ def naive_greedy(model, prompts, max_new_tokens):
 def read_prompts(path):
     """Prompts JSONL -> rows: each line's object with "id" (default: the line number) and "line" added. A line needs
     "prompt": a non-empty string or a list of {"role": str, "content": str} messages; a bad line is a one-line
-    ValueError naming path:line. train.py reads its prompts with this too."""
+    ValueError naming path:line. train.load_prompts reads its prompts with this too."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} not found")
     rows = []
@@ -354,26 +354,6 @@ def check_config(cfg: Config):
         raise PermissionError(f"cannot write --out {cfg.out}")
 
 
-def load_prompts(path, tok, max_prompt_tokens):
-    """train.py's prompts: read_prompts' rows -> ([{"id": str, "prompt", "gold", "prompt_tokens"}], n_skipped). Checks
-    the optional gold response (a string) and unique ids; prompts longer than max_prompt_tokens are skipped and
-    counted (train.py's departure 1)."""
-    rows, skipped, seen = [], 0, set()
-    for r in read_prompts(path):
-        where, rid = f"{path}:{r['line']}", str(r["id"])
-        if not (r.get("gold") is None or isinstance(r["gold"], str)):
-            raise ValueError(f"{where}: 'gold' must be a string")
-        if rid in seen:
-            raise ValueError(f"{where}: duplicate id {rid!r}")
-        seen.add(rid)
-        ids = encode_prompt(tok, r["prompt"])
-        if len(ids) > max_prompt_tokens:                        # departure 1
-            skipped += 1
-            continue
-        rows.append({"id": rid, "prompt": r["prompt"], "gold": r.get("gold") or None, "prompt_tokens": ids})
-    return rows, skipped
-
-
 def run(cfg: Config):
     check_config(cfg)
     rows = read_prompts(cfg.prompts)
@@ -382,6 +362,7 @@ def run(cfg: Config):
         raise ValueError(f"{cfg.prompts}: duplicate ids")
     path = resolve_model(cfg.model)  # a folder as is, or a hub id ORG/NAME -> its cached snapshot, as transformers
     tok = load_tokenizer(path)       # before the weights: a broken tokenizer fails in a second
+    check_vocab(tok, ModelArgs.from_hf_config(read_config(path)).vocab_size, path)   # before any work
     model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, ids=ids,

@@ -202,7 +202,7 @@ def test_second_iteration_replay_and_rollback(task, baseline, tmp_path):
     assert [m["iter"] for m in m2] == [0, 1, 2, "mix"] and m2[2]["provenance"]["replay"] > 0
     n_calls = len(open(log).readlines())
     first = artifacts(out)
-    stdout = run_ok(task, out, "--iterations", "2", "--rollback", "1", log=log)
+    stdout = run_ok(task, out, "--iterations", "2", "--rollback", "2", log=log)   # redo iteration 2
     assert "rollback: removing iter_2" in stdout and "iter 1 | samples: start" not in stdout
     assert artifacts(out) == first and len(open(log).readlines()) == n_calls   # all answers came from the cache
 

@@ -1,0 +1,352 @@
+"""iteration.py: the six stages of DNO iteration t (Algorithm 2, lines 4-9) -- samples, judgments,
+pairs, reference, checkpoint, eval -- each declared up front by what it reads (STAGES). train.py's
+`dno_prct` calls them in order.
+
+    python iteration.py          # demo: the built-in task's iteration 1, stage by stage (CPU, ~1 min)
+
+A stage is the folder OUT/iter_t/<name>/ (stages.py). `todo` hashes the inputs a stage declares and
+records the Config fields it declares; a finished stage made from the same is reused, any other is
+refused in one line. Sampling and reference log-probs are split across ranks; rank 0 judges and
+writes (distributed.py).
+
+Departures from the paper: train.py's 2 (the scored end token, `response_tokens`), 3 (rank by
+win-rate among the K+1 candidates, `make_pairs`) and 7 (a judged stage with too many failures is
+not committed, evaluate.ask) live here.
+"""
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+
+import dno
+import evaluate
+import oracle
+import stages
+from distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
+from distributed import world
+from model import Transformer
+from model_io import load_tokenizer
+from optimize import optimize, pair_len
+from sample import generate
+from stages import StageError, read_jsonl
+
+
+# ------------------------------------------------------------------------ what each stage reads
+class Reads(NamedTuple):
+    inputs: tuple       # what the stage reads, each hashed (bytes or records) into its manifest
+    flags: tuple        # the Config fields that shape its files, each recorded by value
+
+
+# Declared up front: `todo` records exactly these and a resume reuses a stage only when all match (a
+# flag an old manifest lacks is a mismatch). Every train.Config field is a flag here, a file read as
+# an input (train.INPUT_FIELDS) or in train.NO_ARTIFACT: tests/test_declared.py walks the fields.
+JUDGE = ("judge", "judge_model", "base_url", "judge_context", "seed")   # the oracle's answers
+SAMPLING = ("max_new_tokens", "top_p", "seed")
+TRAINING = ("target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs",
+            "max_steps", "weight_decay", "grad_clip", "seed")
+STAGES = {
+    "samples": Reads(("policy", "prompts"),
+                     ("prompts_per_iter", "num_val", "num_samples", "temperature") + SAMPLING),
+    "judgments": Reads(("prompts", "samples"), JUDGE + ("position_audit",)),
+    "pairs": Reads(("prompts", "samples", "judgments", "earlier_pairs"),
+                   ("pairs", "replay", "seed")),
+    "reference": Reads(("policy", "pairs"), ("precision",)),
+    "checkpoint": Reads(("policy", "pairs"), ("precision",) + TRAINING),
+    "eval": Reads(("policy", "val", "init"), ("num_val", "eval_temperature") + SAMPLING + JUDGE),
+}
+
+
+@dataclass
+class Run:
+    """What every stage reads: the config, pi_1, the prompts split into D_1..D_T and validation."""
+    cfg: object                     # train.Config
+    out: str                        # the run folder
+    pi_1: str                       # the initial policy's folder
+    tok: object                     # its tokenizer (every iterate shares it)
+    context: int                    # the policy's context length, in tokens
+    val: list                       # validation rows {"id", "prompt", "gold", "prompt_tokens"}
+    slices: list                    # D_1..D_T, lists of prompt rows
+    skipped: int                    # over-long prompts skipped (departure 1)
+    device: torch.device
+    judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
+    fn: object = None               # a Python judge function, when --judge names one
+    amp: object = False             # autocast dtype of training and log-probs: bf16 or False
+
+
+# ------------------------------------------------------------------------ candidates and policies
+def response_tokens(tok, row, cand, context):
+    """Token ids of a candidate (a sample dict or the gold string) with the token that ended it
+    (departure 2), cut to the context left after the prompt."""
+    if isinstance(cand, str):
+        end = tok.eos_token_id
+        if isinstance(row["prompt"], list) and "<|im_end|>" in tok.get_vocab():
+            end = tok.convert_tokens_to_ids("<|im_end|>")
+        ids = tok.encode(cand, add_special_tokens=False) + [end]
+    else:
+        ids = list(cand["tokens"])
+        if cand.get("stop_token") is not None:
+            ids.append(cand["stop_token"])
+    return ids[:max(1, context - len(row["prompt_tokens"]))]
+
+
+def candidates(row, sample):
+    """The K+1 candidates of line 5: pi_t's K samples, then the gold response (if any) last."""
+    return sample["samples"] + ([row["gold"]] if row["gold"] else [])
+
+
+def texts(cands):
+    return [c if isinstance(c, str) else c["text"] for c in cands]
+
+
+def load_policy(path, device):
+    return Transformer.from_pretrained(path, device=device), load_tokenizer(path)
+
+
+def policy_dir(run, t):
+    """pi_t: the initial policy for t = 1, else the checkpoint trained in iteration t-1."""
+    if t <= 1:
+        return run.pi_1
+    return stages.stage_dir(run.out, t - 1, "checkpoint")
+
+
+def sample_split(run, policy, rows, k, seed, temperature):
+    """k samples per prompt from a policy; prompts split across ranks, gathered in order."""
+    model, tok = load_policy(policy, run.device)
+    mine = rows[rank()::world()]
+    outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k,
+                    ids=[r["id"] for r in mine], max_new_tokens=run.cfg.max_new_tokens,
+                    temperature=temperature, top_p=run.cfg.top_p, seed=seed,
+                    progress=rank() == 0)
+    by_id = dict(gather([(r["id"], o) for r, o in zip(mine, outs)]))
+    return [{"id": r["id"], "samples": by_id[r["id"]]} for r in rows]
+
+
+# ------------------------------------------------------------------------ one stage
+def todo(run, t, name, **inputs):
+    """-> (OUT/iter_t/<name>, shape): shape is None when the stage is done from these inputs and
+    its declared flags (STAGES); else the shape to record, its .tmp folder made ready (rank 0)."""
+    reads = STAGES[name]
+    if set(inputs) != set(reads.inputs):
+        raise TypeError(f"stage {name} declares {reads.inputs}, was given {tuple(inputs)}")
+    want = stages.shape(inputs, {f: getattr(run.cfg, f) for f in reads.flags})
+    path = stages.stage_dir(run.out, t, name)
+    if stages.is_done(run.out, t, name, want):
+        return path, None
+    print0(f"iter {t} | {name}: start")
+    if rank() == 0:
+        stages.start(run.out, t, name)
+    return path, want
+
+
+def commit(run, t, name, want, files, counts):
+    manifest = {"shape": want, "counts": counts}
+    stages.commit(run.out, t, name, files, manifest, run.cfg, run.cfg.stage_pause)
+
+
+# ------------------------------------------------------------------------ the stages of iteration t
+def sample_step(run, t, D_t):
+    """Line 4: K samples per prompt of D_t from pi_t."""
+    policy = policy_dir(run, t)
+    path, want = todo(run, t, "samples", policy=policy, prompts=D_t)
+    if want is None:
+        return path
+    seed = run.cfg.seed * 1000 + t
+    out = sample_split(run, policy, D_t, run.cfg.num_samples, seed, run.cfg.temperature)
+    if rank() == 0:
+        n = sum(len(o["samples"]) for o in out)
+        counts = {"prompts": len(D_t), "skipped_long_prompts": run.skipped, "samples": n}
+        commit(run, t, "samples", want, {"samples.jsonl": out}, counts)
+    barrier()
+    return path
+
+
+def judge_step(run, t, D_t, samples):
+    """Line 5: the oracle judges the K+1 candidates of each prompt (shuffled, cached, budgeted)."""
+    path, want = todo(run, t, "judgments", prompts=D_t, samples=samples)
+    if want is not None:
+        on_rank0(judge_samples, run, t, D_t, samples, want)
+        barrier()
+    return path
+
+
+def judge_samples(run, t, D_t, samples, want):
+    rows = {r["id"]: r for r in D_t}
+    prefix = f"train{t}:"
+    items = []
+    for s in read_jsonl(os.path.join(samples, "samples.jsonl")):
+        row = rows[s["id"]]
+        gold = len(s["samples"]) if row["gold"] else None
+        items.append({"id": prefix + s["id"], "prompt": row["prompt"],
+                      "candidates": texts(candidates(row, s)), "gold_index": gold})
+    results, summary = evaluate.ask(run, items, f"iter {t} judgments")
+    judged = [{**r, "id": s["id"][len(prefix):]} for r, s in zip(results, items)]
+    audit = {k: summary.get(k) for k in ("order_disagreement", "position", "truncated")}
+    counts = {"items": len(items), "ok": sum(r["ok"] for r in results), "judge": audit}
+    commit(run, t, "judgments", want, {"judgments.jsonl": judged}, counts)
+
+
+def pairs_step(run, t, D_t, samples, judgments):
+    """Lines 5-6: rank the K+1 candidates by win-rate r_t, keep (y+, y-) pairs, plus replay."""
+    earlier = [stages.stage_dir(run.out, u, "pairs", "pairs.jsonl") for u in range(1, t)]
+    path, want = todo(run, t, "pairs", prompts=D_t, samples=samples, judgments=judgments,
+                      earlier_pairs=[stages.sha(f) for f in earlier])
+    if want is not None:
+        on_rank0(make_pairs, run, t, D_t, samples, judgments, earlier, want)
+        barrier()
+    return path
+
+
+def make_pairs(run, t, D_t, samples, judgments, earlier, want):
+    rows = {r["id"]: r for r in D_t}
+    judged = {j["id"]: j for j in read_jsonl(os.path.join(judgments, "judgments.jsonl"))}
+    current, tables, teacher = [], [], []
+    for s in read_jsonl(os.path.join(samples, "samples.jsonl")):   # joined by id, not position
+        row, res = rows.get(s["id"]), judged.get(s["id"])
+        if row is None or res is None:
+            raise StageError(f"{samples}: prompt id {s['id']!r} has no prompt row or no judgment")
+        if not res["ok"]:
+            continue                                    # a failed judgment never becomes a pair
+        r_t = dno.winrates(res["P"])                    # (K+1,) r_t(y) among the candidates
+        tables.append(res["P"])
+        if row["gold"]:
+            gold = len(s["samples"])
+            teacher.append((r_t[gold], res["scores"][gold]))
+        current += prompt_pairs(run, t, row, s, res, r_t)
+    old = [[p for p in read_jsonl(f) if p["iter"] == u] for u, f in enumerate(earlier, 1)]
+    old = old[::-1]                                     # t-1 first
+    shares = dno.replay_shares(run.cfg.replay, len(old))
+    pairs = dno.replay(current, old, seed=run.cfg.seed * 1000 + t, shares=shares)
+    if not pairs:
+        raise ValueError(f"iteration {t}: no pairs survived selection ({len(tables)}/{len(judged)} "
+                         f"prompts judged ok); nothing to train on - inspect {judgments} or change "
+                         "the judge")
+    prov = {k: sum(p["provenance"] == k for p in current) for k in dno.PROVENANCE}
+    prov["replay"] = len(pairs) - len(current)
+    print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
+    counts = {"pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
+              "judged": len(judged),
+              "preferences": dno.diagnostics(tables),   # cycles, BT vs win-rate ranking
+              "teacher_winrate": float(np.mean([w for w, _ in teacher])) if teacher else None,
+              "teacher_score": float(np.mean([s for _, s in teacher])) if teacher else None}
+    commit(run, t, "pairs", want, {"pairs.jsonl": pairs}, counts)
+
+
+def prompt_pairs(run, t, row, s, res, r_t):
+    """Line 6 for one prompt (departure 3): its (y+, y-) pairs, both sides' tokens and r_t."""
+    cands = candidates(row, s)
+    gold = len(s["samples"]) if row["gold"] else None
+    bad = [dno.is_defective(x) for x in texts(cands)]
+    if run.cfg.pairs == "margin":
+        chosen = dno.select_pairs(res["scores"], gold, bad, kind=res["score_kind"])   # line 6
+    else:
+        chosen = dno.all_pairs(r_t, bad, gold)          # Alg. 1's mu: every candidate pair
+    out = []
+    for p in chosen:
+        y_plus, y_minus = cands[p["chosen"]], cands[p["rejected"]]
+        out.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
+                    "r_chosen": float(r_t[p["chosen"]]), "r_rejected": float(r_t[p["rejected"]]),
+                    "chosen_tokens": response_tokens(run.tok, row, y_plus, run.context),
+                    "rejected_tokens": response_tokens(run.tok, row, y_minus, run.context)})
+    return out
+
+
+def reference_step(run, t, pairs):
+    """Line 7's reference log pi_t(y+|x), log pi_t(y-|x), once, stored with the pairs (so training
+    holds one model)."""
+    policy = policy_dir(run, t)
+    path, want = todo(run, t, "reference", policy=policy, pairs=pairs)
+    if want is None:
+        return path
+    P = read_jsonl(os.path.join(pairs, "pairs.jsonl"))
+    for i, c, r in gather(reference_logps(run, policy, P)):
+        P[i].update(ref_chosen=c, ref_rejected=r)
+    if rank() == 0:
+        commit(run, t, "reference", want, {"pairs.jsonl": P}, {"pairs": len(P)})
+    barrier()
+    return path
+
+
+@torch.no_grad()
+def reference_logps(run, policy, P):
+    """This rank's share of the pairs -> [(index, log pi_t(y+|x), log pi_t(y-|x))]."""
+    model, _ = load_policy(policy, run.device)
+    mine = sorted(range(len(P))[rank()::world()], key=lambda i: pair_len(P[i]))   # little padding
+    mb = run.cfg.micro_batch
+    got = []
+    for k in range(0, len(mine), mb):
+        idx = mine[k:k + mb]
+        c, r, _ = dno.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
+        got += list(zip(idx, c.tolist(), r.tolist()))
+    return got
+
+
+def train_pi(run, t, pairs):
+    """Line 7: pi_{t+1} = argmax of the contrastive objective on the pairs, reference pi_t."""
+    policy = policy_dir(run, t)
+    path, want = todo(run, t, "checkpoint", policy=policy, pairs=pairs)
+    if want is None:
+        return path
+    model, tok = load_policy(policy, run.device)
+    for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16)   # FSDP2 (torchrun)
+    P = read_jsonl(os.path.join(pairs, "pairs.jsonl"))
+    log = optimize(model, P, run.cfg, t, run.device, run.amp)
+    sd = full_state_dict(model)                         # under torchrun: gathered on CPU, else None
+    on_rank0(save_checkpoint, run, t, want, model, tok, sd, log)
+    barrier()
+    return path
+
+
+def save_checkpoint(run, t, want, model, tok, state_dict, log):
+    """pi_{t+1} in the HF layout, then the stage; a full disk is one line and commits nothing."""
+    tmp = stages.stage_dir(run.out, t, "checkpoint") + ".tmp"
+    try:
+        model.save_pretrained(tmp, tokenizer=tok, state_dict=state_dict)
+    except (OSError, SafetensorError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StageError(f"iter_{t}/checkpoint: cannot save the checkpoint in {tmp} ({why}); "
+                         "free disk space, then rerun the same command to resume") from None
+    commit(run, t, "checkpoint", want, {"train_log.jsonl": log}, {"steps": len(log)})
+
+
+def eval_step(run, t):
+    """Line 9's data: pi_{t+1} (pi_1 at t = 0) answers the validation prompts, judged vs pi_1 and
+    the gold; then the run's report (metrics.jsonl, best.json)."""
+    policy = run.pi_1
+    init = None
+    if t > 0:
+        policy = stages.stage_dir(run.out, t, "checkpoint")
+        init = stages.stage_dir(run.out, 0, "eval", "samples.jsonl")
+    path, want = todo(run, t, "eval", policy=policy, val=run.val, init=init)
+    if want is not None:
+        seed = run.cfg.seed * 1000 + 999
+        outs = sample_split(run, policy, run.val, 1, seed, run.cfg.eval_temperature)
+        on_rank0(judge_eval, run, t, want, outs)
+        barrier()
+    on_rank0(evaluate.report, run.out, run.cfg.select_by, t == run.cfg.iterations)
+    return path
+
+
+def judge_eval(run, t, want, outs):
+    files, counts = evaluate.judge_eval(run, t, outs)
+    commit(run, t, "eval", want, files, counts)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from train import Config, prepare
+    with tempfile.TemporaryDirectory() as d:
+        run = prepare(Config(out=d, iterations=1, num_val=20))
+        D_1 = run.slices[0]
+        samples = sample_step(run, 1, D_1)
+        judgments = judge_step(run, 1, D_1, samples)
+        pairs = reference_step(run, 1, pairs_step(run, 1, D_1, samples, judgments))
+        for path in (samples, judgments, pairs, train_pi(run, 1, pairs)):
+            counts = stages.read_json(os.path.join(path, "manifest.json"))["counts"]
+            print(f"{os.path.relpath(path, d)}: {counts}")
+        again = todo(run, 1, "samples", policy=run.pi_1, prompts=D_1)
+        print("the same samples stage again: reused =", again[1] is None)
+        stages.unlock(d)
