@@ -1,6 +1,6 @@
-"""distributed.py: the process plumbing torchrun needs -- the device and the process group, rank, world, print0,
-barrier, on_rank0, gather, sum_over_ranks, FSDP2 wrapping and the full state dict. In one process every call is a
-no-op or the identity, so train.py reads the same with or without torchrun.
+"""distributed.py: the process plumbing torchrun needs -- the device and the process group, rank,
+world, print0, barrier, on_rank0, gather, sum_over_ranks, FSDP2 wrapping and the full state dict.
+In one process every call is a no-op or the identity, so train.py reads the same either way.
 
     python distributed.py                                   # demo: one process
     torchrun --nproc_per_node=2 distributed.py              # demo: 2 ranks on gloo (CPU)
@@ -33,7 +33,8 @@ def barrier():
 
 
 def on_rank0(fn, *args):
-    """Run fn(*args) on rank 0 only (judging, writing); a user-facing error there stops every rank with one line."""
+    """Run fn(*args) on rank 0 only (judging, writing); a user-facing error there stops every rank
+    with one line."""
     err = None
     if rank() == 0:
         try:
@@ -50,7 +51,8 @@ def on_rank0(fn, *args):
 
 
 def setup(device_name):
-    """-> torch.device; under torchrun (WORLD_SIZE > 1) also the process group: nccl on GPU, gloo on CPU."""
+    """-> torch.device; under torchrun (WORLD_SIZE > 1) also the process group: nccl on GPU, gloo
+    on CPU."""
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
@@ -80,7 +82,8 @@ def gather(items):
 
 
 def sum_over_ranks(x, device):
-    """x summed over every rank (through the device: nccl reduces device tensors only); x in one process."""
+    """x summed over every rank (through the device: nccl reduces device tensors only); x itself in
+    one process."""
     if world() == 1:
         return x
     x = x.to(device)
@@ -89,9 +92,9 @@ def sum_over_ranks(x, device):
 
 
 def for_training(model, grad_ckpt=False, bf16=False):
-    """Activation checkpointing per block (optional), then under torchrun FSDP2: each block, then the root. With
-    bf16 the sharded fp32 parameters are all-gathered and computed in bf16, gradients reduced in fp32. Parameter
-    names are unchanged, so the state dict saves as is."""
+    """Activation checkpointing per block (optional), then under torchrun FSDP2: each block, then
+    the root. With bf16 the sharded fp32 parameters are all-gathered and computed in bf16, gradients
+    reduced in fp32. Parameter names are unchanged, so the state dict saves as is."""
     model.train()
     if grad_ckpt:
         from torch.distributed._composable import checkpoint
@@ -109,11 +112,13 @@ def for_training(model, grad_ckpt=False, bf16=False):
 
 
 def full_state_dict(model):
-    """Under torchrun: the full (unsharded) state dict gathered on CPU (every rank must call it); else None."""
+    """Under torchrun: the full (unsharded) state dict gathered on CPU (every rank must call it);
+    else None."""
     if world() == 1:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 pairs, reference, checkpoint, eval -- each declared up front by what it reads (STAGES). train.py's
 `dno_prct` calls them in order.
 
-    python iteration.py          # demo: the built-in task's iteration 1, stage by stage (CPU, ~1 min)
+    python iteration.py          # demo: the built-in task's iteration 1, stage by stage (CPU)
 
 A stage is the folder OUT/iter_t/<name>/ (stages.py). `todo` hashes the inputs a stage declares and
 records the Config fields it declares; a finished stage made from the same is reused, any other is

@@ -99,10 +99,10 @@ def test_check_fails_with_a_hard_target(setup):
 
 
 def test_train_py_step_with_target_soft_is_algorithm_1(setup):
-    """The same regression through the pipeline's own step (train.train_step on stored pairs with r_t of both
+    """The same regression through the pipeline's own step (optimize.train_step on stored pairs with r_t of both
     sides, --target soft): it reaches the ideal update too, so `python train.py --target soft` trains Alg. 1."""
     from types import SimpleNamespace
-    import train
+    import optimize
     model, ref_logp, seqs, pairs, r, _ = setup
     stored = [{"prompt_tokens": seqs[i][0], "chosen_tokens": seqs[i][1], "rejected_tokens": seqs[j][1],
                "ref_chosen": ref_logp[i].item(), "ref_rejected": ref_logp[j].item(),
@@ -112,6 +112,6 @@ def test_train_py_step_with_target_soft_is_algorithm_1(setup):
         pi = copy.deepcopy(model)
         opt = torch.optim.Adam(pi.parameters(), lr=1e-2)
         for _ in range(200):
-            train.train_step(pi, opt, stored, list(range(len(stored))), cfg, torch.device("cpu"))
+            optimize.train_step(pi, opt, stored, list(range(len(stored))), cfg, torch.device("cpu"))
         err = errors(pi, ref_logp, seqs, pairs, r, ETA)
         assert (np.abs(err).max() < TOL) == ok, (target, err)
