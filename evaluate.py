@@ -188,9 +188,9 @@ def mixture(out, ts, seed=0):
     return {"iter": "mix", "model": f"unif(pi_1..pi_{len(ts)})", **metrics(drawn)}
 
 
-def report(out, select_by="lc_vs_gold", final=False):
-    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; the table when final. Works on partial runs."""
-    ts = [t for t in range(1000) if os.path.exists(os.path.join(out, f"iter_{t}", "eval", "done"))]
+def report(out, select_by="lc_vs_gold", final=False, last=999):
+    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; iterations 0..last; the table when final."""
+    ts = [t for t in range(last + 1) if os.path.exists(os.path.join(out, f"iter_{t}", "eval", "done"))]
     if not ts:
         raise FileNotFoundError(f"{out}: no evaluated iterate yet (no iter_0/eval/done); first: python train.py "
                                 f"--out {out}")

@@ -325,7 +325,8 @@ def eval_step(run, t):
         outs = sample_split(run, policy, run.val, 1, seed, run.cfg.eval_temperature)
         on_rank0(judge_eval, run, t, want, outs)
         barrier()
-    on_rank0(evaluate.report, run.out, run.cfg.select_by, t == run.cfg.iterations)
+    final = t == run.cfg.iterations                     # the report reads verified iterations only
+    on_rank0(evaluate.report, run.out, run.cfg.select_by, final, t)
     return path
 
 
