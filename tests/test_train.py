@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 import train  # noqa: E402
+from stages import read_jsonl  # noqa: E402
 from tiny import make_hf_model  # noqa: E402
 
 STAGES = ["samples", "judgments", "pairs", "reference", "checkpoint", "eval"]
@@ -116,11 +117,11 @@ def test_one_iteration_end_to_end(task, baseline):
             assert (d / "done").exists() and not (out / f"iter_{t}" / f"{s}.tmp").exists(), d
             m = json.load(open(d / "manifest.json"))
             assert m["stage"] == s and m["iter"] == t and m["config"]["num_samples"] == 3 and m["shape"]["inputs"]
-    samples = train.read_jsonl(out / "iter_1/samples/samples.jsonl")
+    samples = read_jsonl(out / "iter_1/samples/samples.jsonl")
     assert len(samples) == 6 and all(len(s["samples"]) == 3 for s in samples)
-    judged = train.read_jsonl(out / "iter_1/judgments/judgments.jsonl")
+    judged = read_jsonl(out / "iter_1/judgments/judgments.jsonl")
     assert len(judged) == 6 and all(j["ok"] and len(j["scores"]) == 4 for j in judged)   # K samples + gold
-    pairs = train.read_jsonl(out / "iter_1/reference/pairs.jsonl")
+    pairs = read_jsonl(out / "iter_1/reference/pairs.jsonl")
     assert pairs and all(p["provenance"] in ("gold>sample", "sample>gold", "sample>sample", "defect") for p in pairs)
     # the stored reference log-probs are pi_1's, recomputed here with transformers (the slow, obvious path)
     from transformers import AutoModelForCausalLM
@@ -135,9 +136,9 @@ def test_one_iteration_end_to_end(task, baseline):
     new, old = load_file(ck / "model.safetensors"), load_file(task / "model/model.safetensors")
     assert max((new[k] - old[k]).abs().max().item() for k in old) > 1e-4
     assert AutoModelForCausalLM.from_pretrained(ck) is not None and (ck / "tokenizer.json").exists()
-    steps = train.read_jsonl(ck / "train_log.jsonl")
+    steps = read_jsonl(ck / "train_log.jsonl")
     assert len(steps) == len(STEP_LINE.findall(stdout)) == -(-len(pairs) // 4)
-    metrics = train.read_jsonl(out / "metrics.jsonl")
+    metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["iter"] for m in metrics] == [0, 1, "mix"]               # the iterates, then their mixture (Alg. 1)
     metrics, mix = metrics[:2], metrics[2]
     assert mix["winrate_vs_gold"] is not None and mix["model"] == "unif(pi_1..pi_2)"
@@ -198,7 +199,7 @@ def test_second_iteration_replay_and_rollback(task, baseline, tmp_path):
     out, log = tmp_path / "run", tmp_path / "calls.jsonl"
     shutil.copytree(base, out)
     run_ok(task, out, "--iterations", "2", log=log)            # resumes: only iteration 2 runs
-    m2 = train.read_jsonl(out / "metrics.jsonl")
+    m2 = read_jsonl(out / "metrics.jsonl")
     assert [m["iter"] for m in m2] == [0, 1, 2, "mix"] and m2[2]["provenance"]["replay"] > 0
     n_calls = len(open(log).readlines())
     first = artifacts(out)
@@ -235,15 +236,15 @@ def one_and_two_ranks(task, base, tmp_path, *extra):
 def test_torchrun_two_ranks_matches_one_process(task, baseline, tmp_path):
     """FSDP2 (gloo, CPU) over 2 ranks: reference log-probs and one training step match a single process."""
     one, two = one_and_two_ranks(task, baseline[0], tmp_path, "--max_steps", "1", "--micro_batch", "1")   # 4 pairs
-    r1 = train.read_jsonl(one / "iter_1/reference/pairs.jsonl")
-    r2 = train.read_jsonl(two / "iter_1/reference/pairs.jsonl")
+    r1 = read_jsonl(one / "iter_1/reference/pairs.jsonl")
+    r2 = read_jsonl(two / "iter_1/reference/pairs.jsonl")
     assert max(abs(a[k] - b[k]) for a, b in zip(r1, r2) for k in ("ref_chosen", "ref_rejected")) < 1e-4
     w1, w2 = [load_file(d / "iter_1/checkpoint/model.safetensors") for d in (one, two)]
     w0 = load_file(task / "model/model.safetensors")
     assert w1.keys() == w2.keys()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4   # the step did move the weights
-    assert len(train.read_jsonl(two / "metrics.jsonl")) == 3
+    assert len(read_jsonl(two / "metrics.jsonl")) == 3
 
 
 # ----------------------------------------------------------------------------- bad inputs: one line, no traceback
@@ -333,11 +334,11 @@ def test_soft_target_on_all_pairs_end_to_end(task, tmp_path):
     stores r_t of both sides (win-rates among the K+1 candidates), oriented so that r_t(y+) >= r_t(y-)."""
     out = tmp_path / "run"
     run_ok(task, out, "--target", "soft", "--pairs", "all")
-    pairs = train.read_jsonl(out / "iter_1/reference/pairs.jsonl")
+    pairs = read_jsonl(out / "iter_1/reference/pairs.jsonl")
     assert len(pairs) >= 6 * 3 and all(p["r_chosen"] >= p["r_rejected"] for p in pairs)
     assert {"gold>sample", "sample>sample"} <= {p["provenance"] for p in pairs}
     assert json.load(open(out / "iter_1/checkpoint/manifest.json"))["shape"]["flags"]["target"] == "soft"
-    assert [m["iter"] for m in train.read_jsonl(out / "metrics.jsonl")] == [0, 1, "mix"]
+    assert [m["iter"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, "mix"]
 
 
 def test_a_structured_judge_gets_messages_gold_and_id(task, tmp_path):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from test_train import FLAGS, ROOT, baseline, cmd, env_for, free_port, run_inline, run_ok, task  # noqa: F401
+from stages import read_jsonl  # noqa: E402
 import iteration  # noqa: E402
 import stages  # noqa: E402
 import train  # noqa: E402
@@ -59,8 +60,8 @@ def test_failed_judgments_above_the_threshold_are_not_committed(task, tmp_path, 
     monkeypatch.syspath_prepend(str(task))
     train.main(["--out", str(out), "--model", str(task / "model"), "--prompts", str(task / "prompts.jsonl"), *FLAGS,
                 "--judge", "halfjudge:half", "--max_failure_rate", "1.0"])     # the user accepts the failures
-    prompts = {r["id"]: r["prompt"] for r in train.read_jsonl(task / "prompts.jsonl")}
-    judged = train.read_jsonl(out / "iter_1" / "judgments" / "judgments.jsonl")
+    prompts = {r["id"]: r["prompt"] for r in read_jsonl(task / "prompts.jsonl")}
+    judged = read_jsonl(out / "iter_1" / "judgments" / "judgments.jsonl")
     assert [j["ok"] for j in judged] == ["say dog" not in prompts[j["id"]] for j in judged] and not all(
         j["ok"] for j in judged)
 
