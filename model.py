@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from model_io import (ModelError, check_fits, check_memory, load_tokenizer, read_config, read_weights,  # noqa: F401
                       resolve_model, write_weights)  # re-exported: `from model import resolve_model, ...` still works
+from model_io import stored_dtype
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}
@@ -424,15 +425,19 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.config = cfg  # keep every field of the original config.json for save_pretrained
         model.source = path  # its generation_config.json (eos list, top_p, ...) is copied by save_pretrained
+        model.save_dtype = stored_dtype(path)  # save_pretrained writes this dtype back (bf16 stays bf16)
         return model.eval()
 
-    def save_pretrained(self, path, tokenizer=None, state_dict=None):
+    def save_pretrained(self, path, tokenizer=None, state_dict=None, dtype=None):
         """Write config.json, generation_config.json, model.safetensors (+ tokenizer files). state_dict: a full
         (gathered) state dict when the module itself is sharded, e.g. under FSDP2. generation_config.json is the
-        source folder's, unchanged, when the model was loaded from one that has it; else built from config.json."""
+        source folder's, unchanged, when the model was loaded from one that has it; else built from config.json.
+        dtype: the weights' dtype on disk; None = the dtype the loaded checkpoint was stored in (a bf16 folder
+        trained in float32 is saved bf16 again), or the tensors' own dtype for a model built in memory."""
         path = Path(path)
+        dtype = dtype or getattr(self, "save_dtype", None)
         write_weights(path, state_dict if state_dict is not None else self.state_dict(), self.config,
-                      self.args.tie_embeddings, getattr(self, "source", None))
+                      self.args.tie_embeddings, getattr(self, "source", None), dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 

@@ -119,9 +119,31 @@ def read_weights(path, device, dtype, tied) -> dict:
     return state
 
 
-def write_weights(path, state, config, tied, source=None):
+def stored_dtype(path):
+    """The dtype most of a folder's weights are stored in, read from the safetensors headers (None if unknown)."""
+    count = {}
+    try:
+        for file in weight_files(Path(path)):
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for name, t in header.items():
+                if name != "__metadata__" and t["dtype"] in SAFETENSORS_DTYPES:
+                    n = 1
+                    for d in t["shape"]:
+                        n *= d
+                    count[t["dtype"]] = count.get(t["dtype"], 0) + n
+    except (OSError, ValueError, KeyError, TypeError):  # a header we cannot read: keep the tensors' own dtype
+        return None
+    return SAFETENSORS_DTYPES[max(count, key=count.get)] if count else None
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def write_weights(path, state, config, tied, source=None, dtype=None):
     """{our name: tensor} -> path/model.safetensors in transformers' names, config.json (config, dtype updated) and
-    generation_config.json: source's (a model folder) copied unchanged when it has one, else built from config."""
+    generation_config.json: source's (a model folder) copied unchanged when it has one, else built from config.
+    dtype: cast the floating-point tensors to it (None: as they are)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -130,7 +152,10 @@ def write_weights(path, state, config, tied, source=None):
         if tied and name == "lm_head.weight":
             continue  # tied: transformers re-ties it from embed_tokens
         prefix = next(p for p in HF_PREFIX if name.startswith(p))
-        out[HF_PREFIX[prefix] + name[len(prefix):]] = t.detach().contiguous().cpu()
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[HF_PREFIX[prefix] + name[len(prefix):]] = t.contiguous().cpu()
     dtype = next(iter(out.values())).dtype
     cfg = dict(config, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=tied)
     cfg.pop("torch_dtype", None)

@@ -102,6 +102,7 @@ CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": (
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "bf16", "fp32")}
 PRECISION = {"auto": None, "bf16": torch.bfloat16, "fp32": False}
+SAVE_DTYPE = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: the dtype of pi_1's files
 inf, tiny, GE0, GE1 = math.inf, 1e-300, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
 POS, UNIT = (tiny, inf, "finite and > 0"), (0, 1, "in [0, 1]")
 LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOICES before any work
@@ -307,7 +308,8 @@ def train_pi(run, t, pairs):
         sd = stages.full_state_dict(model)                      # under torchrun: gathered on CPU, else None
         if rank() == 0:
             commit(run, path, want, {"train_log.jsonl": log}, {"steps": len(log)},
-                   save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=sd))
+                   save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=sd,
+                                                        dtype=SAVE_DTYPE[run.cfg.precision]))
     return step(run, t, "checkpoint", make, {"policy": policy_dir(run, t), "pairs": pairs},
                 ["target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs", "max_steps",
                  "weight_decay", "grad_clip", "seed"])

@@ -179,3 +179,22 @@ def test_sharded_checkpoint(tmp_path):
     next((tmp_path / "s").glob("model-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="shard"):
         Transformer.from_pretrained(tmp_path / "s")
+
+
+def test_checkpoint_keeps_its_dtype(tmp_path):
+    """A bf16 folder loaded in float32 (as train.py does) and saved again stays bf16, same size; dtype= overrides."""
+    make_hf_model("qwen3", tmp_path / "m")
+    Transformer.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    m = Transformer.from_pretrained(tmp_path / "bf16")
+    assert m.embed_tokens.weight.dtype == torch.float32
+    m.save_pretrained(tmp_path / "again")
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("again") == size("bf16")
+    again = Transformer.from_pretrained(tmp_path / "again")
+    assert again.save_dtype == torch.bfloat16
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "bfloat16"
+    for k, v in m.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    m.save_pretrained(tmp_path / "fp32", dtype=torch.float32)
+    assert size("fp32") > 1.9 * size("bf16")
+    assert Transformer.from_pretrained(tmp_path / "fp32").save_dtype == torch.float32
