@@ -62,6 +62,7 @@ class Config:
     prompts_per_iter: int = 0       # size of each disjoint slice D_t; 0 = the training prompts split evenly over T
     num_val: int = 200              # held-out validation prompts (line 9: the best iterate is chosen on them)
     num_samples: int = 5            # K responses per prompt from pi_t (line 4; the paper: 5)
+    sample_rows: int = 0            # (prompt, sample) rows the sampler decodes at once; 0 = what fits
     max_new_tokens: int = 32        # response length cap (the demo needs 14; raise it for real tasks)
     temperature: float = 0.7        # sampling temperature (the paper: 0.7)
     top_p: float = 0.95             # nucleus sampling (the paper: 0.95)
@@ -106,6 +107,7 @@ SAVE_DTYPE = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # au
 inf, tiny, GE0, GE1 = math.inf, 1e-300, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
 POS, UNIT = (tiny, inf, "finite and > 0"), (0, 1, "in [0, 1]")
 LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOICES before any work
+    "sample_rows": GE0,
     "iterations": GE1, "num_val": GE1, "prompts_per_iter": GE0, "num_samples": GE1, "max_new_tokens": GE1,
     "temperature": (0, inf, "finite and >= 0"), "eval_temperature": (0, inf, "finite and >= 0"),
     "top_p": (tiny, 1, "in (0, 1]"), "eta": POS, "lr": POS, "lr_decay": POS, "warmup": (0, 1 - 1e-9, "in [0, 1)"),
@@ -180,7 +182,7 @@ def sample_split(run, policy, rows, k, seed, temperature):
     mine = rows[rank()::world()]
     outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k, max_new_tokens=run.cfg.max_new_tokens,
                     temperature=temperature, top_p=run.cfg.top_p, seed=seed, ids=[r["id"] for r in mine],
-                    progress=rank() == 0)
+                    rows=run.cfg.sample_rows, progress=rank() == 0)
     by_id = dict(stages.gather([(r["id"], o) for r, o in zip(mine, outs)]))
     return [{"id": r["id"], "samples": by_id[r["id"]]} for r in rows]
 
