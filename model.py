@@ -309,9 +309,9 @@ class Transformer(nn.Module):
         emb = torch.cat((f, f), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _trunk(self, idx, pos, mask, fill=None, step=None, select=None, targets=None):
+    def _trunk(self, idx, pos, mask, fill=None, step=None, select=None, targets=None, rope=None):
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self._rope(pos, x.dtype)
+        cos, sin = self._rope(pos, x.dtype) if rope is None else rope
         for layer in self.layers:
             x = layer(x, cos, sin, mask, fill, step)
         if select is not None:      # only the rows that are scored go through the norm and the vocab projection
@@ -354,12 +354,14 @@ class Transformer(nn.Module):
         if kv is None or kv.shape != (n_rows, max_seq_len) or kv.device != device:
             self.key_valid = torch.zeros(n_rows, max_seq_len, dtype=torch.bool, device=device)  # buffers:
             self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # CUDA graphs mutate them
+        cos, sin = self._rope(torch.arange(max_seq_len, device=device)[None], dtype)  # (1, 1, S, D)
+        self.rope_table = cos[0, 0], sin[0, 0]  # (S, D): decode looks its positions up
 
     def clear_cache(self):
         """Free the KV cache (e.g. before training the same module)."""
         for layer in self.layers:
             layer.self_attn.cache = None
-        self.key_valid, self.next_pos, self._full_rows = None, None, []
+        self.key_valid, self.next_pos, self._full_rows, self.rope_table = None, None, [], None
 
     def _start_rows(self, rows, lens):  # rows (n,) now hold prompts of lens (n,) tokens in slots [0, len)
         slots = torch.arange(self.key_valid.shape[1], device=rows.device)
@@ -418,7 +420,9 @@ class Transformer(nn.Module):
         if self.args.sliding_window:
             k_slots = torch.arange(kv_len, device=tok.device)
             mask = mask & (pos[:, None] - k_slots < self.args.sliding_window)
-        logits = self._trunk(tok[:, None], pos[:, None], mask[:, None, None], step=(pos, kv_len))[:, -1]
+        cos, sin = (t[pos][:, None, None] for t in self.rope_table)  # (N, 1, 1, D)
+        logits = self._trunk(tok[:, None], pos[:, None], mask[:, None, None], step=(pos, kv_len),
+                             rope=(cos, sin))[:, -1]
         self.next_pos.add_(1).clamp_(max=self.key_valid.shape[1] - 1)
         return logits
 

@@ -132,7 +132,7 @@ def sample_tokens(logits, u, temperature, top_p, sort=None):
     miss = (~_in_nucleus(probs, tok, top_p)).nonzero()[:, 0]  # rows whose first candidate is rejected
     if len(miss):
         p, second = probs[miss], cand[miss, 1]
-        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second, _sample_sorted(p, u[miss, 2], top_p))
+        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second, _sample_top(p, u[miss, 2], top_p))
     return tok
 
 
@@ -150,6 +150,17 @@ def _sample_sorted(probs, u, top_p):  # probs (N, V), u (N,) -> (N,): inverse CD
     probs, order = probs.sort(dim=-1, descending=True)
     probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # keep while the mass above is < top_p
     return order.gather(1, _inverse_cdf(probs, u[:, None]))[:, 0]
+
+
+def _sample_top(probs, u, top_p, k=64):  # _sample_sorted over the top k tokens only, k x4 until they hold
+    V = probs.shape[1]                     # the nucleus (mass >= top_p): no full-vocabulary sort
+    while True:
+        top, order = probs.topk(min(k, V), dim=-1)  # (N, k) sorted, descending
+        if k >= V or bool((top.sum(-1) >= top_p).all()):
+            break
+        k *= 4
+    top = top * ((top.cumsum(-1) - top) < top_p)
+    return order.gather(1, _inverse_cdf(top, u[:, None]))[:, 0]
 
 
 def left_pad(prompts, pad_id=0):
@@ -251,8 +262,9 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
             break
         n = len(rows.job)
         ar = torch.arange(n, device=dev)
-        tok = sample_tokens(logits, rows.u[ar, rows.t.clamp(max=M - 1)], temperature, top_p)  # (n,)
-        rows.out[ar, rows.t.clamp(max=M - 1)] = tok
+        t = rows.t.clamp(max=M - 1)  # idle rows stay in bounds
+        tok = sample_tokens(logits, rows.u[ar, t], temperature, top_p)  # (n,)
+        rows.out[ar, t] = tok
         done = (rows.t >= M - 1) | torch.isin(tok, stop_t)  # (n,) this token ends the row's job
         rows.t += 1
         rows.pos += 1

@@ -201,6 +201,18 @@ def test_sorted_top_p_path_matches_the_nucleus_on_cpu():
         assert wrong > df + 8 * math.sqrt(2 * df)  # the test sees a wrong top_p
 
 
+def test_top_k_nucleus_equals_the_full_sort():
+    """The CPU fallback's nucleus from topk (grown x4 until it holds top_p) draws exactly what sorting the
+    whole vocabulary draws, also when the nucleus is wider than the first k."""
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.1, 1.0, 8.0):  # flat (nucleus of hundreds of tokens) to peaked (a few)
+        probs = torch.softmax(scale * torch.randn(50, 1000, generator=g), -1)
+        u = torch.rand(50, generator=g)
+        for top_p in (0.5, 0.95, 1.0):
+            want = sample._sample_sorted(probs, u, top_p)
+            assert torch.equal(sample._sample_top(probs, u, top_p, k=16), want), (scale, top_p)
+
+
 def inductor_error():
     """Why torch.compile's default backend cannot run here, or None (e.g. no C compiler)."""
     try:
