@@ -44,6 +44,7 @@ import torch
 
 import dno
 import evaluate
+import lora
 import oracle
 import stages
 from cli import check, cli
@@ -78,6 +79,8 @@ class Config:
     micro_batch: int = 8            # pairs per forward pass per rank (gradient accumulation makes up the rest)
     epochs: float = 1.0             # passes over the pairs per iteration (the paper: <= 1)
     max_steps: int = 0              # stop after this many optimizer steps (0 = no cap)
+    lora_rank: int = 0              # rank-r adapters on the projections (lora.py), merged on save; 0 = off
+    lora_alpha: float = 16.0        # adapter scale alpha / lora_rank
     grad_ckpt: bool = False         # activation checkpointing per block: recompute in backward, far less memory
     precision: str = "auto"         # auto (bf16 compute on GPU, fp32 on CPU) | bf16 | fp32, for training and log-probs
     weight_decay: float = 0.0       # AdamW weight decay
@@ -107,7 +110,7 @@ SAVE_DTYPE = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # au
 inf, tiny, GE0, GE1 = math.inf, 1e-300, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
 POS, UNIT = (tiny, inf, "finite and > 0"), (0, 1, "in [0, 1]")
 LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOICES before any work
-    "sample_rows": GE0,
+    "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS,
     "iterations": GE1, "num_val": GE1, "prompts_per_iter": GE0, "num_samples": GE1, "max_new_tokens": GE1,
     "temperature": (0, inf, "finite and >= 0"), "eval_temperature": (0, inf, "finite and >= 0"),
     "top_p": (tiny, 1, "in (0, 1]"), "eta": POS, "lr": POS, "lr_decay": POS, "warmup": (0, 1 - 1e-9, "in [0, 1)"),
@@ -304,17 +307,20 @@ def train_pi(run, t, pairs):
     """Line 7: pi_{t+1} = argmax of the contrastive objective on the pairs, reference pi_t (dno.dno_loss)."""
     def make(run, t, path, want):
         model, tok = load_policy(policy_dir(run, t), run.device)
+        if run.cfg.lora_rank:                                   # fresh adapters on pi_t, all else frozen
+            lora.add_lora(model, run.cfg.lora_rank, run.cfg.lora_alpha)
         stages.for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16 or (   # FSDP2 under torchrun
             run.amp is None and run.device.type == "cuda"))
         log = optimize(model, read_jsonl(os.path.join(pairs, "pairs.jsonl")), run, t)
         sd = stages.full_state_dict(model)                      # under torchrun: gathered on CPU, else None
         if rank() == 0:
             commit(run, path, want, {"train_log.jsonl": log}, {"steps": len(log)},
-                   save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=sd,
-                                                        dtype=SAVE_DTYPE[run.cfg.precision]))
+                   save=lambda d: model.save_pretrained(d, tokenizer=tok, state_dict=lora.merged_state_dict(
+                       model, sd), dtype=SAVE_DTYPE[run.cfg.precision]))
     return step(run, t, "checkpoint", make, {"policy": policy_dir(run, t), "pairs": pairs},
                 ["target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs", "max_steps",
-                 "weight_decay", "grad_clip", "seed"])
+                 "weight_decay", "grad_clip", "seed",
+                 "lora_rank", "lora_alpha"])
 
 
 def eval_step(run, t):
@@ -432,7 +438,8 @@ def prepare(cfg):
     print0(f"prompts: {len(rows)} usable, {skipped} skipped (prompt + max_new_tokens longer than {args.max_seq_len})")
     longest = min(args.max_seq_len, max((len(r["prompt_tokens"]) for r in rows), default=1) + cfg.max_new_tokens + 1)
     est = check_memory(args, device, micro_batch=cfg.micro_batch, seq_len=longest, grad_ckpt=cfg.grad_ckpt,
-                       seqs_per_item=2, shards=world())             # a pair is two sequences; FSDP shards the rest
+                       seqs_per_item=2, shards=world(),             # a pair is two sequences; FSDP shards the rest
+                       lora_rank=cfg.lora_rank)
     print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} tokens "
            f"({est['params'] / 1e6:.1f}M parameters)")
     val, slices = split(rows, cfg)
