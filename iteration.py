@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 import dno
 import evaluate
+import lora
 import oracle
 import stages
 from distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
@@ -46,7 +47,7 @@ class Reads(NamedTuple):
 JUDGE = ("judge", "judge_model", "base_url", "judge_context", "seed")   # the oracle's answers
 SAMPLING = ("max_new_tokens", "top_p", "seed")
 TRAINING = ("target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs",
-            "max_steps", "weight_decay", "grad_clip", "seed")
+            "max_steps", "weight_decay", "grad_clip", "seed", "lora_rank", "lora_alpha")
 STAGES = {
     "samples": Reads(("policy", "prompts"),
                      ("prompts_per_iter", "num_val", "num_samples", "temperature") + SAMPLING),
@@ -74,6 +75,7 @@ class Run:
     judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
     fn: object = None               # a Python judge function, when --judge names one
     amp: object = False             # autocast dtype of training and log-probs: bf16 or False
+    save_dtype: object = None       # checkpoints' dtype on disk; None: pi_1's (--precision auto)
 
 
 # ------------------------------------------------------------------------ candidates and policies
@@ -119,7 +121,7 @@ def sample_split(run, policy, rows, k, seed, temperature):
     outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k,
                     ids=[r["id"] for r in mine], max_new_tokens=run.cfg.max_new_tokens,
                     temperature=temperature, top_p=run.cfg.top_p, seed=seed,
-                    progress=rank() == 0)
+                    rows=run.cfg.sample_rows, progress=rank() == 0)
     by_id = dict(gather([(r["id"], o) for r, o in zip(mine, outs)]))
     return [{"id": r["id"], "samples": by_id[r["id"]]} for r in rows]
 
@@ -290,6 +292,8 @@ def train_pi(run, t, pairs):
     if want is None:
         return path
     model, tok = load_policy(policy, run.device)
+    if run.cfg.lora_rank:                               # fresh adapters on pi_t, the rest frozen
+        lora.add_lora(model, run.cfg.lora_rank, run.cfg.lora_alpha)
     for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16)   # FSDP2 (torchrun)
     P = read_jsonl(os.path.join(pairs, "pairs.jsonl"))
     log = optimize(model, P, run.cfg, t, run.device, run.amp)
@@ -303,7 +307,9 @@ def save_checkpoint(run, t, want, model, tok, state_dict, log):
     """pi_{t+1} in the HF layout, then the stage; a full disk is one line and commits nothing."""
     tmp = stages.stage_dir(run.out, t, "checkpoint") + ".tmp"
     try:
-        model.save_pretrained(tmp, tokenizer=tok, state_dict=state_dict)
+        if run.cfg.lora_rank:                           # W + scale B A: a plain HF folder again
+            state_dict = lora.merged_state_dict(model, state_dict)
+        model.save_pretrained(tmp, tokenizer=tok, state_dict=state_dict, dtype=run.save_dtype)
     except (OSError, SafetensorError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise StageError(f"iter_{t}/checkpoint: cannot save the checkpoint in {tmp} ({why}); "

@@ -17,11 +17,12 @@ tied embeddings) and Qwen3ForCausalLM (RMSNorm on q and k per head). Checkpoints
 sharded index), never pickle. Our parameter names are transformers' names without the "model." prefix, so the
 whole checkpoint mapping is model_io.HF_PREFIX.
 
-KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per layer. A batch of
-prompts is LEFT-padded to a common length T0 so every row writes cache slot T0 + t at decode step t; each row keeps
-its own rope position (number of real tokens so far) and a (N, S) key-validity mask hides its padding slots.
-`prefill` runs B prompts once and writes each prompt's keys into N // B consecutive cache rows (its K samples);
-`keep_rows` drops finished rows in place.
+KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per layer. Each row
+holds one sequence from slot 0 with no padding; its next slot (next_pos, also its rope position) and a (N, S)
+key-validity mask are per row, so rows start and end at different steps (continuous batching). `prefill` runs
+RIGHT-padded prompts once and writes each into the rows named for it (a prompt's K samples); `copy_rows` starts
+a row from a prompt already in another row; `decode` writes every row's own next slot; `keep_rows` drops idle
+rows in place.
 
 Folders, hub ids, tokenizers and memory budgets live in model_io.py (import them from there). A folder's mistakes are
 one-line `ModelError`s (a ValueError) naming the file: config.json lacking a key or describing an unsupported
@@ -40,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_io import ModelError, check_fits, read_config, read_weights, write_weights
+from model_io import (ModelError, check_fits, read_config, read_weights, stored_dtype,
+                      write_weights)
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}
@@ -169,12 +171,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, slots, k, v):  # slots (T,); k/v (B, H_kv, T, D) with B dividing N: row b -> rows b*K..b*K+K-1
-        rep = self.k.shape[0] // k.shape[0]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+    def fill(self, rows, src, k, v):  # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j]
+        self.k[rows, :, :k.shape[2]] = k[src]
+        self.v[rows, :, :k.shape[2]] = v[src]
+
+    def write(self, pos, k, v):  # decode: row r writes its slot pos[r]; pos (N,), k/v (N, H_kv, 1, D)
+        r = torch.arange(len(pos), device=pos.device)
+        self.k[r, :, pos] = k[:, :, 0]
+        self.v[r, :, pos] = v[:, :, 0]
 
 
 class Attention(nn.Module):
@@ -189,7 +193,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.norm_eps), RMSNorm(a.head_dim, a.norm_eps)
         self.cache = None
 
-    def forward(self, x, cos, sin, mask, slots=None, kv_len=None):
+    def forward(self, x, cos, sin, mask, fill=None, step=None):
+        """fill (rows, src): prefill, write k/v into those cache rows; step (pos, kv_len): decode, write slot
+        pos (N,) of every row, then attend over cache slots [0, kv_len)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
@@ -197,10 +203,11 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        if slots is not None:       # write this chunk into the cache (prefill: each prompt into its K rows)
-            self.cache.write(slots, k, v)
-            if kv_len is not None:  # decode: attend over cache slots [0, kv_len); prefill attends its own k/v
-                k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
+        if fill is not None:        # prefill attends its own k/v
+            self.cache.fill(*fill, k, v)
+        if step is not None:
+            self.cache.write(step[0], k, v)
+            k, v = self.cache.k[:, :, :step[1]], self.cache.v[:, :, :step[1]]
         if mask is None:            # training / unpadded: causal, fused kernel, GQA without copying k/v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:                       # fold the G query heads sharing a kv head into the time axis: no k/v repeat
@@ -230,8 +237,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, mask, slots=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, kv_len)
+    def forward(self, x, cos, sin, mask, fill=None, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, fill, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -302,13 +309,11 @@ class Transformer(nn.Module):
         emb = torch.cat((f, f), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _trunk(self, idx, pos, mask, slots=None, kv_len=None, last_only=False, select=None, targets=None):
+    def _trunk(self, idx, pos, mask, fill=None, step=None, select=None, targets=None, rope=None):
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self._rope(pos, x.dtype)
+        cos, sin = self._rope(pos, x.dtype) if rope is None else rope
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, slots, kv_len)
-        if last_only:
-            x = x[:, -1:]
+            x = layer(x, cos, sin, mask, fill, step)
         if select is not None:      # only the rows that are scored go through the norm and the vocab projection
             x = x[select]           # (N, C)
             if targets is not None:
@@ -333,33 +338,63 @@ class Transformer(nn.Module):
         return self._trunk(idx, pos, mask, select=select, targets=targets)
 
     # ---- KV cache (sample.py) ----
-    def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
+    def setup_cache(self, n_rows, max_seq_len, dtype=None, device=None):
         """Preallocate a static (N, H_kv, S, D) cache per layer; same-shaped caches are reused (torch.compile)."""
         w = self.embed_tokens.weight
         dtype, device = dtype or w.dtype, torch.device(device or w.device)
-        shape = (batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
+        shape = (n_rows, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
         for m, name, x in self._full_rows:  # undo keep_rows: the full-size tensors (compiled graphs point at them)
             setattr(m, name, x)
         self._full_rows = []
         for layer in self.layers:
             c = layer.self_attn.cache
             if c is None or c.k.shape != shape or c.k.dtype != dtype or c.k.device != device:
-                layer.self_attn.cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
-                                                dtype, device)
+                layer.self_attn.cache = KVCache(*shape[:3], self.args.head_dim, dtype, device)
         kv = self.key_valid
-        if kv is None or kv.shape != (batch_size, max_seq_len) or kv.device != device:
-            self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # buffers:
-            self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # CUDA graphs may mutate them
+        if kv is None or kv.shape != (n_rows, max_seq_len) or kv.device != device:
+            self.key_valid = torch.zeros(n_rows, max_seq_len, dtype=torch.bool, device=device)  # buffers:
+            self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # CUDA graphs mutate them
+        cos, sin = self._rope(torch.arange(max_seq_len, device=device)[None], dtype)  # (1, 1, S, D)
+        self.rope_table = cos[0, 0], sin[0, 0]  # (S, D): decode looks its positions up
 
     def clear_cache(self):
         """Free the KV cache (e.g. before training the same module)."""
         for layer in self.layers:
             layer.self_attn.cache = None
-        self.key_valid, self.next_pos, self._full_rows = None, None, []
+        self.key_valid, self.next_pos, self._full_rows, self.rope_table = None, None, [], None
+
+    def _start_rows(self, rows, lens):  # rows (n,) now hold prompts of lens (n,) tokens in slots [0, len)
+        slots = torch.arange(self.key_valid.shape[1], device=rows.device)
+        self.key_valid[rows] = slots < lens[:, None]
+        self.next_pos[rows] = lens
+
+    @torch.no_grad()
+    def prefill(self, idx, lens, rows, src):
+        """Run B RIGHT-padded prompts idx (B, T) of lens (B,) tokens once; prompt src[j] fills cache row rows[j]
+        (slots [0, T), the padding masked), so one prompt can start several samples. Causal attention never
+        sees the padding on the right. Returns each prompt's last-token logits (B, V)."""
+        B, T = idx.shape
+        slots = torch.arange(T, device=idx.device)
+        w = self.args.sliding_window
+        mask = make_mask(torch.ones_like(idx, dtype=torch.bool), slots, w) if w and T > w else None
+        last = slots == (lens[:, None] - 1)  # (B, T): one position per prompt
+        logits = self._trunk(idx, slots.expand(B, T), mask, fill=(rows, src), select=last)
+        self._start_rows(rows, lens[src])
+        return logits
+
+    @torch.no_grad()
+    def copy_rows(self, src, dst, lens):
+        """Cache rows dst (n,) start from the prompts already in rows src (n,): their first lens (n,) slots."""
+        n = int(lens.max())
+        for layer in self.layers:
+            c = layer.self_attn.cache
+            c.k[dst, :, :n] = c.k[src, :, :n]
+            c.v[dst, :, :n] = c.v[src, :, :n]
+        self._start_rows(dst, lens)
 
     def keep_rows(self, keep, n_slots):
-        """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted, to rows 0..n-1 in
-        place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid (N, S), next_pos (N,) -- to a
+        """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted, to rows 0..n-1
+        in place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid (N, S), next_pos (N,) -- to a
         view of its first n rows (same storage; nothing allocated but the gather). Slots [0, n_slots) hold keys."""
         rows = [(layer.self_attn.cache, n) for layer in self.layers for n in ("k", "v")]
         rows += [(self, "key_valid"), (self, "next_pos")]
@@ -374,29 +409,21 @@ class Transformer(nn.Module):
             setattr(m, name, x[:len(keep)])
 
     @torch.no_grad()
-    def prefill(self, idx, attention_mask):
-        """Run B left-padded prompts (B, T0) once into cache slots [0, T0); prompt b fills cache rows
-        b*K .. b*K+K-1 (K = N // B, its samples). Returns last-position logits (B, V)."""
-        B, T0 = idx.shape
-        rep = self.key_valid.shape[0] // B
-        am = attention_mask.bool()
-        slots = torch.arange(T0, device=idx.device)
-        self.key_valid.zero_()
-        self.key_valid[:, :T0] = am.repeat_interleave(rep, 0)
-        self.next_pos.copy_(am.sum(-1).repeat_interleave(rep))  # next rope position = number of real tokens
-        pos = (am.long().cumsum(-1) - 1).clamp(min=0)
-        mask = make_mask(am, slots, self.args.sliding_window)
-        return self._trunk(idx, pos, mask, slots, None, last_only=True)[:, -1]
-
-    @torch.no_grad()
-    def decode(self, tok, slot, kv_len):
-        """One step for all N rows: tok (N,) long, slot (1,) long tensor = the cache slot written (same for every
-        row under left padding), kv_len: slots attended (slot + 1 eager; the full cache length when compiled
-        so shapes stay static). Returns logits (N, V)."""
-        self.key_valid.index_fill_(1, slot, True)
-        mask = make_mask(self.key_valid[:, :kv_len], slot, self.args.sliding_window)  # (N, 1, 1, kv_len)
-        logits = self._trunk(tok[:, None], self.next_pos[:, None], mask, slot, kv_len)[:, -1]
-        self.next_pos.add_(1)
+    def decode(self, tok, kv_len):
+        """One step for all N rows: tok (N,) long is written at each row's own slot next_pos (N,), which is also
+        its rope position; kv_len: slots attended (the longest row's + 1 eager; the full cache length when
+        compiled, so shapes stay static). Returns logits (N, V). A row at the cache's end stays there (idle
+        rows decode garbage until they are refilled or dropped)."""
+        pos = self.next_pos
+        self.key_valid.scatter_(1, pos[:, None], True)
+        mask = self.key_valid[:, :kv_len]  # (N, kv_len)
+        if self.args.sliding_window:
+            k_slots = torch.arange(kv_len, device=tok.device)
+            mask = mask & (pos[:, None] - k_slots < self.args.sliding_window)
+        cos, sin = (t[pos][:, None, None] for t in self.rope_table)  # (N, 1, 1, D)
+        logits = self._trunk(tok[:, None], pos[:, None], mask[:, None, None], step=(pos, kv_len),
+                             rope=(cos, sin))[:, -1]
+        self.next_pos.add_(1).clamp_(max=self.key_valid.shape[1] - 1)
         return logits
 
     # ---- Hugging Face checkpoint I/O ----
@@ -424,15 +451,19 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.config = cfg  # keep every field of the original config.json for save_pretrained
         model.source = path  # its generation_config.json (eos list, top_p, ...) is copied by save_pretrained
+        model.save_dtype = stored_dtype(path)  # save_pretrained writes this dtype back (bf16 stays bf16)
         return model.eval()
 
-    def save_pretrained(self, path, tokenizer=None, state_dict=None):
+    def save_pretrained(self, path, tokenizer=None, state_dict=None, dtype=None):
         """Write config.json, generation_config.json, model.safetensors (+ tokenizer files). state_dict: a full
         (gathered) state dict when the module itself is sharded, e.g. under FSDP2. generation_config.json is the
-        source folder's, unchanged, when the model was loaded from one that has it; else built from config.json."""
+        source folder's, unchanged, when the model was loaded from one that has it; else built from config.json.
+        dtype: the weights' dtype on disk; None = the dtype the loaded checkpoint was stored in (a bf16 folder
+        trained in float32 is saved bf16 again), or the tensors' own dtype for a model built in memory."""
         path = Path(path)
+        dtype = dtype or getattr(self, "save_dtype", None)
         write_weights(path, state_dict if state_dict is not None else self.state_dict(), self.config,
-                      self.args.tie_embeddings, getattr(self, "source", None))
+                      self.args.tie_embeddings, getattr(self, "source", None), dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 

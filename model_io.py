@@ -119,9 +119,31 @@ def read_weights(path, device, dtype, tied) -> dict:
     return state
 
 
-def write_weights(path, state, config, tied, source=None):
+def stored_dtype(path):
+    """The dtype most of a folder's weights are stored in, read from the safetensors headers (None if unknown)."""
+    count = {}
+    try:
+        for file in weight_files(Path(path)):
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for name, t in header.items():
+                if name != "__metadata__" and t["dtype"] in SAFETENSORS_DTYPES:
+                    n = 1
+                    for d in t["shape"]:
+                        n *= d
+                    count[t["dtype"]] = count.get(t["dtype"], 0) + n
+    except (OSError, ValueError, KeyError, TypeError):  # a header we cannot read: keep the tensors' own dtype
+        return None
+    return SAFETENSORS_DTYPES[max(count, key=count.get)] if count else None
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def write_weights(path, state, config, tied, source=None, dtype=None):
     """{our name: tensor} -> path/model.safetensors in transformers' names, config.json (config, dtype updated) and
-    generation_config.json: source's (a model folder) copied unchanged when it has one, else built from config."""
+    generation_config.json: source's (a model folder) copied unchanged when it has one, else built from config.
+    dtype: cast the floating-point tensors to it (None: as they are)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -130,7 +152,10 @@ def write_weights(path, state, config, tied, source=None):
         if tied and name == "lm_head.weight":
             continue  # tied: transformers re-ties it from embed_tokens
         prefix = next(p for p in HF_PREFIX if name.startswith(p))
-        out[HF_PREFIX[prefix] + name[len(prefix):]] = t.detach().contiguous().cpu()
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[HF_PREFIX[prefix] + name[len(prefix):]] = t.contiguous().cpu()
     dtype = next(iter(out.values())).dtype
     cfg = dict(config, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=tied)
     cfg.pop("torch_dtype", None)
@@ -219,6 +244,13 @@ def count_params(args) -> int:
     return args.vocab_size * C * (1 if args.tie_embeddings else 2) + C + args.n_layers * layer
 
 
+def count_lora_params(args, rank) -> int:
+    """Parameters lora.add_lora(rank) adds: r (in + out) per adapted projection (q, k, v, o, gate, up, down)."""
+    C, F, H, K, D = args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim
+    per_layer = (C + H * D) * 2 + (C + K * D) * 2 + (C + F) * 3
+    return rank * per_layer * args.n_layers
+
+
 def free_memory(device):
     """Bytes free on device now: CUDA mem_get_info, CPU /proc/meminfo MemAvailable; None when unknown (then
     nothing is checked). A container's cgroup limit is not read: its page cache would make it look full."""
@@ -244,7 +276,7 @@ def check_fits(args, device, dtype, source):
 
 
 def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, param_bytes=4, optimizer="adamw",
-                    act_bytes=2, seqs_per_item=1, shards=1) -> dict:
+                    act_bytes=2, seqs_per_item=1, shards=1, lora_rank=0) -> dict:
     """Bytes one rank needs for a step on micro_batch items of seq_len tokens (seqs_per_item sequences each: 2 for
     a DNO pair). Weights, gradients and the optimizer state (AdamW: exp_avg and exp_avg_sq in the parameter dtype,
     fp32 in train.py; sgd: none) are split over `shards` FSDP ranks. Activations kept for backward, per token,
@@ -258,6 +290,8 @@ def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, 
         head        a (V + C) + 8 C            HeadLogp's (N, V) exp buffer and input, the final norm (N <= tokens)
     weight_copies: a bytes per matmul weight, the cast weights kept for backward (autocast is assumed when a <
     param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16 weights, no cast).
+    lora_rank r > 0 (lora.py): the frozen weights get no gradients and no optimizer state; only the adapters'
+    count_lora_params do (their activations, r per token per projection, are left out).
     Not training (generation, sample.py): a KV cache of 2 K D a per token per layer, one layer's working set and
     (B, V) float32 logits. The estimate leaves out allocator fragmentation and the CUDA context."""
     if optimizer not in ("adamw", "sgd"):
@@ -275,10 +309,12 @@ def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, 
         act, kv = tokens * (kept + act_bytes * (V + C) + 8 * C), 0
     else:
         copies, act, kv = 0, tokens * layer + B * V * 4, tokens * L * 2 * K * D * act_bytes
-    weights = n * param_bytes // shards
-    grads = weights if train else 0
-    opt = 2 * weights if train and optimizer == "adamw" else 0
-    return dict(params=n, weights=weights, grads=grads, optimizer=opt, weight_copies=copies, activations=act,
+    n_lora = count_lora_params(args, lora_rank)
+    weights = (n + n_lora) * param_bytes // shards
+    trained = n_lora * param_bytes // shards if lora_rank else weights
+    grads = trained if train else 0
+    opt = 2 * trained if train and optimizer == "adamw" else 0
+    return dict(params=n + n_lora, weights=weights, grads=grads, optimizer=opt, weight_copies=copies, activations=act,
                 kv_cache=kv, total=weights + grads + opt + copies + act + kv)
 
 
@@ -314,9 +350,10 @@ if __name__ == "__main__":
 
     mistral7b = ModelArgs(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                           head_dim=128, hidden_dim=14336)
-    for ckpt in (False, True):  # the paper's model, one pair per micro-batch, 2048 tokens, bf16 autocast, one rank
-        est = memory_estimate(mistral7b, micro_batch=1, seq_len=2048, seqs_per_item=2, grad_ckpt=ckpt)
-        print(f"Mistral-7B train step, grad_ckpt={ckpt}: " + ", ".join(f"{k} {v / 2**30:.1f} GiB"
+    for ckpt, r in ((False, 0), (True, 0), (True, 16)):  # the paper's model, one pair per micro-batch, 2048
+        est = memory_estimate(mistral7b, micro_batch=1, seq_len=2048, seqs_per_item=2, grad_ckpt=ckpt,
+                              lora_rank=r)  # tokens, bf16 autocast, one rank
+        print(f"Mistral-7B train step, grad_ckpt={ckpt}, lora_rank={r}: " + ", ".join(f"{k} {v / 2**30:.1f} GiB"
               for k, v in est.items() if k != "params") + f" ({est['params']:,} params)")
     est = memory_estimate(mistral7b, micro_batch=16, seq_len=2048, seqs_per_item=5, train=False, param_bytes=2)
     print(f"Mistral-7B sampling, 16 prompts x 5 samples x 2048 tokens, bf16: {est['total'] / 2**30:.1f} GiB "

@@ -1,9 +1,11 @@
-"""Batched, KV-cached sampling: K samples per prompt, prefilled once (Alg. 2, line 2: K = 5, T = 0.7, top-p 0.95).
+"""KV-cached sampling with the batch always full: K samples per prompt (Alg. 2, line 4: K = 5, T = 0.7,
+top-p 0.95).
 
     python sample.py                                  # CPU demo: cached greedy == naive greedy, tokens/s
-    python sample.py --model DIR|ORG/NAME --prompts IN.jsonl --out OUT.jsonl --num_samples 5 --max_new_tokens 512 \
-        --temperature 0.7 --top_p 0.95 --seed 0      # add --device cuda --dtype bfloat16 --compile true on a GPU
-    python bench/bench_eos.py                         # EOS on: dropping finished rows vs lock-step vs transformers
+    python sample.py --model DIR|ORG/NAME --prompts IN.jsonl --out OUT.jsonl --num_samples 5 \
+        --max_new_tokens 512 --temperature 0.7 --top_p 0.95 --seed 0 --rows 0
+        # add --device cuda --dtype bfloat16 --compile true on a GPU
+    python bench/bench_eos.py                         # EOS on: continuous batching vs lock-step vs transformers
     from sample import generate, encode_prompt
     outs = generate(model, tok, ["Hi", [{"role": "user", "content": "Hi"}]], num_samples=5)
     outs[0][k] == {"tokens": [...], "text": "...", "finish_reason": "stop", "stop_token": 151645}
@@ -13,23 +15,25 @@ IN.jsonl lines: {"id"?: any, "prompt": str | [{"role", "content"}, ...]}; OUT.js
 (the stop id that ended each sample; null when it ran out of tokens). Every flag, the device and the --out
 folder are checked before the model loads.
 
-How a batch runs: B prompts are LEFT-padded to T0 tokens and prefilled once; each prompt's keys/values are
-written into K consecutive cache rows, so N = B * K rows then decode together (model.decode), all writing
-cache slot T0 + t at step t. Rows that emitted a stop id are dropped from the decode batch: once >= 25% of the
-live rows have finished, model.keep_rows gathers every per-row cache tensor (k, v, key_valid, next_pos) in
-place onto its first n rows and views it as (n, ...); `live` maps cache row -> output row. A batch then costs
-about the sum of its samples' lengths instead of N times its longest one (bench/bench_eos.py: 2.6x on geometric
-lengths); generate(compact=False) keeps the old lock-step for comparison. Sampling is exact top-p by inverse
-CDF with three uniforms per (output row, step), drawn from a torch.Generator seeded by hash(seed, prompt id,
-sample index): a sample does not depend on which other prompts share its batch, on batch_size, on prompt order,
-or on when its batch was compacted (the uniforms follow the row, and greedy stays equal to naive recomputation).
+How it runs (continuous batching): every (prompt, sample) is a job; `rows` jobs decode at once, one per KV cache
+row. A prompt is prefilled once, RIGHT-padded with the other prompts entering at the same step, into the rows of
+its samples; a later sample of it copies those slots from a row still holding them (model.copy_rows). Each row
+writes its own next slot (its length so far, also its rope position) at every decode step (model.decode). When
+a row's job ends (a stop id, or max_new_tokens), the row takes the next waiting job at once, so the batch stays
+full until the queue is empty; then idle rows are dropped (model.keep_rows) once >= 25% of them are idle. A run
+costs about the sum of its samples' lengths / rows steps (bench/bench_eos.py). generate(refill=False) admits new
+jobs only when every row is idle (lock-step batches); compact=False keeps idle rows to the end (the old
+lock-step baseline). Sampling is exact top-p by inverse CDF with three uniforms per (job, step), drawn from a
+torch.Generator seeded by hash(seed, prompt id, sample index): a sample does not depend on which other jobs
+share the rows, on `rows`, on prompt order, or on when rows were refilled or dropped (the uniforms follow the
+job, and greedy stays equal to naive recomputation).
 
 Departures:
  1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching top_p), as the
     paper's samplers do; ties at the boundary may resolve differently from transformers' warper.
- 2. Finished rows keep decoding (their tokens discarded) until the next compaction, which waits for 25% of the
-    live rows to finish (on CUDA it is checked every 8 steps, a host sync) to amortise the copy. Under --compile
-    the batch only halves (finished rows pad it to N / 2^j) so the compiled step sees few shapes.
+ 2. Once the queue is empty, idle rows keep decoding (their tokens discarded) until 25% of the rows are idle,
+    to amortise the copy that drops them. Under --compile the batch only halves (idle rows pad it to N / 2^j)
+    so the compiled step sees few shapes. Finished rows are found by a host sync every step (also on CUDA).
  3. CPU draws top-p samples by rejection (no vocabulary sort), CUDA by sorting: both exact, but the same seed
     gives different samples on the two devices (as does any change of dtype or hardware). sample_tokens(sort=True)
     forces the CUDA path on CPU (the tests check both against the exact nucleus distribution).
@@ -48,7 +52,8 @@ from tqdm import tqdm
 
 from cli import cli
 from model import ModelArgs, Transformer
-from model_io import check_vocab, load_tokenizer, read_config, resolve_model
+from model_io import (check_vocab, free_memory, load_tokenizer, memory_estimate, read_config,
+                      resolve_model)
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
@@ -63,7 +68,7 @@ class Config:
     temperature: float = 0.7      # paper: 0.7; 0 = greedy
     top_p: float = 0.95           # paper: 0.95
     seed: int = 0
-    batch_size: int = 16          # prompts per batch (rows = batch_size * num_samples)
+    rows: int = 0                 # (prompt, sample) rows decoded at once; 0 = what fits (default_rows)
     dtype: str = "float32"        # float32 | bfloat16 | float16
     device: str = "cpu"
     compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU, inductor on CPU)
@@ -128,7 +133,7 @@ def sample_tokens(logits, u, temperature, top_p, sort=None):
     miss = (~_in_nucleus(probs, tok, top_p)).nonzero()[:, 0]  # rows whose first candidate is rejected
     if len(miss):
         p, second = probs[miss], cand[miss, 1]
-        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second, _sample_sorted(p, u[miss, 2], top_p))
+        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second, _sample_top(p, u[miss, 2], top_p))
     return tok
 
 
@@ -148,6 +153,17 @@ def _sample_sorted(probs, u, top_p):  # probs (N, V), u (N,) -> (N,): inverse CD
     return order.gather(1, _inverse_cdf(probs, u[:, None]))[:, 0]
 
 
+def _sample_top(probs, u, top_p, k=64):  # _sample_sorted over the top k tokens only, k x4 until they hold
+    V = probs.shape[1]                     # the nucleus (mass >= top_p): no full-vocabulary sort
+    while True:
+        top, order = probs.topk(min(k, V), dim=-1)  # (N, k) sorted, descending
+        if k >= V or bool((top.sum(-1) >= top_p).all()):
+            break
+        k *= 4
+    top = top * ((top.cumsum(-1) - top) < top_p)
+    return order.gather(1, _inverse_cdf(top, u[:, None]))[:, 0]
+
+
 def left_pad(prompts, pad_id=0):
     """list of token-id lists -> idx (B, T0), mask (B, T0) with the padding on the left."""
     T0 = max(len(p) for p in prompts)
@@ -158,82 +174,177 @@ def left_pad(prompts, pad_id=0):
     return idx, mask
 
 
-COMPACT_AT = 0.25  # compact the KV cache once this fraction of the live rows has finished (departure 2)
+def right_pad(prompts, pad_id=0):
+    """list of token-id lists -> idx (B, T), lens (B,) with the padding on the right."""
+    idx = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p)
+    return idx, torch.tensor([len(p) for p in prompts])
+
+
+COMPACT_AT = 0.25  # drop idle rows once this fraction of the rows is idle and nothing waits (departure 2)
+
+
+@dataclass
+class Rows:
+    """What the sampler keeps per cache row (N rows in flight); host tensors on the CPU, the rest on `dev`."""
+    job: torch.Tensor     # (N,) host: the (prompt, sample) job j = prompt * K + k a row decodes; -1 = idle
+    pos: torch.Tensor     # (N,) host: the cache slot the row writes next (prompt length + tokens so far)
+    t: torch.Tensor       # (N,) tokens sampled so far = the step index into u and out
+    u: torch.Tensor       # (N, M, 3) the job's uniforms (row_seed): a row's randomness follows its job
+    out: torch.Tensor     # (N, M) tokens sampled
+
+    def keep(self, keep):  # keep (n,) sorted host rows -> the state of those rows only
+        k = keep.to(self.t.device)
+        return Rows(self.job[keep], self.pos[keep], self.t[k], self.u[k], self.out[k])
+
+
+def _start(model, rows, free, jobs, prompts, K, seeds, first, M):
+    """Jobs jobs (n,) enter the free cache rows free (n,): each prompt is prefilled once (the first of its K
+    jobs to enter), later samples copy its slots from a row still holding it. first: {prompt: (V,) logits of
+    its first token}, kept until its K-th sample entered. -> (n, V) logits of the new rows' first tokens."""
+    dev = rows.t.device
+    p_of = [j // K for j in jobs]
+    holder = {int(rows.job[r]) // K: r for r in range(len(rows.job)) if rows.job[r] >= 0 and r not in free}
+    new = sorted({p for p in p_of if p not in first or p not in holder})  # prompts to prefill
+    free_t = torch.tensor(free)
+    if new:
+        src = [new.index(p) if p in new else -1 for p in p_of]
+        fill = [i for i, s in enumerate(src) if s >= 0]
+        idx, lens = right_pad([prompts[p] for p in new])
+        logits = model.prefill(idx.to(dev), lens.to(dev), free_t[fill].to(dev),
+                               torch.tensor([src[i] for i in fill], device=dev))  # (B, V)
+        first.update({p: logits[b] for b, p in enumerate(new)})
+    copy = [i for i, p in enumerate(p_of) if p not in new]
+    if copy:
+        lens = torch.tensor([len(prompts[p_of[i]]) for i in copy], device=dev)
+        model.copy_rows(torch.tensor([holder[p_of[i]] for i in copy], device=dev), free_t[copy].to(dev), lens)
+    logits = torch.stack([first[p] for p in p_of])
+    for j in jobs:
+        if j % K == K - 1:
+            first.pop(j // K)
+    rows.job[free_t] = torch.tensor(jobs)
+    rows.pos[free_t] = torch.tensor([len(prompts[p]) for p in p_of])
+    free_d = free_t.to(dev)
+    rows.t[free_d] = 0
+    rows.out[free_d] = -1
+    rows.u[free_d] = torch.stack([torch.rand(M, 3, generator=torch.Generator().manual_seed(seeds[j]))
+                                  for j in jobs]).to(dev)
+    return logits
 
 
 @torch.no_grad()
-def _generate_batch(model, prompts, seeds, K, max_new_tokens, temperature, top_p, stops, step, static, compact):
-    """B prompts (token lists) -> B * K rows of raw tokens (N, steps) as a list of lists (stop ids included;
-    a row dropped from the batch holds -1 after its stop id)."""
+def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, step, static, refill,
+                compact, on_done=lambda n: None):
+    """Every (prompt, sample) job j = p * K + k through n_rows cache rows -> {j: raw tokens} (stop id included).
+    refill: a row that finishes takes the next waiting job at once (continuous batching); else new jobs enter
+    only once every row is idle (the lock-step batches of before). compact: drop idle rows once nothing
+    waits for them (departure 2)."""
     dev = model.embed_tokens.weight.device
-    idx, mask = left_pad(prompts)
-    T0, N = idx.shape[1], len(prompts) * K
-    S = T0 + max_new_tokens
-    if static:  # round the cache length so compiled shapes repeat across batches
+    S = max(len(p) for p in prompts) + M
+    if static:  # round the cache length so compiled shapes repeat across calls
         S = -(-S // 256) * 256
+    J, N = len(prompts) * K, min(n_rows, len(prompts) * K)
     model.setup_cache(N, S)
-    logits = model.prefill(idx.to(dev), mask.to(dev)).repeat_interleave(K, 0)  # (N, V): prompt b -> rows b*K..
-    u = torch.stack([torch.rand(max_new_tokens, 3, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    u = u.to(dev)  # (N, max_new_tokens, 3): three uniforms per (output row, step), see sample_tokens
-    out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
+    rows = Rows(job=torch.full((N,), -1), pos=torch.zeros(N, dtype=torch.long),
+                t=torch.zeros(N, dtype=torch.long, device=dev),
+                u=torch.zeros(N, M, 3, device=dev), out=torch.full((N, M), -1, device=dev))
     stop_t = torch.tensor(stops, dtype=torch.long, device=dev)
-    live = torch.arange(N, device=dev)  # (n,): cache row r holds output row live[r]
-    done = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) per cache row
-    slots = torch.arange(T0, T0 + max_new_tokens, device=dev)  # decode step t writes cache slot T0 + t
-    for t in range(max_new_tokens):
-        tok = sample_tokens(logits, u[live, t], temperature, top_p)  # (n,): a row's uniforms follow it
-        out[live, t] = tok
-        if len(stops):
-            done |= torch.isin(tok, stop_t)
-        if t == max_new_tokens - 1:
+    logits = torch.zeros(N, model.args.vocab_size, device=dev)  # (n, V): the next token's logits per row
+    results, first, waiting = {}, {}, 0  # jobs 0 .. waiting-1 have entered
+    while True:
+        idle = (rows.job < 0).nonzero()[:, 0].tolist()
+        if idle and waiting < J and (refill or len(idle) == len(rows.job)):
+            free = idle[:J - waiting]
+            logits[free] = _start(model, rows, free, list(range(waiting, waiting + len(free))), prompts, K,
+                                  seeds, first, M)
+            waiting += len(free)
+        if bool((rows.job < 0).all()):
             break
-        if len(stops) and (dev.type == "cpu" or t % 8 == 7):  # on GPU this host sync runs every 8 steps
-            finished = int(done.sum())
-            if finished == len(live):
-                break
-            if compact and finished >= COMPACT_AT * len(live):
-                keep = _rows_to_keep(done, static)
-                if len(keep) < len(live):
-                    model.keep_rows(keep, T0 + t)  # slots [0, T0 + t) written
-                    live, done, tok = live[keep], done[keep], tok[keep]
-        logits = step(tok, slots[t:t + 1], S if static else T0 + t + 1)  # (n, V)
-    return out[:, :t + 1].tolist()
+        n = len(rows.job)
+        ar = torch.arange(n, device=dev)
+        t = rows.t.clamp(max=M - 1)  # idle rows stay in bounds
+        tok = sample_tokens(logits, rows.u[ar, t], temperature, top_p)  # (n,)
+        rows.out[ar, t] = tok
+        done = (rows.t >= M - 1) | torch.isin(tok, stop_t)  # (n,) this token ends the row's job
+        rows.t += 1
+        rows.pos += 1
+        done = done.cpu() & (rows.job >= 0)
+        if bool(done.any()):
+            ended = done.nonzero()[:, 0]
+            for r, toks in zip(ended.tolist(), rows.out[ended.to(dev)].tolist()):
+                results[int(rows.job[r])] = toks
+            rows.job[ended] = -1
+            on_done(len(ended))
+            busy = rows.job >= 0
+            if (compact and (waiting == J or not refill) and busy.any()
+                    and (~busy).sum() >= COMPACT_AT * n):
+                keep = _rows_to_keep(busy, static)
+                if len(keep) < n:
+                    model.keep_rows(keep.to(dev), int(rows.pos[busy].max()))
+                    rows, tok, logits = rows.keep(keep), tok[keep.to(dev)], logits[keep.to(dev)]
+            if bool((rows.job < 0).all()):
+                continue
+        kv_len = S if static else int(rows.pos[rows.job >= 0].max())
+        logits = step(tok, kv_len)  # (n, V); each row wrote its slot pos - 1
+    return results
 
 
-def _rows_to_keep(done, static):
-    """done (n,) bool -> sorted cache rows to keep: the unfinished ones. static (compiled step): padded with
-    finished rows up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
-    keep = (~done).nonzero()[:, 0]
+def _rows_to_keep(busy, static):
+    """busy (n,) bool host -> sorted rows to keep: the busy ones. static (compiled step): padded with idle rows
+    up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
+    keep = busy.nonzero()[:, 0]
     if static:
-        n = len(done)
+        n = len(busy)
         while n // 2 >= len(keep):
             n //= 2
-        keep = torch.cat([keep, done.nonzero()[:, 0][:n - len(keep)]]).sort().values
+        keep = torch.cat([keep, (~busy).nonzero()[:, 0][:n - len(keep)]]).sort().values
     return keep
 
 
-def check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size):
+def check_sampling(num_samples, max_new_tokens, temperature, top_p, rows):
     """One-line ValueError for an impossible sampling setting (generate() and the CLI, before any work)."""
-    for name, v in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)]:
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    for name, v in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("rows", rows)]:
+        if not isinstance(v, int) or v < 0 or (v == 0 and name != "rows"):
+            raise ValueError(f"{name} must be an integer >= {int(name != 'rows')}, got {v!r}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+ROWS_CAP = {"cpu": 64, "cuda": 256}  # more rows than this buys little on one CPU thread / one GPU
+
+
+def default_rows(model, longest, max_new_tokens, share=0.5) -> int:
+    """Cache rows in flight when --rows is 0: as many as the memory estimate fits in `share` of the free
+    memory (KV cache, one layer's working set, logits), at most ROWS_CAP."""
+    w = model.embed_tokens.weight
+    cap = ROWS_CAP.get(w.device.type, 64)
+    free = free_memory(w.device)
+    if free is None:
+        return cap
+    kw = dict(seq_len=longest + max_new_tokens, train=False, param_bytes=w.element_size(),
+              act_bytes=w.element_size())
+    one, two = (memory_estimate(model.args, micro_batch=b, **kw)["total"] for b in (1, 2))
+    return max(1, min(cap, int((share * free - (2 * one - two)) // (two - one))))
+
+
 def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, temperature=0.7, top_p=0.95,
-             seed=0, ids=None, stop_ids=None, batch_size=16, progress=False, compile=False, compact=True):
+             seed=0, ids=None, stop_ids=None, rows=0, progress=False, compile=False, refill=True,
+             compact=True):
     """For each prompt, K = num_samples dicts {"tokens" (response, stop token excluded), "text",
-    "finish_reason": "stop" | "length", "stop_token": the stop id that ended it, or None}. ids: per-prompt ids for
-    the per-(id, sample, seed) RNG (default: index). stop_ids: None = default_stop_ids; [] = never stop.
-    batch_size: prompts per batch (N = batch_size * K rows). compact=False: finished rows decode until the whole
-    batch stopped (the lock-step baseline; same samples, slower)."""
+    "finish_reason": "stop" | "length", "stop_token": the stop id that ended it, or None}. ids: per-prompt ids
+    for the per-(id, sample, seed) RNG (default: index). stop_ids: None = default_stop_ids; [] = never stop.
+    rows: (prompt, sample) jobs decoded at once, 0 = default_rows. refill=False: new jobs wait until every row
+    is idle (lock-step batches); with compact=False as well, rows finish together (the old lock-step baseline;
+    the samples are the same, only slower)."""
     ids = list(range(len(prompts))) if ids is None else list(ids)
     if len(ids) != len(prompts):
         raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
-    check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size)
+    check_sampling(num_samples, max_new_tokens, temperature, top_p, rows)
+    if not prompts:
+        return []
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     ctx = model.args.max_seq_len
     for i, e in enumerate(encoded):
@@ -243,22 +354,19 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
     step = model.decode
     if compile:  # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it
         if getattr(model, "compiled_decode", None) is None:
-            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else "default"  # CUDA graphs need CUDA
+            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else "default"  # graphs need CUDA
             model.compiled_decode = torch.compile(model.decode, mode=mode, fullgraph=True)
         step = model.compiled_decode
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    rows = rows or default_rows(model, max(map(len, encoded)), max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths prefill together
+    K = num_samples
+    seeds = [row_seed(seed, ids[i], k) for i in order for k in range(K)]
+    with tqdm(total=len(prompts) * K, desc="sampling", unit="sample", disable=not progress) as bar:
+        raw = _decode_all(model, [encoded[i] for i in order], K, seeds, rows, max_new_tokens, temperature,
+                          top_p, stops, step, compile, refill, compact, bar.update)
     results = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        seeds = [row_seed(seed, ids[i], k) for i in chunk for k in range(num_samples)]
-        rows = _generate_batch(model, [encoded[i] for i in chunk], seeds, num_samples, max_new_tokens,
-                               temperature, top_p, stops, step, compile, compact)
-        for b, i in enumerate(chunk):
-            results[i] = [_finish(r, tokenizer, set(stops), ctx - len(encoded[i]))
-                          for r in rows[b * num_samples:(b + 1) * num_samples]]
-        bar.update(len(chunk))
-    bar.close()
+    for q, i in enumerate(order):
+        results[i] = [_finish(raw[q * K + k], tokenizer, set(stops), ctx - len(encoded[i])) for k in range(K)]
     if not compile:  # the compiled step's CUDA graphs keep pointing at the cache buffers: keep them then
         model.clear_cache()
     return results
@@ -343,7 +451,7 @@ def check_config(cfg: Config):
     """Every flag, the device and the --out folder, before the model loads or anything is generated."""
     if not cfg.prompts or not cfg.out:
         raise ValueError("--prompts IN.jsonl and --out OUT.jsonl are required with --model")
-    check_sampling(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
+    check_sampling(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.rows)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
     check_device(cfg.device)
@@ -366,7 +474,7 @@ def run(cfg: Config):
     model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, ids=ids,
-                    batch_size=cfg.batch_size, progress=True, compile=cfg.compile)
+                    rows=cfg.rows, progress=True, compile=cfg.compile)
     with open(cfg.out, "w") as f:
         for i, p, o in zip(ids, prompts, outs):
             f.write(json.dumps({"id": i, "prompt": p, "samples": [s["text"] for s in o],

@@ -74,6 +74,7 @@ class Config:
     prompts_per_iter: int = 0     # |D_t|; 0 = the size of this run's D_1, on a fresh run pool // T
     num_val: int = 200            # held-out validation prompts (line 9 chooses the best iterate)
     num_samples: int = 5          # K responses per prompt from pi_t (line 4; the paper: 5)
+    sample_rows: int = 0          # (prompt, sample) rows the sampler decodes at once; 0: what fits
     max_new_tokens: int = 32      # response length cap (the demo needs 14; raise it for real tasks)
     temperature: float = 0.7      # sampling temperature (the paper: 0.7)
     top_p: float = 0.95           # nucleus sampling (the paper: 0.95)
@@ -89,6 +90,8 @@ class Config:
     micro_batch: int = 8          # pairs per forward pass per rank (accumulated up to batch_size)
     epochs: float = 1.0           # passes over the pairs per iteration (the paper: <= 1)
     max_steps: int = 0            # stop after this many optimizer steps (0 = no cap)
+    lora_rank: int = 0            # rank-r adapters on the projections (lora.py), merged on save
+    lora_alpha: float = 16.0      # adapter scale alpha / lora_rank
     grad_ckpt: bool = False       # activation checkpointing per block: far less memory
     precision: str = "auto"       # auto (GPU: bf16, CPU: fp32) | bf16 | fp32: training, log-probs
     weight_decay: float = 0.0     # AdamW weight decay
@@ -114,6 +117,7 @@ CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": (
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32")}
 PRECISION = {"bf16": torch.bfloat16, "fp32": False}    # --precision -> autocast dtype of training
+SAVE_DTYPE = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}   # checkpoints on disk
 inf, tiny = float("inf"), 1e-300
 GE0, GE1, UNIT = (0, inf, ">= 0"), (1, inf, ">= 1"), (0, 1, "in [0, 1]")
 POS = (tiny, inf, "finite and > 0")
@@ -126,12 +130,12 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
     "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"),
     "concurrency": GE1, "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT,
     "position_audit": UNIT, "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
-    "stage_pause": GE0}
+    "stage_pause": GE0, "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS}
 # Every field is a flag some stage records (iteration.STAGES), a file read by content through the
 # stage input that hashes it (INPUT_FIELDS), or a field that changes no stage's files (NO_ARTIFACT;
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
 INPUT_FIELDS = {"model": "policy", "prompts": "prompts"}
-NO_ARTIFACT = ("out", "iterations", "device", "micro_batch", "grad_ckpt", "select_by",
+NO_ARTIFACT = ("out", "iterations", "device", "micro_batch", "grad_ckpt", "select_by", "sample_rows",
                "api_key_env", "concurrency", "max_usd", "max_calls", "max_failure_rate", "rollback",
                "stage_pause")
 
@@ -250,9 +254,11 @@ def prepare(cfg):
     longest = max((len(r["prompt_tokens"]) for r in rows), default=1) + cfg.max_new_tokens + 1
     longest = min(args.max_seq_len, longest)
     est = check_memory(args, device, micro_batch=cfg.micro_batch, seq_len=longest,
-                       grad_ckpt=cfg.grad_ckpt, seqs_per_item=2, shards=world())   # a pair: 2 seqs
+                       grad_ckpt=cfg.grad_ckpt, seqs_per_item=2, shards=world(),   # a pair: 2 seqs
+                       lora_rank=cfg.lora_rank)
     print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} "
            f"tokens ({est['params'] / 1e6:.1f}M parameters)")
+    save_dtype = SAVE_DTYPE[cfg.precision]              # auto: each iterate keeps pi_1's dtype
     if cfg.precision == "auto":                         # resolved: the manifests record what ran
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.prompts_per_iter = slice_size(cfg, len(rows) - cfg.num_val)
@@ -260,7 +266,7 @@ def prepare(cfg):
     print0("config: " + json.dumps(vars(cfg)))
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val,
                slices=slices, skipped=skipped, device=device, judge=judge, fn=fn,
-               amp=PRECISION[cfg.precision])
+               amp=PRECISION[cfg.precision], save_dtype=save_dtype)
 
 
 def main(argv=None):

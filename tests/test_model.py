@@ -100,51 +100,61 @@ def test_bfloat16_load(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_cache_prefill_decode_equals_full_forward(arch, tmp_path):
-    """prefill B prompts into B*K rows, then decode: every step's logits equal the uncached forward's."""
+    """prefill 3 prompts into 6 rows (2 each), decode; then row 4 restarts from another prompt (copy_rows) while
+    the others go on: every step's logits equal the uncached forward of that row's own sequence."""
     make_hf_model(arch, tmp_path / "m")
     m = Transformer.from_pretrained(tmp_path / "m")
-    idx, mask, _ = padded_batch(m.args.vocab_size, [6, 3, 5], seed=1)
-    K, steps = 2, 5
-    new = torch.randint(5, m.args.vocab_size, (3 * K, steps), generator=torch.Generator().manual_seed(2))
-    full_idx = torch.cat([idx.repeat_interleave(K, 0), new], 1)
-    full_mask = torch.cat([mask.repeat_interleave(K, 0), torch.ones_like(new)], 1)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, m.args.vocab_size, (n,), generator=g) for n in (6, 3, 5)]
+    seqs = [prompts[r // 2] for r in range(6)]  # each row's tokens so far
+    idx = torch.zeros(3, 6, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = p
     with torch.no_grad():
-        ref = m(full_idx, attention_mask=full_mask)  # (N, T0 + steps, V)
-        m.setup_cache(3 * K, idx.shape[1] + steps)
-        got = [m.prefill(idx, mask).repeat_interleave(K, 0)]
-        for t in range(steps - 1):
-            slot = idx.shape[1] + t
-            got.append(m.decode(new[:, t], torch.tensor([slot]), slot + 1))
-    T0 = idx.shape[1]
-    for t, g in enumerate(got):
-        assert (g - ref[:, T0 - 1 + t]).abs().max().item() < 1e-4
-
+        m.setup_cache(6, 16)
+        first = m.prefill(idx, torch.tensor([6, 3, 5]), torch.arange(6), torch.arange(3).repeat_interleave(2))
+        for b, p in enumerate(prompts):
+            assert (first[b] - m(p[None])[0, -1]).abs().max().item() < 1e-4
+        for t in range(6):
+            if t == 3:  # row 4 (prompt 2) restarts as a copy of row 1's prompt (prompt 0, 6 tokens)
+                m.copy_rows(torch.tensor([1]), torch.tensor([4]), torch.tensor([6]))
+                seqs[4] = prompts[0]
+            new = torch.randint(5, m.args.vocab_size, (6,), generator=g)
+            seqs = [torch.cat([s, new[r:r + 1]]) for r, s in enumerate(seqs)]
+            got = m.decode(new, max(len(s) for s in seqs))
+            for r, s in enumerate(seqs):
+                assert (got[r] - m(s[None])[0, -1]).abs().max().item() < 1e-4, (t, r)
 
 
 def test_keep_rows_then_decode_equals_full_forward_and_setup_cache_restores(tmp_path):
     """The sampler's compaction: after keep_rows the kept rows decode exactly as the uncached forward; the next
     setup_cache hands back the same full-size tensors (compiled graphs point at them), not new ones."""
-    make_hf_model("mistral", tmp_path / "m")
+    make_hf_model("mistral", tmp_path / "m", sliding_window=4)
     m = Transformer.from_pretrained(tmp_path / "m")
+    assert m.args.sliding_window == 4
     idx, mask, _ = padded_batch(m.args.vocab_size, [6, 3, 5, 4], seed=3)
+    lens = mask.sum(-1)
+    idx = torch.stack([torch.cat([i[m_.bool()], i[~m_.bool()]]) for i, m_ in zip(idx, mask)])  # right-padded
     steps, keep = 6, torch.tensor([1, 3])
     new = torch.randint(5, m.args.vocab_size, (4, steps), generator=torch.Generator().manual_seed(4))
-    T0, S = idx.shape[1], idx.shape[1] + steps
+    S = idx.shape[1] + steps
     with torch.no_grad():
-        ref = m(torch.cat([idx, new], 1), attention_mask=torch.cat([mask, torch.ones_like(new)], 1))  # (4, S, V)
         m.setup_cache(4, S)
         full = [m.layers[1].self_attn.cache.k, m.key_valid, m.next_pos]
-        m.prefill(idx, mask)
+        m.prefill(idx, lens, torch.arange(4), torch.arange(4))
         for t in range(steps - 1):
             if t == 2:
-                m.keep_rows(keep, T0 + t)  # slots [0, T0 + 2) are written
+                m.keep_rows(keep, int(lens.max()) + t)  # slots written so far
                 assert m.layers[1].self_attn.cache.v.shape[0] == m.next_pos.shape[0] == 2
             rows = keep if t >= 2 else torch.arange(4)
-            got = m.decode(new[rows, t], torch.tensor([T0 + t]), T0 + t + 1)
-            assert (got - ref[rows, T0 + t]).abs().max().item() < 1e-4
+            got = m.decode(new[rows, t], S)  # the full cache length, as under compile
+            for j, r in enumerate(rows.tolist()):
+                ref = m(torch.cat([idx[r, :lens[r]], new[r, :t + 1]])[None])[0, -1]
+                assert (got[j] - ref).abs().max().item() < 1e-4
         m.setup_cache(4, S)
     again = [m.layers[1].self_attn.cache.k, m.key_valid, m.next_pos]
     assert all(a is b and a.shape[0] == 4 for a, b in zip(again, full))
+
 
 def test_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -179,3 +189,22 @@ def test_sharded_checkpoint(tmp_path):
     next((tmp_path / "s").glob("model-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="shard"):
         Transformer.from_pretrained(tmp_path / "s")
+
+
+def test_checkpoint_keeps_its_dtype(tmp_path):
+    """A bf16 folder loaded in float32 (as train.py does) and saved again stays bf16, same size; dtype= overrides."""
+    make_hf_model("qwen3", tmp_path / "m")
+    Transformer.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    m = Transformer.from_pretrained(tmp_path / "bf16")
+    assert m.embed_tokens.weight.dtype == torch.float32
+    m.save_pretrained(tmp_path / "again")
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("again") == size("bf16")
+    again = Transformer.from_pretrained(tmp_path / "again")
+    assert again.save_dtype == torch.bfloat16
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "bfloat16"
+    for k, v in m.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    m.save_pretrained(tmp_path / "fp32", dtype=torch.float32)
+    assert size("fp32") > 1.9 * size("bf16")
+    assert Transformer.from_pretrained(tmp_path / "fp32").save_dtype == torch.float32

@@ -55,7 +55,7 @@ def test_samples_differ_and_are_reproducible_across_batches(tiny):
     batch = generate(model, tok, ["Hi", "The cat", "Another prompt"], ids=["hi", "cat", "x"], **kw)
     assert batch[1] == alone  # same (id, sample index, seed) -> same sample, whatever the batch
     assert model.layers[0].self_attn.cache is None  # generate frees its KV cache
-    small = generate(model, tok, ["Hi", "The cat", "Another prompt"], ids=["hi", "cat", "x"], batch_size=1, **kw)
+    small = generate(model, tok, ["Hi", "The cat", "Another prompt"], ids=["hi", "cat", "x"], rows=1, **kw)
     assert small == batch
     other = generate(model, tok, ["The cat"], ids=["cat"], **dict(kw, seed=8))[0]
     assert other != alone
@@ -122,14 +122,27 @@ def test_two_stop_ids_record_which_one_ended_each_sample(tiny):
     assert seen == stops  # both ids ended some sample
 
 
-def test_compaction_drops_finished_rows_and_changes_no_sample(tiny, monkeypatch):
-    _, model, tok = tiny
-    sizes = []
-    decode = model.decode
+def naive_sample(model, prompt, seed, max_new_tokens, temperature, top_p, stops):
+    """Test oracle for one (prompt, sample): recompute the whole sequence every step, no cache, no batch; the
+    same uniforms as the sampler's row (torch.rand(M, 3) from the row's seed)."""
+    u = torch.rand(max_new_tokens, 3, generator=torch.Generator().manual_seed(seed))
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        for t in range(max_new_tokens):
+            tok = sample_tokens(model(idx)[:, -1], u[t:t + 1], temperature, top_p)  # (1,)
+            if int(tok) in stops:
+                return idx[0, len(prompt):].tolist(), int(tok)
+            idx = torch.cat([idx, tok[:, None]], 1)
+    return idx[0, len(prompt):].tolist(), None
 
-    def recorded(tok_, slot, kv_len):
+
+def test_continuous_batching_keeps_rows_full_and_changes_no_sample(tiny, monkeypatch):
+    _, model, tok = tiny
+    sizes, decode = [], model.decode
+
+    def recorded(tok_, kv_len):
         sizes.append(len(tok_))
-        return decode(tok_, slot, kv_len)
+        return decode(tok_, kv_len)
 
     monkeypatch.setattr(model, "decode", recorded)
     encoded = [encode_prompt(tok, p) for p in PROMPTS]
@@ -139,16 +152,24 @@ def test_compaction_drops_finished_rows_and_changes_no_sample(tiny, monkeypatch)
     for n, g in zip(naive, greedy):  # greedy == naive recomputation cut at the first stop id
         assert first_stop(n, stops) is not None and g[0]["tokens"] == n[:first_stop(n, stops)]
     assert sizes[0] == 4 and sizes[-1] == 1 and len(sizes) == 14  # the batch shrank as rows stopped
-    sizes.clear()
     kw = dict(num_samples=8, max_new_tokens=40, temperature=1.0, top_p=0.95, seed=3, stop_ids=[83, 54, 18, 48, 98])
     ids = list("abcd")
-    base = generate(model, tok, PROMPTS, ids=ids, **kw)
-    assert sizes[0] == 32 and min(sizes) < 16 and len(set(sizes)) >= 3  # compacted several times
+    sizes.clear()
+    base = generate(model, tok, PROMPTS, ids=ids, rows=6, **kw)  # 32 jobs through 6 rows
     assert len({s["finish_reason"] for o in base for s in o}) == 2
-    assert generate(model, tok, PROMPTS, ids=ids, compact=False, **kw) == base  # lock-step gives the same samples
-    assert generate(model, tok, PROMPTS, ids=ids, batch_size=1, **kw) == base
+    tokens = sum(min(len(s["tokens"]) + 1, 40) for o in base for s in o)  # decode steps the jobs need
+    full = next(i for i, n in enumerate(sizes) if n < 6)
+    assert set(sizes[:full]) == {6} and sizes == sorted(sizes, reverse=True)  # full, then drained
+    assert 6 * full >= tokens - 6 * 40 and sum(sizes) < tokens + 6 * 40  # full until the queue ran dry
+    for i, k in [(0, 0), (1, 5), (2, 7), (3, 3)]:  # == the uncached oracle, row by row
+        got = base[i][k]
+        assert (got["tokens"], got["stop_token"]) == naive_sample(
+            model, encoded[i], sample.row_seed(3, ids[i], k), 40, 1.0, 0.95, set(kw["stop_ids"]))
+    for other in (dict(rows=1), dict(rows=32), dict(rows=7, refill=False), dict(rows=32, compact=False),
+                  dict(rows=8, refill=False, compact=False)):  # batch sizes, lock-step batches, lock-step
+        assert generate(model, tok, PROMPTS, ids=ids, **kw, **other) == base, other
     perm = [2, 0, 3, 1]
-    shuffled = generate(model, tok, [PROMPTS[i] for i in perm], ids=[ids[i] for i in perm], batch_size=3, **kw)
+    shuffled = generate(model, tok, [PROMPTS[i] for i in perm], ids=[ids[i] for i in perm], rows=3, **kw)
     assert [shuffled[perm.index(i)] for i in range(4)] == base
     assert generate(model, tok, PROMPTS[2:3], ids=ids[2:3], **kw)[0] == base[2]
 
@@ -180,6 +201,18 @@ def test_sorted_top_p_path_matches_the_nucleus_on_cpu():
         assert wrong > df + 8 * math.sqrt(2 * df)  # the test sees a wrong top_p
 
 
+def test_top_k_nucleus_equals_the_full_sort():
+    """The CPU fallback's nucleus from topk (grown x4 until it holds top_p) draws exactly what sorting the
+    whole vocabulary draws, also when the nucleus is wider than the first k."""
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.1, 1.0, 8.0):  # flat (nucleus of hundreds of tokens) to peaked (a few)
+        probs = torch.softmax(scale * torch.randn(50, 1000, generator=g), -1)
+        u = torch.rand(50, generator=g)
+        for top_p in (0.5, 0.95, 1.0):
+            want = sample._sample_sorted(probs, u, top_p)
+            assert torch.equal(sample._sample_top(probs, u, top_p, k=16), want), (scale, top_p)
+
+
 def inductor_error():
     """Why torch.compile's default backend cannot run here, or None (e.g. no C compiler)."""
     try:
@@ -200,9 +233,9 @@ def test_compiled_decode_equals_eager_on_cpu(tiny):
     compiled = generate(model, tok, PROMPTS, compile=True, **kw)  # mode="default" on CPU (no CUDA graphs)
     assert compiled == eager and model.compiled_decode is not None
     # under compile the batch only halves (finished rows pad it), so few shapes get compiled
-    done = torch.tensor([1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
-    assert sample._rows_to_keep(done, static=True).tolist() == [0, 1, 3, 4]  # rows 1, 3, 4 + finished 0: 8 / 2
-    assert sample._rows_to_keep(done, static=False).tolist() == [1, 3, 4]
+    busy = torch.tensor([0, 1, 0, 1, 1, 0, 0, 0], dtype=torch.bool)
+    assert sample._rows_to_keep(busy, static=True).tolist() == [0, 1, 3, 4]  # rows 1, 3, 4 + idle 0: 8 / 2
+    assert sample._rows_to_keep(busy, static=False).tolist() == [1, 3, 4]
 
 
 def test_encode_prompt_and_context_errors(tiny):
@@ -271,7 +304,7 @@ def test_cli_checks_flags_device_and_out_before_loading(tmp_path):
     for flags, msg in [(["--num_samples", "0"], "num_samples must be"), (["--max_new_tokens", "0"], "max_new_tokens"),
                        (["--temperature", "-1"], "temperature must be"), (["--temperature", "nan"], "temperature"),
                        (["--top_p", "0"], "top_p must be"), (["--top_p", "1.5"], "top_p must be"),
-                       (["--batch_size", "0"], "batch_size must be"), (["--dtype", "int8"], "unknown --dtype"),
+                       (["--rows", "-1"], "rows must be"), (["--dtype", "int8"], "unknown --dtype"),
                        (["--device", "tpu9"], "--device"), (["--device", "cuda:99"], "cuda:99")]:
         with pytest.raises(ValueError, match=msg):  # not the missing model's FileNotFoundError: checked first
             sample.run(sample.cli(sample.Config, base + flags))
