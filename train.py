@@ -13,7 +13,7 @@ Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teac
 t = 1..T (checkpoint/ is pi_{t+1} in the HF layout), judge_cache.jsonl, judge_ledger.json (the run's judge budget),
 metrics.jsonl, best.json and metrics.png. Each stage folder is atomic and records its inputs and flags: a rerun
 resumes, reusing a stage only when they match (stages.py). --judge: rubric | pairwise | local (oracle.py), a
-demo_task.JUDGES / oracle.SYNTHETIC name, or module:function. Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU):
+Python judge module:function or its alias (judges.ALIASES). Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU):
 ranks split sampling and reference log-probs; rank 0 judges and writes (OUT must be shared).
 
 Departures from the paper (numbered):
@@ -57,7 +57,7 @@ class Config:
     out: str = "out"                # run folder
     model: str = ""                 # pi_1: a Hugging Face folder or model id; "" = the built-in demo model (OUT/demo)
     prompts: str = ""               # prompts JSONL; "" = the built-in demo prompts
-    judge: str = "demo"             # demo_task.JUDGES / oracle.SYNTHETIC name, rubric|pairwise|local, or module:fn
+    judge: str = "demo"             # rubric|pairwise|local, module:function or an alias in judges.ALIASES
     iterations: int = 3             # T
     prompts_per_iter: int = 0       # size of each disjoint slice D_t; 0 = the training prompts split evenly over T
     num_val: int = 200              # held-out validation prompts (line 9: the best iterate is chosen on them)
@@ -407,10 +407,10 @@ def dno_prct(run):
 def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs, split. -> Run."""
     check(cfg, CHOICES, LIMITS)                                 # every flag, before any model is loaded or built
+    judge, fn = oracle.make_judge(cfg)                          # a bad judge, URL or key: refused before any output
     device = stages.setup(cfg.device)                           # --device cuda without a GPU: one line
     print0("config: " + json.dumps(vars(cfg)))
     os.makedirs(cfg.out, exist_ok=True)
-    judge, fn = evaluate.make_judge(cfg)                        # a bad --judge is refused before the demo's SFT
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise FileNotFoundError(f"prompts file {cfg.prompts} not found")
     model = resolve_model(cfg.model) if cfg.model else ""
