@@ -17,7 +17,7 @@ write; a request's worst-case cost is reserved (and fsynced) before it leaves an
 process is killed (kill -9) stays reserved at its worst case: the ledger counts it as spent and reports it as
 "unsettled"; the rerun may send it again (at most --concurrency such requests per kill).
 """
-import fcntl, json, math, os, random, sys, threading, time, uuid
+import fcntl, json, math, os, random, sys, threading, time, uuid, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,6 +63,17 @@ def get_encoder(spec):
         return tiktoken.get_encoding(spec)
     except Exception:
         return None
+
+
+def encoder(model, spec="", warn=False):
+    """The tiktoken encoding of a judge model (spec: a name or file; "" = by model). Offline it is None
+    (~4 chars/token), said only when it matters (warn: a dollar budget with a known price)."""
+    spec = spec or ("o200k_base" if model.startswith(("gpt-4o", "gpt-4.1")) else "cl100k_base")
+    enc = get_encoder(spec)
+    if enc is None and warn:
+        warnings.warn(f"tiktoken encoding {spec!r} unavailable; token counts (and the --max_usd budget) "
+                      "are approximate (len(text) / 4)", stacklevel=3)
+    return enc
 
 
 def count_tokens(enc, text):

@@ -309,6 +309,22 @@ def context_of(item):
             "gold": None if g is None else item["candidates"][g], "id": item["id"]}
 
 
+def run_fn(units, fn, ledger, done):
+    """A Python judge: one call per shown item (unit["item"]), its answer checked against the contract."""
+    from chat_api import OracleError
+    more = wants_context(fn)
+    for u in units:
+        ticket = ledger.spend(0, 0)
+        it = u["item"]
+        args = (prompt_text(it["prompt"]), list(it["candidates"]))
+        v = fn(*args, **context_of(it)) if more else fn(*args)
+        ledger.settle(ticket, 0, 0)
+        bad = check_answer(fn, v, len(it["candidates"]))
+        if bad:
+            raise OracleError(f"judge {getattr(fn, '__name__', fn)} {bad}")
+        done(u, v)
+
+
 def check_answer(fn, v, n):
     """A Python judge's answer -> None if it keeps the contract, else why not (one line)."""
     if not isinstance(v, dict) or not (len(v.get("scores") or []) == n or len(v.get("P") or []) == n):

@@ -1,45 +1,40 @@
-"""oracle.py -- how a DNO run asks its judge for P(y > y' | x): plans the requests, shuffles the candidates,
-caches the answers, keeps the budget, assembles and audits the results. What a judge says is judges.py;
-HTTP, ledger, breaker and cache are chat_api.py.
+"""oracle.py -- how a DNO run asks its judge for P(y > y' | x): plans the requests, shuffles the
+candidates, caches the answers, keeps the budget, assembles and audits the results. What a judge says is
+judges.py (with the judge contract); HTTP, ledger, breaker and cache are chat_api.py.
 
 Usage:
   python oracle.py                                   # offline demo: the built-in Python judges on two items
-  python oracle.py --judge cyclic --samples s.jsonl --out j.jsonl          # a Python judge by its alias
-  python oracle.py --judge mymod:judge --samples s.jsonl --out j.jsonl     # your own (judges.py: the contract)
+  python oracle.py --judge mymod:judge --samples s.jsonl --out j.jsonl    # yours, or an alias: --judge cyclic
   OPENAI_API_KEY=sk-... python oracle.py --judge rubric --judge_model gpt-4-turbo --samples s.jsonl \
-      --out j.jsonl --max_usd 5 --ledger run/ledger.json --position_audit 0.1  # one budget for many processes
+      --out j.jsonl --max_usd 5 --ledger run/ledger.json   # one budget for any number of processes
   OPENAI_API_KEY=x python oracle.py --judge pairwise --base_url http://127.0.0.1:8080/v1 --judge_model tiny \
       --extra_body '{"repeat_penalty": 1.0}' --samples s.jsonl --out j.jsonl  # llama.cpp / vLLM / Ollama
   python oracle.py --judge local --judge_model DIR --judge_context 4096 --samples s.jsonl --out j.jsonl
 Input lines {"id", "prompt" (text or chat messages), "samples": [...], "gold"?} (gold = the last candidate);
-judge_items items: {"id", "prompt", "candidates", "gold_index"?, "shuffle"? (False: judge as given)}.
-Output lines {"id", "prompt", "candidates", "gold_index", "ok", "error", "scores", "score_kind" ("rubric":
-0..6 points | "winrate": in [0, 1]), "P", "disagreement", "cached", "order", "truncated",
-"max_judge_tokens", "rationale" (rubric: the raw reply), "audit"?}, every per-candidate field in the
-ORIGINAL candidate order; then a summary (calls, retries, cache hits, failures, order disagreement,
-"position" bias, tokens, dollars, "run": the ledger's totals, "unsettled" among them). The CLI exits
-non-zero when more than --max_failure_rate of the items failed (the output is written first).
+judge_items items: {"id", "prompt", "candidates", "gold_index"?, "shuffle"? (False: as given)}. Output lines:
+{"id", "prompt", "candidates", "gold_index", "ok", "error", "scores", "score_kind" ("rubric": 0..6 |
+"winrate": in [0, 1]), "P", "disagreement", "cached", "order", "truncated", "max_judge_tokens", "rationale"
+(rubric: the raw reply), "audit"?}, per-candidate fields in the ORIGINAL order; then a summary (calls,
+retries, cache hits, failures, order disagreement, "position", tokens, dollars, "run": the ledger's totals).
+The CLI exits non-zero when more than --max_failure_rate of the items failed (after writing them).
 
-What is asked again: transport failures are not cached, so a rerun re-asks exactly them; a reply that arrived
-but cannot be read is cached with its raw text (it was billed) and asked again only with --retry_unreadable.
-A request in flight when the process is killed (kill -9, at most --concurrency) may be sent again by the
-rerun; the ledger keeps it reserved at its worst case and reports it as "unsettled". The API key is read from
-the variable named by --api_key_env, never written anywhere, masked as *** in anything a server echoes.
+Asked again: transport failures (not cached); a reply that arrived but cannot be read is cached with its raw
+text (it was billed) and asked again only with --retry_unreadable; a request in flight at a kill -9 (at most
+--concurrency) may be resent by the rerun, and the ledger keeps it reserved at its worst case as "unsettled".
+The API key is read from the variable named by --api_key_env, never written, masked as *** if echoed.
 
 Departures from the paper (numbered; the judges' own are in judges.py):
 1. For the rubric judge P[i][j] is 1/0.5/0 from comparing scores; "scores" of P judges are win-rates.
-2. Candidates are cut only when a request would not fit the judge's context (--judge_context): the room
-   left after the prompt, template and answer is split evenly among the candidates of one request;
-   --max_judge_tokens > 0 is a fixed cap instead. Cuts are listed in "truncated".
-3. A failed judgment is explicit (ok=False, None entries) and is never turned into a winner or a zero.
-4. Candidates are shown in a random order per item (seeded by --seed and the id; "order"), which the paper
-   does not state; --position_audit judges a seeded share of items again in the reversed order (listwise
-   judges only: pairwise ones see both orders of every pair already) and reports the bias:
-   rank_disagreement = share of audited candidate pairs (i, j) whose outcome (i wins / tie / j wins)
-   differs between the two orders; first_slot_advantage = mean over audited items of the mean over
-   candidates whose slot differs of (win-rate when shown earlier - when shown later), in [-1, 1].
+2. Candidates are cut only when a request would not fit --judge_context: the room left after prompt,
+   template and answer is split evenly among one request's candidates (--max_judge_tokens > 0: a fixed cap).
+3. A failed judgment is explicit (ok=False, None entries), never turned into a winner or a zero.
+4. Candidates are shown in a seeded random order per item ("order"), which the paper does not state;
+   --position_audit judges a seeded share of items again reversed (listwise judges only: pairwise ones see
+   both orders already): rank_disagreement = share of audited pairs whose outcome (i wins / tie / j wins)
+   differs between the orders; first_slot_advantage = mean over audited items of the mean over candidates
+   whose slot differs of (win-rate shown earlier - shown later), in [-1, 1].
 """
-import hashlib, json, math, os, random, sys, threading, time, warnings
+import hashlib, json, math, os, random, sys, threading, time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -48,7 +43,7 @@ import numpy as np
 import dno
 import judges
 from chat_api import (PRICES, Breaker, BudgetExceeded, Cache, JudgeUnavailable, Ledger, OracleError,
-                      call, connect, count_tokens, endpoint, fit, get_encoder, host, run_pool)
+                      call, connect, count_tokens, encoder, endpoint, fit, host, run_pool)
 from cli import check, cli
 
 
@@ -258,21 +253,6 @@ def check_inputs(items, cfg, fn):
     return fn
 
 
-def run_fn(pending, fn, ledger, done):
-    """A Python judge: one call per shown item, its answer checked against the contract."""
-    more = judges.wants_context(fn)
-    for u in pending:
-        ticket = ledger.spend(0, 0)
-        it = u["item"]
-        args = (judges.prompt_text(it["prompt"]), list(it["candidates"]))
-        v = fn(*args, **judges.context_of(it)) if more else fn(*args)
-        ledger.settle(ticket, 0, 0)
-        bad = judges.check_answer(fn, v, len(it["candidates"]))
-        if bad:
-            raise OracleError(f"judge {getattr(fn, '__name__', fn)} {bad}")
-        done(u, v)
-
-
 def run_api(pending, cfg, client, key, ledger, breaker, done):
     """Bounded concurrency: cfg.concurrency threads; `done` caches each answer as soon as it lands, so an
     interrupt, a budget stop or a tripped breaker loses at most the requests in flight."""
@@ -289,18 +269,6 @@ def run_api(pending, cfg, client, key, ledger, breaker, done):
     run_pool(work, pending, cfg.concurrency)
 
 
-def encoder_for(cfg, warn=False):
-    """The tiktoken encoding of the judge model; offline it falls back to ~4 chars/token, said only when
-    it matters (warn: a dollar budget with a known price)."""
-    by_model = "o200k_base" if cfg.judge_model.startswith(("gpt-4o", "gpt-4.1")) else "cl100k_base"
-    spec = cfg.encoding or by_model
-    enc = get_encoder(spec)
-    if enc is None and warn:
-        warnings.warn(f"tiktoken encoding {spec!r} unavailable; token counts (and the --max_usd budget) "
-                      "are approximate (len(text) / 4)", stacklevel=3)
-    return enc
-
-
 def judge_items(items, cfg, *, fn=None, progress=True):
     """Judge each {"id", "prompt", "candidates"} -> (results in the same order, summary)."""
     t0, fn = time.time(), check_inputs(items, cfg, fn)
@@ -312,10 +280,11 @@ def judge_items(items, cfg, *, fn=None, progress=True):
                           f"'{{\"{cfg.judge_model}\": [in, out]}}'")
     ledger = Ledger(price or (0.0, 0.0), cfg.max_usd, cfg.max_calls, cfg.ledger, durable=api)
     breaker = Breaker(cfg.breaker, endpoint(cfg.base_url) if api else cfg.judge)
-    enc = encoder_for(cfg, warn=bool(cfg.max_usd and price)) if api else None  # local: ~4 chars/token
+    enc = encoder(cfg.judge_model, cfg.encoding, warn=bool(cfg.max_usd and price)) if api else None
     name = cfg.judge_model  # a local judge: a folder (by absolute path) or a hub id (as given)
     local = f"local:{os.path.abspath(name) if os.path.exists(name) else name}"
-    judge_id = judges.identity(fn) if fn else f"{host(cfg.base_url)}|{cfg.judge_model}" if api else local
+    judge_id = f"{host(cfg.base_url)}|{cfg.judge_model}" if api else local
+    judge_id = judges.identity(fn) if fn else judge_id  # what the cache knows the judge by
     listwise = fn is not None or cfg.judge == "rubric"
     views = [(k, order, show(it, order)) for k, it in enumerate(items)
              for order in shown_orders(it, cfg, listwise)]
@@ -341,7 +310,7 @@ def judge_items(items, cfg, *, fn=None, progress=True):
             bar.update(1)
     try:
         if fn is not None:
-            run_fn(pending, fn, ledger, done)
+            judges.run_fn(pending, fn, ledger, done)
         elif cfg.judge == "local":
             judges.run_local(pending, cfg.judge_model, cfg.local_batch_size, ledger, done)
         elif pending:
@@ -380,18 +349,19 @@ def judge_items(items, cfg, *, fn=None, progress=True):
 # ----------------------------------------------------------------------------- CLI
 def load_samples(path):
     """samples JSONL {"id", "prompt", "samples", "gold"?} -> items with candidates = samples (+ gold)."""
-    items = []
     with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            try:
-                if line.strip():
-                    rec = json.loads(line)
-                    gold = [rec["gold"]] if rec.get("gold") is not None else []
-                    cands = list(rec["samples"]) + gold
-                    items.append({"id": str(rec.get("id", ln)), "prompt": rec["prompt"],
-                                  "candidates": cands, "gold_index": len(cands) - 1 if gold else None})
-            except (ValueError, KeyError, TypeError) as e:
-                raise OracleError(f"{path}:{ln}: bad samples line ({type(e).__name__}: {e})")
+        lines = list(enumerate(f, 1))
+    items = []
+    for ln, line in lines:
+        try:
+            rec = json.loads(line) if line.strip() else None
+            if rec is not None:
+                cands = list(rec["samples"]) + ([rec["gold"]] if rec.get("gold") is not None else [])
+                gold = len(cands) - 1 if rec.get("gold") is not None else None
+                items.append({"id": str(rec.get("id", ln)), "prompt": rec["prompt"], "candidates": cands,
+                              "gold_index": gold})
+        except (ValueError, KeyError, TypeError) as e:
+            raise OracleError(f"{path}:{ln}: bad samples line ({type(e).__name__}: {e})")
     return items
 
 

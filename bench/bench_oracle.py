@@ -69,15 +69,15 @@ def main():
         from llama_server import start_server
         args.base_url, proc = start_server(tempfile.mkdtemp(), threads=args.threads)
     try:
-        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, model=args.model, api_key_env="BENCH_KEY",
+        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, judge_model=args.model, api_key_env="BENCH_KEY",
                             cache="", concurrency=args.concurrency, extra_body='{"repeat_penalty": 1.0}')
         items = [{"id": str(k), "prompt": f"Question {k}: name a colour you like and why.",
                   "candidates": [f"{w} because it is {w}." * (1 + (k + j) % 3) for j, w in
                                  enumerate(["red", "blue", "green", "amber", "teal"][:args.candidates])]}
                  for k in range(args.items)]
-        enc = oracle.encoder_for(cfg)
-        units = [u for it in items for u in oracle.plan_item(it, cfg, None, enc, cfg.model)[0]]
-        payloads = [json.dumps({"model": cfg.model, "messages": u["messages"], "max_tokens": 1, "temperature": 0.0,
+        enc = oracle.encoder(cfg.judge_model, cfg.encoding)
+        units = [u for it in items for u in oracle.plan_item(it, cfg, None, enc, cfg.judge_model)[0]]
+        payloads = [json.dumps({"model": cfg.judge_model, "messages": u["messages"], "max_tokens": 1, "temperature": 0.0,
                                 "logprobs": True, "top_logprobs": cfg.top_logprobs, "repeat_penalty": 1.0}).encode()
                     for u in units]
         raw_run(args.base_url, payloads[:8], args.concurrency)  # warm-up

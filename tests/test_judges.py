@@ -329,7 +329,7 @@ def test_f15_rubric_follows_figure_3_point_by_point():
                    "Score: <points>", '"id2_score"'):
         assert clause in text, clause
     assert judges.rubric_prompt("p", ["c"]).endswith(judges.PREFILL) and judges.TEMPLATE_VERSION != "dno-oracle-v3"
-    doc = open(os.path.join(ROOT, "docs", "paper.md")).read()
+    doc = " ".join(open(os.path.join(ROOT, "docs", "paper.md")).read().split())
     assert "excess wordiness" in doc and "does not completely resolve" in doc
 
 

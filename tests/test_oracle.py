@@ -313,7 +313,7 @@ def test_real_server_pairwise_soft_p_and_cache(tmp_path, key, llama_server):
         assert sym_ok(r["P"]) and all(0 < x < 1 for row in r["P"] for x in row)
     assert len({round(x, 6) for r in res for row in r["P"] for x in row}) > 5  # soft, context-dependent
     # the soft P equals the one recomputed from a direct request's top log-probs, both orders averaged
-    units, _, _ = oracle.plan_item(ITEMS[0], cfg, None, oracle.encoder_for(cfg), cfg.judge_model)
+    units, _, _ = oracle.plan_item(ITEMS[0], cfg, None, oracle.encoder(cfg.judge_model, cfg.encoding), cfg.judge_model)
     client = OpenAI(base_url=llama_server, api_key="x")
     p = {}
     for u in units[:2]:  # orders (0, 1) and (0, 2) ...
@@ -332,15 +332,17 @@ def test_real_server_pairwise_soft_p_and_cache(tmp_path, key, llama_server):
 
 
 def test_real_server_rubric(tmp_path, key, llama_server):
-    n = 3  # a grammar makes the random model answer as the rubric asks: a justification, then a dictionary
-    g = 'root ::= j "\\n{" ' + ' ", " '.join(f'"\\"{i}\\": " [0-6]' for i in range(1, n + 1)) + ' "}"' + \
-        "\nj ::= [a-z] [a-z]? [a-z]?"
-    cfg = real_cfg(tmp_path, llama_server, judge="rubric", max_new_tokens=80,
+    n = 3  # a grammar makes the random model answer as Figure 3 asks: the rest of the prefilled dictionary
+    g = ('root ::= j "\\", \\"id1_score\\": " [0-6] '
+         + " ".join(f'", \\"id{i}_justification\\": \\"" j "\\", \\"id{i}_score\\": " [0-6]'
+                    for i in range(2, n + 1)) + ' "}"\nj ::= [a-z] [a-z]? [a-z]?')
+    cfg = real_cfg(tmp_path, llama_server, judge="rubric", max_new_tokens=200, timeout=60.0,
                    extra_body=json.dumps({"repeat_penalty": 1.0, "grammar": g}))
     res, s = judge_items(ITEMS, cfg, progress=False)
-    assert all(r["ok"] for r in res) and s["calls"] == 3 and s["tokens_out"] > 0
+    assert all(r["ok"] for r in res) and s["calls"] == 3 and s["tokens_out"] > 0, res[0]["rationale"]
     for r in res:
-        assert re.fullmatch(r'[a-z]{1,3}\n\{"1": \d, "2": \d, "3": \d\}', r["rationale"]), r["rationale"]
+        assert re.fullmatch(r'[a-z]{1,3}", "id1_score": \d(, "id\d_justification": "[a-z]{1,3}", '
+                            r'"id\d_score": \d){2}\}', r["rationale"]), r["rationale"]
         shown = parse_scores(r["rationale"], n)  # the judge scored the candidates in the order it saw them
         assert [r["scores"][k] for k in r["order"]] == shown and all(x in range(7) for x in shown)
 
@@ -585,8 +587,8 @@ def test_candidates_are_cut_only_when_the_request_would_not_fit(tmp_path, key):
     items = [{"id": "t", "prompt": "p", "candidates": ["hi", long, long]}]
     with FaultServer() as srv:
         cfg = api_cfg(tmp_path, srv.url, judge="rubric", cache="", max_new_tokens=50, shuffle=False)
-        units, _, _ = oracle.plan_item(items[0], cfg, None, oracle.encoder_for(cfg), cfg.judge_model)
-        fixed = units[0]["n_in"] - 10 + 50 - sum(chat_api.count_tokens(oracle.encoder_for(cfg), c) for c in
+        units, _, _ = oracle.plan_item(items[0], cfg, None, oracle.encoder(cfg.judge_model, cfg.encoding), cfg.judge_model)
+        fixed = units[0]["n_in"] - 10 + 50 - sum(chat_api.count_tokens(oracle.encoder(cfg.judge_model, cfg.encoding), c) for c in
                                                   items[0]["candidates"])  # the request without candidates
         cfg.judge_context = fixed + 175  # room for ~175 tokens of candidates (BPE joins at the seams vary by a few):
         # 2 + 80 + 80 fits
