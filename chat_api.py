@@ -1,21 +1,25 @@
-"""chat_api.py -- a small client for OpenAI-compatible chat-completions endpoints: pooled keep-alive HTTP,
-failure classes (permanent ones stop the run, transient ones are retried and feed a circuit breaker), a
-token and dollar ledger whose budget holds across processes, an append-only JSONL cache. It knows nothing
-about preferences; oracle.py asks the judges (judges.py) through it.
+"""chat_api.py -- a small client for OpenAI-compatible chat-completions endpoints.
 
 Usage:
-  OPENAI_API_KEY=x python chat_api.py --base_url http://127.0.0.1:8080/v1 --model tiny "Say hi"   # one request
+  OPENAI_API_KEY=x python chat_api.py --base_url http://127.0.0.1:8080/v1 --model tiny "Say hi"
 
-Transport: the `openai` package builds the client (base URL, auth and its own headers, proxy and TLS settings
-from the environment); each request is one POST of prebuilt bytes and headers on that client's underlying
-httpx connection pool, so no per-call option parsing or typed response objects (bench/bench_oracle.py measures
-it against a bare http.client POST). Retries are ours (max_retries=0) so that every failure is counted.
+Pooled keep-alive HTTP, failure classes (permanent ones stop the run, transient ones are retried and
+feed a circuit breaker), a token and dollar ledger whose budget holds across processes, an
+append-only JSONL cache. It knows nothing about preferences; oracle.py asks the judges (judges.py)
+through it.
 
-Money: Ledger is one JSON file for any number of processes: a file lock (fcntl.flock) around read, reserve and
-write; a request's worst-case cost is reserved (and fsynced) before it leaves and settled from the reply's
-`usage` after, whatever the parse outcome (a 200 that cannot be read is billed). A request in flight when its
-process is killed (kill -9) stays reserved at its worst case: the ledger counts it as spent and reports it as
-"unsettled"; the rerun may send it again (at most --concurrency such requests per kill).
+Transport: the `openai` package builds the client (base URL, auth and its own headers, proxy and
+TLS settings from the environment); each request is one POST of prebuilt bytes and headers on that
+client's underlying httpx connection pool: no per-call option parsing, no typed response objects
+(bench/bench_oracle.py measures it against a bare http.client POST). Retries are ours
+(max_retries=0) so that every failure is counted.
+
+Money: Ledger is one JSON file for any number of processes: a file lock (fcntl.flock) around read,
+reserve and write; a request's worst-case cost is reserved (and fsynced) before it leaves and
+settled from the reply's `usage` after, whatever the parse outcome (a 200 that cannot be read is
+billed). A request in flight when its process is killed (kill -9) stays reserved at its worst case:
+the ledger counts it as spent and reports it as "unsettled"; the rerun may send it again (at most
+--concurrency such requests per kill).
 """
 import fcntl, json, math, os, random, sys, threading, time, uuid, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,13 +27,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
 
-# USD per 1M tokens (input, output); oracle.py's --prices '{"model": [in, out]}' overrides or extends it
+# USD per 1M tokens (input, output); oracle.py's --prices '{"model": [in, out]}' extends it
 PRICES = {"gpt-4-turbo": (10.0, 30.0), "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
           "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6)}
 
 
 class BudgetExceeded(RuntimeError):
-    """--max_usd / --max_calls hit; everything judged so far is cached. Carries .results, .summary."""
+    """--max_usd / --max_calls hit; everything judged so far is cached. Carries .results,
+    .summary."""
     def __init__(self, msg, results=None, summary=None):
         super().__init__(msg)
         self.results, self.summary = results, summary
@@ -51,13 +56,14 @@ class JudgeUnavailable(OracleError):
 @lru_cache(maxsize=None)
 def get_encoder(spec):
     """tiktoken encoder from a name or a local .tiktoken file (lines 'base64token rank'); None when
-    unavailable (named encodings download their BPE file on first use and fail offline): the caller decides
-    whether the approximation (len(text) / 4) matters enough to say so."""
+    unavailable (named encodings download their BPE file on first use and fail offline): the caller
+    decides whether the approximation (len(text) / 4) matters enough to say so."""
     import base64, tiktoken
     try:
         if os.path.isfile(spec):
             with open(spec) as f:
-                ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f if ln.strip())}
+                rows = (ln.split() for ln in f if ln.strip())
+                ranks = {base64.b64decode(t): int(r) for t, r in rows}
             return tiktoken.Encoding(os.path.basename(spec), pat_str=r"\s?\w+|\s?[^\w\s]+|\s+",
                                      mergeable_ranks=ranks, special_tokens={})
         return tiktoken.get_encoding(spec)
@@ -66,13 +72,13 @@ def get_encoder(spec):
 
 
 def encoder(model, spec="", warn=False):
-    """The tiktoken encoding of a judge model (spec: a name or file; "" = by model). Offline it is None
-    (~4 chars/token), said only when it matters (warn: a dollar budget with a known price)."""
+    """The tiktoken encoding of a judge model (spec: a name or file; "" = by model). Offline it is
+    None (~4 chars/token), said only when it matters (warn: a dollar budget with a known price)."""
     spec = spec or ("o200k_base" if model.startswith(("gpt-4o", "gpt-4.1")) else "cl100k_base")
     enc = get_encoder(spec)
     if enc is None and warn:
-        warnings.warn(f"tiktoken encoding {spec!r} unavailable; token counts (and the --max_usd budget) "
-                      "are approximate (len(text) / 4)", stacklevel=3)
+        warnings.warn(f"tiktoken encoding {spec!r} unavailable; token counts (and the --max_usd "
+                      "budget) are approximate (len(text) / 4)", stacklevel=3)
     return enc
 
 
@@ -89,9 +95,9 @@ def truncate(enc, text, max_tokens):
 
 
 def fit(texts, enc, cap, room, per_request):
-    """Texts that share requests of `per_request` texts each -> (texts, indices cut, cap used or None).
-    cap > 0: a fixed cap. Else cut only when the largest request would pass `room` tokens, each text to
-    an even share of it."""
+    """Texts that share requests of `per_request` texts each -> (texts, indices cut, cap used or
+    None). cap > 0: a fixed cap. Else cut only when the largest request would pass `room` tokens,
+    each text to an even share of it."""
     if cap <= 0:
         if sum(sorted((count_tokens(enc, t) for t in texts), reverse=True)[:per_request]) <= room:
             return texts, [], None
@@ -105,11 +111,12 @@ COUNTS = ("calls", "retries", "tokens_in", "tokens_out")
 
 
 class Ledger:
-    """Calls, tokens and dollars, shared by threads and (with a path) by processes; enforces the hard budget
-    before each send. price: (USD per 1M input tokens, per 1M output tokens); max_usd / max_calls: 0 = none.
-    path: the run's JSON file {calls, retries, tokens_in, tokens_out, usd, reserved: {ticket: usd}}; every
-    change is one transaction under an exclusive flock of path + ".lock" (read, change, write atomically;
-    fsynced before a request leaves when durable). Budgets apply to the file's totals, reserved included."""
+    """Calls, tokens and dollars, shared by threads and (with a path) by processes; enforces the
+    hard budget before each send. price: (USD per 1M input tokens, per 1M output tokens); max_usd /
+    max_calls: 0 = none. path: the run's JSON file {calls, retries, tokens_in, tokens_out, usd,
+    reserved: {ticket: usd}}; every change is one transaction under an exclusive flock of path +
+    ".lock" (read, change, write atomically; fsynced before a request leaves when durable). Budgets
+    apply to the file's totals, reserved included."""
     def __init__(self, price, max_usd=0.0, max_calls=0, path="", durable=True):
         self.price, self.max_usd, self.max_calls, self.path = price, max_usd, max_calls, path
         self.durable, self.lock, self.stopped = durable, threading.Lock(), None
@@ -142,7 +149,8 @@ class Ledger:
         os.replace(tmp, self.path)
 
     def transact(self, change, sync=False):
-        """change(totals) under the thread lock and, with a path, the file lock: read, change, write."""
+        """change(totals) under the thread lock and, with a path, the file lock: read, change,
+        write."""
         with self.lock:
             if not self.path:
                 return change(self.t)
@@ -169,7 +177,8 @@ class Ledger:
         return (n_in * self.price[0] + n_out * self.price[1]) / 1e6
 
     def spend(self, n_in, max_out):
-        """Reserve one request at its worst case (max_out output tokens) -> its ticket, or BudgetExceeded."""
+        """Reserve one request at its worst case (max_out output tokens) -> its ticket, or
+        BudgetExceeded."""
         est, ticket = self.cost(n_in, max_out), f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
         def reserve(t):
@@ -193,8 +202,9 @@ class Ledger:
 
         def pay(t):
             t["reserved"].pop(ticket, None)
-            t["tokens_in"], t["tokens_out"], t["usd"] = t["tokens_in"] + n_in, t["tokens_out"] + n_out, \
-                t["usd"] + usd
+            t["tokens_in"] += n_in
+            t["tokens_out"] += n_out
+            t["usd"] += usd
         self.transact(pay)
         for k, v in (("tokens_in", n_in), ("tokens_out", n_out), ("usd", usd)):
             self.mine[k] += v
@@ -205,10 +215,10 @@ class Ledger:
 
 
 class Breaker:
-    """Circuit breaker: after `limit` requests in a row ended in failure (after their retries: outages,
-    rate limits, replies that cannot be read), with no answer in between, `tripped` holds a one-line reason
-    and `stop` is set: nothing more is sent and sleeping retries wake up. A permanent refusal (fatal) trips
-    it at once. limit 0 = trip only on a permanent refusal."""
+    """Circuit breaker: after `limit` requests in a row ended in failure (after their retries:
+    outages, rate limits, replies that cannot be read), with no answer in between, `tripped` holds
+    a one-line reason and `stop` is set: nothing more is sent and sleeping retries wake up. A
+    permanent refusal (fatal) trips it at once. limit 0 = trip only on a permanent refusal."""
     def __init__(self, limit, where):
         self.limit, self.where, self.run, self.tripped = limit, where, 0, None
         self.lock, self.stop = threading.Lock(), threading.Event()
@@ -217,8 +227,9 @@ class Breaker:
         with self.lock:
             self.run = self.run + 1 if "fail" in value else 0
             if self.limit and self.run >= self.limit and self.tripped is None:
-                self.tripped = (f"judge endpoint {self.where} unavailable: {self.run} requests in a row "
-                                f"failed; last: {value['error'][:160]}").replace("\n", " ")
+                last = value["error"][:160].replace("\n", " ")
+                self.tripped = (f"judge endpoint {self.where} unavailable: {self.run} requests "
+                                f"in a row failed; last: {last}")
                 self.stop.set()
 
     def fatal(self, why):
@@ -234,8 +245,9 @@ class Breaker:
 
 # ----------------------------------------------------------------------------- cache
 class Cache:
-    """Append-only JSONL {"key", "value"}; one flushed + fsynced line per answer, so a crash loses at most the
-    line being written; a torn last line is skipped on load (and the next write starts a fresh line)."""
+    """Append-only JSONL {"key", "value"}; one flushed + fsynced line per answer, so a crash loses
+    at most the line being written; a torn last line is skipped on load (and the next write starts
+    a fresh line)."""
     def __init__(self, path):
         self.path, self.data, self.lock, self.f = path, {}, threading.Lock(), None
         raw = open(path, "rb").read() if path and os.path.exists(path) else b""
@@ -266,15 +278,15 @@ class Cache:
 
 # ----------------------------------------------------------------------------- HTTP
 def endpoint(base_url):
-    """The endpoint URL; one-line OracleError for a bad scheme or credentials in it (they would be sent as
-    Basic auth instead of the key, and written wherever the URL is)."""
+    """The endpoint URL; one-line OracleError for a bad scheme or credentials in it (they would be
+    sent as Basic auth instead of the key, and written wherever the URL is)."""
     url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
     if not url.startswith(("http://", "https://")):
         raise OracleError(f"--base_url must start with http:// or https://, got {url[:8]!r}...")
     u = urlparse(url)
     if u.username is not None or u.password is not None:
-        raise OracleError("--base_url must not hold credentials (user:password@host): put the key in the "
-                          "variable named by --api_key_env")
+        raise OracleError("--base_url must not hold credentials (user:password@host): put the key "
+                          "in the variable named by --api_key_env")
     return url
 
 
@@ -284,7 +296,8 @@ def host(base_url):
 
 @dataclass(frozen=True)
 class Client:
-    """One endpoint's POST: the openai client's httpx pool, the full URL, prebuilt headers (auth included)."""
+    """One endpoint's POST: the openai client's httpx pool, the full URL, prebuilt headers (auth
+    included)."""
     http: object                    # the openai client's underlying httpx Client (keep-alive pool)
     url: str                        # <base_url>/chat/completions
     headers: tuple                  # (name, value) pairs sent with every request
@@ -298,7 +311,8 @@ def connect(base_url, api_key_env, timeout):
     url = endpoint(base_url)
     key = os.environ.get(api_key_env, "")
     if not key:
-        raise OracleError(f"missing API key: set ${api_key_env} (any non-empty value for a local server)")
+        raise OracleError(f"missing API key: set ${api_key_env} (any non-empty value for a local "
+                          "server)")
     return pool(url, timeout, key), key
 
 
@@ -307,7 +321,8 @@ def pool(url, timeout, key):
     """One client per (endpoint, key), shared by worker threads and successive runs."""
     import openai
     oc = openai.OpenAI(base_url=url.rstrip("/"), api_key=key, timeout=timeout, max_retries=0)
-    headers = {k: v for k, v in {**oc.default_headers, **oc.auth_headers}.items() if isinstance(v, str)}
+    headers = {**oc.default_headers, **oc.auth_headers}
+    headers = {k: v for k, v in headers.items() if isinstance(v, str)}  # no Omit placeholders
     lib = next(c for c in type(oc._client).__mro__ if not c.__module__.startswith("openai"))
     hx = sys.modules[lib.__module__.split(".")[0]]  # httpx (or its fork) as the package ships it
     return Client(oc._client, str(oc.base_url).rstrip("/") + "/chat/completions",
@@ -315,10 +330,12 @@ def pool(url, timeout, key):
 
 
 def post(client, body):
-    """POST JSON bytes -> (status, headers, bytes); transport errors become TimeoutError / ConnectionError."""
+    """POST JSON bytes -> (status, headers, bytes); transport errors become TimeoutError /
+    ConnectionError."""
     timeout_error, transport_error = client.errors
     try:
-        r = client.http.post(client.url, content=body, headers=client.headers, timeout=client.timeout)
+        r = client.http.post(client.url, content=body, headers=client.headers,
+                             timeout=client.timeout)
     except timeout_error as e:
         raise TimeoutError(str(e) or type(e).__name__) from None
     except transport_error as e:  # "[Errno 111] Connection refused", ...
@@ -327,9 +344,9 @@ def post(client, body):
 
 
 def run_pool(work, jobs, concurrency):
-    """work(job) for every job on `concurrency` threads. A budget stop or a tripped breaker ends the jobs
-    quietly (the caller reads ledger.stopped / breaker.tripped); on Ctrl-C or another error nothing more
-    is sent."""
+    """work(job) for every job on `concurrency` threads. A budget stop or a tripped breaker ends
+    the jobs quietly (the caller reads ledger.stopped / breaker.tripped); on Ctrl-C or another
+    error nothing more is sent."""
     with ThreadPoolExecutor(max(1, concurrency)) as ex:
         futs = [ex.submit(work, j) for j in jobs]
         try:
@@ -342,8 +359,8 @@ def run_pool(work, jobs, concurrency):
 
 # ----------------------------------------------------------------------------- one request
 def scrub(value, key):
-    """value with the key masked as *** in every decoded string (keys under 8 characters, like "x" for a
-    local server, are no secret and would mangle text)."""
+    """value with the key masked as *** in every decoded string (keys under 8 characters, like "x"
+    for a local server, are no secret and would mangle text)."""
     if len(key) < 8:
         return value
     text = json.dumps(value, ensure_ascii=False)
@@ -364,7 +381,7 @@ def permanent(status, text):
     """Why retrying can never help (a one-line cause), or None."""
     low = text.lower()
     if status == 401:
-        return "HTTP 401 authentication failed: check the key in the variable named by --api_key_env"
+        return "HTTP 401 authentication failed: check the key in the variable --api_key_env names"
     if status == 403:
         return "HTTP 403 permission denied for this key or model"
     if status == 404:
@@ -377,17 +394,18 @@ def permanent(status, text):
     return None
 
 
-def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4, backoff=0.5, seed="",
-         keep=lambda value: None):
-    """One chat completion (body: a dict). parse(reply JSON) -> value: raises on a reply that is not a
-    completion (retried) or returns {"fail", "error", "raw"} for one that arrived but cannot be read (kept,
-    not retried). Transient failures (429, 5xx, 408, timeouts, connections) are retried with exponential
-    backoff + jitter or the server's Retry-After; a refused connection at most twice. Permanent ones
-    (401/403/404, quota, context) trip the breaker at once. Every request is reserved in the ledger before
-    it leaves (may raise BudgetExceeded) and settled after: a 200 from its `usage` (the worst case without
-    one), a non-200 at 0. keep(value) stores the final value before its request is settled, so a kill in
-    between leaves it counted as unsettled, never stored and unbilled. Returns the value, or
-    {"fail", "error"} after the retries."""
+def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4, backoff=0.5,
+         seed="", keep=lambda value: None):
+    """One chat completion (body: a dict). parse(reply JSON) -> value: raises on a reply that is
+    not a completion (retried) or returns {"fail", "error", "raw"} for one that arrived but cannot
+    be read (kept, not retried). Transient failures (429, 5xx, 408, timeouts, connections) are
+    retried with exponential backoff + jitter or the server's Retry-After; a refused connection at
+    most twice. Permanent ones (401/403/404, quota, context) trip the breaker at once. Every
+    request is reserved in the ledger before it leaves (may raise BudgetExceeded) and settled
+    after: a 200 from its `usage` (the worst case without one), a non-200 at 0. keep(value) stores
+    the final value before its request is settled, so a kill in between leaves it counted as
+    unsettled, never stored and unbilled. Returns the value, or {"fail", "error"} after the
+    retries."""
     body, wait, fail = json.dumps(body).encode(), 0.0, None  # encoded once, resent as is
     for attempt in range(retries + 1):
         if attempt:
@@ -402,7 +420,7 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
         try:
             status, headers, raw = post(client, body)
             if status == 200:
-                billed = (n_in, max_out)  # it arrived, so it is billed: the worst case until usage says
+                billed = (n_in, max_out)  # it arrived, so it is billed: worst case until usage
                 data = json.loads(raw)
                 u = data.get("usage") if isinstance(data, dict) else None
                 if isinstance(u, dict):
@@ -442,7 +460,7 @@ if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("prompt")
-    ap.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+    ap.add_argument("--base_url", default="")
     ap.add_argument("--model", default="gpt-4o-mini")
     args = ap.parse_args()
     try:
@@ -450,7 +468,8 @@ if __name__ == "__main__":
     except OracleError as e:
         sys.exit(f"error: {e}")
     ledger = Ledger(PRICES.get(args.model, (0.0, 0.0)))
-    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}], "max_tokens": 64}
+    messages = [{"role": "user", "content": args.prompt}]
+    body = {"model": args.model, "messages": messages, "max_tokens": 64}
     out = call(client, key, body, lambda d: d["choices"][0]["message"]["content"], ledger,
                Breaker(1, args.base_url), n_in=len(args.prompt) // 4 + 10, max_out=64, retries=1)
     t = ledger.totals()

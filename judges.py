@@ -1,71 +1,79 @@
-"""judges.py -- what a judge says: the paper's rubric (Fig. 3) and a pairwise verdict, their replies read as
-data, the local-model judge, and the Python judges, all named in one registry. oracle.py asks them.
+"""judges.py -- what a judge says: the paper's rubric, the pairwise verdict, and the Python judges.
 
 Usage:
-  python judges.py                          # the built-in Python judges on two items, and a rubric reply parsed
+  python judges.py                            # the Python judges on two items; a rubric reply read
   import judges; fn = judges.resolve("demo")           # an alias, or any "module:function"
   judges.parse_scores('{"id1_justification": "ok", "id1_score": 5}', 1)   # -> [5.0]
 
-The judge contract (a Python judge, --judge module:function):
-  fn(prompt_text, candidates) -> {"scores": [n numbers]} or {"P": n x n, P[i][j] = P(i beats j)}; a fn that also
-  takes `messages`, `gold`, `id` (or **kwargs) gets messages=<the raw chat list or None>, gold=<gold text or
-  None>, id=<the item id>. fn.score_kind declares what its scores mean: "rubric" (the default for "scores":
-  points 0..6, the paper's pair rule) or "winrate" (in [0, 1], always so for "P"); a score outside the declared
-  range is a failed judgment. The cache knows a Python judge by its module and a hash of the module's source, so
-  an edited judge is asked again.
+The rubric (Fig. 3) and the pairwise verdict with their replies read as data, the local-model judge,
+and the Python judges, all named in one registry. oracle.py asks them.
+
+The judge contract (a Python judge, --judge module:function): fn(prompt_text, candidates) ->
+  {"scores": [n numbers]} or {"P": n x n, P[i][j] = P(i beats j)}; a fn that also takes `messages`,
+  `gold`, `id` (or **kwargs) gets messages=<the raw chat list or None>, gold=<gold text or None>,
+  id=<the item id>. fn.score_kind declares what its scores mean: "rubric" (the default for
+  "scores": points 0..6, the paper's pair rule) or "winrate" (in [0, 1], always so for "P"); a
+  score outside the declared range is refused in one line. The cache knows a Python judge by its
+  module and a hash of the module's source, so an edited judge is asked again.
 
 Departures from the paper (numbered):
-1. The rubric is our wording of Fig. 3, point by point and in its order (a first point, a second, "add a third
-   point", "award a fourth point", ...), keeping the clauses that carry its meaning: point 2 "even if it is
-   incomplete or contains some irrelevant content", point 3 "but does not completely resolve the query or provide
-   a direct answer", point 4's "extraneous content, or excess wordiness" (the paper's only length penalty), and
-   point 6 in full (tailored, no extraneous information, expert, high quality, engaging and insightful).
-2. Fig. 3's prompt invites the judge to use web search; ours does not. The paper's judge is GPT-4-Turbo; ours is
-   any OpenAI-compatible endpoint.
-3. Fig. 3 closes with the "Score:" line and prefills the start of the answer dictionary in the assistant's turn.
-   Chat APIs cannot prefill the assistant turn, so the prompt ends with the dictionary's start (PREFILL) and the
-   reply is read either as a whole dictionary or as the rest of the prefilled one; each justification ends with
-   its "Score: <points>" line, and the integer under "idK_score" is what counts.
-4. The reply is parsed as JSON and validated (exactly the keys id1_score..idn_score, integers 0..6); anything
-   else is a failed judgment with the raw reply kept, never a default score. Two valid dictionaries in one reply
-   (e.g. one quoted from a candidate) are a failure too, so no candidate's text can set another one's score.
-5. The pairwise and local judges are not in the paper (it ranks by rubric scores only); they give a soft
-   P(y > y' | x) from the verdict token's log-probs.
+1. The rubric is our wording of Fig. 3, point by point and in its order (a first point, a second,
+   "add a third point", "award a fourth point", ...), keeping the clauses that carry its meaning:
+   point 2 "even if it is incomplete or contains some irrelevant content", point 3 "but does not
+   completely resolve the query or provide a direct answer", point 4's "extraneous content, or
+   excess wordiness" (the paper's only length penalty), and point 6 in full (tailored, no
+   extraneous information, expert, high quality, engaging and insightful).
+2. Fig. 3's prompt invites the judge to use web search; ours does not. The paper's judge is
+   GPT-4-Turbo; ours is any OpenAI-compatible endpoint.
+3. Fig. 3 closes with the "Score:" line and prefills the start of the answer dictionary in the
+   assistant's turn. Chat APIs cannot prefill the assistant turn, so the prompt ends with the
+   dictionary's start (PREFILL) and the reply is read either as a whole dictionary or as the rest
+   of the prefilled one; each justification ends with its "Score: <points>" line, and the integer
+   under "idK_score" is what counts.
+4. The reply is parsed as JSON and validated (exactly the keys id1_score..idn_score, integers
+   0..6); anything else is a failed judgment with the raw reply kept, never a default score. Two
+   valid dictionaries in one reply (e.g. one quoted from a candidate) are a failure too, so no
+   candidate's text can set another one's score.
+5. The pairwise and local judges are not in the paper (it ranks by rubric scores only); they give a
+   soft P(y > y' | x) from the verdict token's log-probs.
 """
 import hashlib, importlib, inspect, json, math, os, re, sys
 
-TEMPLATE_VERSION = "dno-judges-v4"  # bump when any template below changes: it is part of every cache key
+TEMPLATE_VERSION = "dno-judges-v4"  # bump when a template below changes: it is in every cache key
 SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."
 PREFILL = '{"id1_justification": "'  # the start of the answer dictionary (departure 3)
-RUBRIC_TEMPLATE = """Review the user's prompt and the {n} candidate responses below with the additive 6-point
-scoring system described here, scoring every candidate on its own. Points accumulate in order: start at 0 and
-stop at the first criterion a candidate does not meet.
-- Give 1 point if the response reads as an answer: it does not loop or repeat itself, and it is not a
-  continuation of the prompt or a list of unrelated examples.
-- Add a second point if the response is relevant and gives some information related to the user's request,
-  even if it is incomplete or contains some irrelevant content.
-- Add a third point if the response addresses a substantial portion of the user's request, but does not
-  completely resolve the query or provide a direct answer.
-- Award a fourth point if the response answers the basic elements of the request directly and usefully,
-  with few errors, extraneous content, or excess wordiness.
-- Award a fifth point if the response is written from an AI assistant's point of view, answers the request
-  directly and completely, is well organised and helpful, and has no errors or made-up facts, even if it could be
-  slightly clearer, more concise or more focused.
-- Award a sixth point if the response is impeccably tailored to the request, has no extraneous information,
-  reflects expert knowledge, and is a high-quality, engaging and insightful answer.
+RUBRIC_TEMPLATE = """Review the user's prompt and the {n} candidate responses below with the
+additive 6-point scoring system described here, scoring every candidate on its own. Points
+accumulate in order: start at 0 and stop at the first criterion a candidate does not meet.
+- Give 1 point if the response reads as an answer: it does not loop or repeat itself, and it is
+  not a continuation of the prompt or a list of unrelated examples.
+- Add a second point if the response is relevant and gives some information related to the user's
+  request, even if it is incomplete or contains some irrelevant content.
+- Add a third point if the response addresses a substantial portion of the user's request, but
+  does not completely resolve the query or provide a direct answer.
+- Award a fourth point if the response answers the basic elements of the request directly and
+  usefully, with few errors, extraneous content, or excess wordiness.
+- Award a fifth point if the response is written from an AI assistant's point of view, answers the
+  request directly and completely, is well organised and helpful, and has no errors or made-up
+  facts, even if it could be slightly clearer, more concise or more focused.
+- Award a sixth point if the response is impeccably tailored to the request, has no extraneous
+  information, reflects expert knowledge, and is a high-quality, engaging and insightful answer.
 
 [Prompt]
 {prompt}
 
 {candidates}
 
-After examining the prompt and the candidates, justify the total of each candidate in at most 100 words, ending
-its justification with the line "Score: <points>". Reply with one JSON dictionary and nothing else, with the keys
-"id<k>_justification" and "id<k>_score" (an integer from 0 to 6) for candidate k = 1..{n}:
-{{"id1_justification": "...", "id1_score": <points>, ..., "id{n}_justification": "...", "id{n}_score": <points>}}
+After examining the prompt and the candidates, justify the total of each candidate in at most 100
+words, ending its justification with the line "Score: <points>". Reply with one JSON dictionary and
+nothing else, with the keys "id<k>_justification" and "id<k>_score" (an integer from 0 to 6) for
+candidate k = 1..{n}:
+{{"id1_justification": "...", "id1_score": <points>, ...,
+"id{n}_justification": "...", "id{n}_score": <points>}}
 """
 CANDIDATE_TEMPLATE = "[Candidate {i}]\n{text}\n[End of candidate {i}]"
-PAIRWISE_TEMPLATE = """Which response answers the user prompt better? Consider helpfulness, correctness and clarity.
+PAIRWISE_TEMPLATE = """Which response answers the user prompt better? Consider helpfulness,
+correctness and clarity.
 
 [Prompt]
 {prompt}
@@ -80,8 +88,10 @@ Reply with one letter only: A or B."""
 
 
 def rubric_prompt(text, candidates):
-    """The rubric request for one shown order; it ends with the prefilled start of the dictionary."""
-    cands = "\n\n".join(CANDIDATE_TEMPLATE.format(i=k + 1, text=c) for k, c in enumerate(candidates))
+    """The rubric request for one shown order; it ends with the prefilled start of the
+    dictionary."""
+    shown = [CANDIDATE_TEMPLATE.format(i=k + 1, text=c) for k, c in enumerate(candidates)]
+    cands = "\n\n".join(shown)
     return RUBRIC_TEMPLATE.format(n=len(candidates), prompt=text, candidates=cands) + PREFILL
 
 
@@ -98,7 +108,8 @@ def prompt_text(prompt):
 
 # ----------------------------------------------------------------------------- reading replies
 def score_dicts(text):
-    """Every JSON object in text that starts at a '{' outside any decoded object's span (json, not regex)."""
+    """Every JSON object in text that starts at a '{' outside any decoded object's span (json, not
+    regex)."""
     dec, found, k = json.JSONDecoder(strict=False), [], text.find("{")  # raw newlines allowed
     while k >= 0:
         try:
@@ -113,7 +124,8 @@ def score_dicts(text):
 
 
 def valid_scores(obj, n):
-    """A Fig. 3 dictionary -> n floats, or None unless its scores are exactly id1..idn, integers in 0..6."""
+    """A Fig. 3 dictionary -> n floats, or None unless its scores are exactly id1..idn, integers in
+    0..6."""
     keys = {k for k in obj if re.fullmatch(r"id\d+_score", k)}
     if keys != {f"id{k}_score" for k in range(1, n + 1)}:
         return None
@@ -124,8 +136,8 @@ def valid_scores(obj, n):
 
 
 def parse_scores(text, n):
-    """The rubric reply -> n scores in 0..6, or None (a failure: departure 4). The reply is one dictionary,
-    alone or after prose, or the rest of the prefilled one (PREFILL + reply)."""
+    """The rubric reply -> n scores in 0..6, or None (a failure: departure 4). The reply is one
+    dictionary, alone or after prose, or the rest of the prefilled one (PREFILL + reply)."""
     for whole in (text, PREFILL + text):
         good = [s for s in (valid_scores(d, n) for d in score_dicts(whole)) if s is not None]
         if len(good) == 1:
@@ -136,14 +148,15 @@ def parse_scores(text, n):
 
 
 def verdict_letter(token):
-    """'A' / 'B' when a verdict token says it ('A', ' B', 'A.', '**B', '\u2581A'), else None ('Both', 'a')."""
+    """'A' / 'B' when a verdict token says it ('A', ' B', 'A.', '**B', '\u2581A'), else None
+    ('Both', 'a')."""
     m = re.fullmatch(r"[\W_]*([AB])[\W_]*", token.replace("\u2581", " "))
     return m.group(1) if m else None
 
 
 def verdict_prob(top):
-    """Soft P(first response wins) from [(token, logprob), ...] at the verdict position: mass on A over mass on
-    A or B. None when neither letter is listed."""
+    """Soft P(first response wins) from [(token, logprob), ...] at the verdict position: mass on A
+    over mass on A or B. None when neither letter is listed."""
     mass = {"A": 0.0, "B": 0.0}
     for tok, lp in top:
         v = verdict_letter(tok)
@@ -154,8 +167,9 @@ def verdict_prob(top):
 
 
 def read_reply(data, kind, n):
-    """A chat completion (decoded JSON) -> the cache value. Raises on a reply that is not a completion at all
-    (retried); returns {"fail", "error", "raw"} for a completion that cannot be read (stored, billed)."""
+    """A chat completion (decoded JSON) -> the cache value. Raises on a reply that is not a
+    completion at all (retried); returns {"fail", "error", "raw"} for a completion that cannot be
+    read (stored, billed)."""
     ch = data["choices"][0]
     if kind == "rubric":
         text = ch["message"]["content"]
@@ -166,20 +180,23 @@ def read_reply(data, kind, n):
         return {"scores": scores, "raw": text}
     lp = ch.get("logprobs") or {}
     if not lp.get("content"):
-        return {"fail": "no_verdict", "error": "no log-probs in the reply", "raw": ch["message"]["content"]}
+        why = "no log-probs in the reply"
+        return {"fail": "no_verdict", "error": why, "raw": ch["message"]["content"]}
     pos = lp["content"][0]  # the verdict token position
     top = {t["token"]: t["logprob"] for t in pos.get("top_logprobs") or []}
-    p = verdict_prob(list({pos["token"]: pos["logprob"], **top}.items()))  # the sampled one may be missing
+    top = {pos["token"]: pos["logprob"], **top}  # the sampled token may be missing from top
+    p = verdict_prob(list(top.items()))
     if p is None:
-        return {"fail": "no_verdict", "error": f"no A/B among the top log-probs (got {pos['token']!r})",
-                "raw": pos["token"]}
+        why = f"no A/B among the top log-probs (got {pos['token']!r})"
+        return {"fail": "no_verdict", "error": why, "raw": pos["token"]}
     return {"p": p, "raw": pos["token"]}
 
 
-# ----------------------------------------------------------------------------- the local-model judge
+# ------------------------------------------------------------------------- the local-model judge
 def run_local(units, model_dir, batch_size, ledger, done):
-    """The pairwise prompt on a local model.py Transformer: P(A) from the next-token log-softmax over the
-    verdict letters, batches left-padded. model_dir: a folder or a hub id ORG/NAME (--judge_model)."""
+    """The pairwise prompt on a local model.py Transformer: P(A) from the next-token log-softmax
+    over the verdict letters, batches left-padded. model_dir: a folder or a hub id ORG/NAME
+    (--judge_model)."""
     import torch
     from chat_api import OracleError
     from model import Transformer
@@ -197,7 +214,8 @@ def run_local(units, model_dir, batch_size, ledger, done):
         tickets = [ledger.spend(0, 0) for _ in chunk]
         for u in chunk:
             if tok.chat_template:
-                text = tok.apply_chat_template(u["messages"], tokenize=False, add_generation_prompt=True)
+                text = tok.apply_chat_template(u["messages"], tokenize=False,
+                                               add_generation_prompt=True)
             else:
                 text = u["messages"][-1]["content"]
             rows.append(tok(text, add_special_tokens=False)["input_ids"])
@@ -205,30 +223,37 @@ def run_local(units, model_dir, batch_size, ledger, done):
         idx = torch.tensor([[pad] * (T - len(r)) + r for r in rows])  # (B, T) left-padded
         mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])  # (B, T)
         with torch.no_grad():
-            logits = model(idx, attention_mask=mask) if (mask == 0).any() else model(idx)  # (B, T, V)
+            padded = bool((mask == 0).any())
+            logits = model(idx, attention_mask=mask) if padded else model(idx)  # (B, T, V)
         logp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
         for u, lp, r, ticket in zip(chunk, logp, rows, tickets):
             p = verdict_prob([(v, lp[i].item()) for v in "AB" for i in letters[v]])
             ledger.settle(ticket, len(r), 0)
-            done(u, {"p": p} if p is not None else {"fail": "no_verdict", "error": "no A/B in the vocab"})
+            if p is None:
+                done(u, {"fail": "no_verdict", "error": "no A/B in the vocab"})
+            else:
+                done(u, {"p": p})
 
 
 # ----------------------------------------------------------------------------- Python judges
-# Deterministic functions of the texts, fn(prompt, candidates); the P ones satisfy P(a>b) + P(b>a) = 1.
+# Deterministic functions of the texts, fn(prompt, candidates); P ones keep P(a>b) + P(b>a) = 1.
 def length_judge(prompt, candidates):
     """Longer is better, softly: P(a > b) = sigmoid((len a - len b) / 20 chars)."""
     L = [len(c) for c in candidates]
     sig = lambda d: 1 / (1 + math.exp(-d / 20))
-    return {"P": [[0.5 if i == j else sig(a - b) for j, b in enumerate(L)] for i, a in enumerate(L)]}
+    P = [[0.5 if i == j else sig(a - b) for j, b in enumerate(L)] for i, a in enumerate(L)]
+    return {"P": P}
 
 
 length_judge.score_kind = "winrate"  # a P judge: its scores are win-rates
 
 
 def overlap_judge(prompt, candidates):
-    """A transitive scalar judge: the share of the prompt's distinct words that the candidate reuses."""
+    """A transitive scalar judge: the share of the prompt's distinct words that the candidate
+    reuses."""
     words = set(str(prompt).lower().split())
-    return {"scores": [len(words & set(c.lower().split())) / max(1, len(words)) for c in candidates]}
+    share = lambda c: len(words & set(c.lower().split())) / max(1, len(words))
+    return {"scores": [share(c) for c in candidates]}
 
 
 overlap_judge.score_kind = "winrate"  # scores in [0, 1]: the win-rate pair rule applies
@@ -236,7 +261,8 @@ overlap_judge.score_kind = "winrate"  # scores in [0, 1]: the win-rate pair rule
 
 def cyclic_judge(prompt, candidates):
     """Intransitive rock-paper-scissors on word count mod 3: class c beats class (c - 1) mod 3, so
-    1 word > 3 words > 2 words > 1 word: a preference no scalar reward (Bradley-Terry) can express."""
+    1 word > 3 words > 2 words > 1 word: a preference no scalar reward (Bradley-Terry) can
+    express."""
     c = [len(t.split()) % 3 for t in candidates]
     beats = lambda a, b: 1.0 if (a - b) % 3 == 1 else 0.0 if (b - a) % 3 == 1 else 0.5
     return {"P": [[beats(a, b) for b in c] for a in c]}
@@ -246,20 +272,22 @@ cyclic_judge.score_kind = "winrate"
 
 
 # The one registry: every Python judge is module:function; these short names are aliases.
-ALIASES = {"length": "judges:length_judge", "overlap": "judges:overlap_judge", "cyclic": "judges:cyclic_judge",
-           "demo": "demo_task:demo", "demo_cyclic": "demo_task:demo_cyclic", "demo_rps": "demo_task:demo_rps",
+ALIASES = {"length": "judges:length_judge", "overlap": "judges:overlap_judge",
+           "cyclic": "judges:cyclic_judge", "demo": "demo_task:demo",
+           "demo_cyclic": "demo_task:demo_cyclic", "demo_rps": "demo_task:demo_rps",
            "demo_bt": "demo_task:demo_bt"}
-API_JUDGES = ("rubric", "pairwise", "local")  # judges oracle.py asks over HTTP or runs on a local model
+API_JUDGES = ("rubric", "pairwise", "local")  # asked over HTTP or run on a local model
 SCORE_RANGE = {"rubric": (0.0, 6.0), "winrate": (0.0, 1.0)}
 
 
 def resolve(name):
-    """--judge NAME -> the Python judge function (an alias or module:function); a one-line OracleError."""
+    """--judge NAME -> the Python judge function (an alias or module:function); a one-line
+    OracleError."""
     from chat_api import OracleError
     spec = ALIASES.get(name, name)
     if ":" not in spec:
-        raise OracleError(f"unknown --judge {name!r}; choose {', '.join(API_JUDGES)}, module:function "
-                          f"or one of {', '.join(sorted(ALIASES))}")
+        raise OracleError(f"unknown --judge {name!r}; choose {', '.join(API_JUDGES)}, "
+                          f"module:function or one of {', '.join(sorted(ALIASES))}")
     mod, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(mod), attr)
@@ -283,7 +311,8 @@ def score_kind(fn):
 
 
 def identity(fn):
-    """The cache's name for a Python judge: module:qualname + a hash of its module's source (or its code)."""
+    """The cache's name for a Python judge: module:qualname + a hash of its module's source (or its
+    code)."""
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
     try:
         src = inspect.getsource(sys.modules[fn.__module__])
@@ -294,12 +323,14 @@ def identity(fn):
 
 
 def wants_context(fn):
-    """True when fn takes messages= / gold= / id= (or **kwargs) besides (prompt, candidates)."""
+    """The keywords among messages= / gold= / id= that fn takes (all three with **kwargs)."""
     try:
         ps = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return False
-    return any(p.kind == p.VAR_KEYWORD or p.name in ("messages", "gold", "id") for p in ps)
+        return set()
+    if any(p.kind == p.VAR_KEYWORD for p in ps):
+        return {"messages", "gold", "id"}
+    return {p.name for p in ps if p.name in ("messages", "gold", "id")}
 
 
 def context_of(item):
@@ -310,14 +341,15 @@ def context_of(item):
 
 
 def run_fn(units, fn, ledger, done):
-    """A Python judge: one call per shown item (unit["item"]), its answer checked against the contract."""
+    """A Python judge: one call per shown item (unit["item"]), its answer checked against the
+    contract."""
     from chat_api import OracleError
     more = wants_context(fn)
     for u in units:
         ticket = ledger.spend(0, 0)
         it = u["item"]
         args = (prompt_text(it["prompt"]), list(it["candidates"]))
-        v = fn(*args, **context_of(it)) if more else fn(*args)
+        v = fn(*args, **{k: x for k, x in context_of(it).items() if k in more})
         ledger.settle(ticket, 0, 0)
         bad = check_answer(fn, v, len(it["candidates"]))
         if bad:
@@ -327,7 +359,8 @@ def run_fn(units, fn, ledger, done):
 
 def check_answer(fn, v, n):
     """A Python judge's answer -> None if it keeps the contract, else why not (one line)."""
-    if not isinstance(v, dict) or not (len(v.get("scores") or []) == n or len(v.get("P") or []) == n):
+    sized = isinstance(v, dict) and n in (len(v.get("scores") or []), len(v.get("P") or []))
+    if not sized:
         return f"returned {str(v)[:60]}; want {{'scores': [n]}} or {{'P': n x n}}"
     if "scores" in v and "P" not in v:
         kind = score_kind(fn)
@@ -339,9 +372,11 @@ def check_answer(fn, v, n):
 
 
 if __name__ == "__main__":
-    items = [("pick", ["rock", "paper cuts", "scissors cut it"]), ("say hi", ["hi", "hi there, friend"])]
+    items = [("pick", ["rock", "paper cuts", "scissors cut it"]),
+             ("say hi", ["hi", "hi there, friend"])]
     for name in ("length", "overlap", "cyclic"):
         fn = resolve(name)
         print(f"{name:8s} ({score_kind(fn)})", [fn(p, c) for p, c in items])
-    reply = 'Both answer.\nScore: 5", "id1_score": 5, "id2_justification": "Loops.\\nScore: 1", "id2_score": 1}'
+    reply = ('Both answer.\nScore: 5", "id1_score": 5, '
+             '"id2_justification": "Loops.\\nScore: 1", "id2_score": 1}')
     print("prefilled reply ->", parse_scores(reply, 2))

@@ -7,10 +7,12 @@ raw  = the same chat-completion payloads (pairwise verdicts, both orders) POSTed
        keep-alive http.client connections, no parsing beyond json.loads;
 ours = oracle.judge_items (chat_api.py client, retries, ledger, token counts, result assembly), cache off.
 After a warm-up, `repeats` raw/ours pairs run back to back (alternating which goes first); reported: the median
-and quartiles of the per-pair ratios ours/raw (target >= 0.9), the ratio of medians, the client and server CPU
+and quartiles of the per-pair ratios ours/raw (target >= 0.95), the ratio of medians, the client and server CPU
 per request of each, and the machine's load average (on a busy 2-core box single runs vary by 2x). Because the
 wall-clock ratios swing with other people's load, the CPU figures also give the load-independent ratio a
-CPU-bound machine would show: (server + client CPU per request, raw) / (the same, ours).
+CPU-bound machine would show: (server + client CPU per request, raw) / (the same, ours). Then the
+client CPU of the transport alone, three ways: the `openai` package's post(), its httpx client with
+prebuilt headers (chat_api.post, what the oracle uses), a bare http.client connection.
 """
 import argparse, http.client, json, os, statistics, sys, tempfile, threading, time
 from urllib.parse import urlparse
@@ -52,6 +54,38 @@ def raw_run(base_url, payloads, concurrency):
     return time.perf_counter() - t0
 
 
+def transport_cpu(base_url, payloads, key="x"):
+    """Client CPU ms per request of three ways to POST the same payloads one after another: the
+    `openai` package's own post() (option parsing per call), its httpx client with prebuilt headers
+    (chat_api.post, what the oracle uses), and a bare keep-alive http.client connection."""
+    import openai
+    import chat_api
+    u = urlparse(base_url)
+    hdr = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    oc = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
+    ours = chat_api.pool(base_url, 60.0, key)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+
+    def bare(body):
+        conn.request("POST", u.path + "/chat/completions", body=body, headers=hdr)
+        return conn.getresponse().read()
+
+    def package(body):
+        opts = {"headers": {"Content-Type": "application/json"}}
+        return oc.post("/chat/completions", cast_to=bytes, content=body, options=opts)
+    ways = {"openai_post": package, "openai_httpx_prebuilt": lambda b: chat_api.post(ours, b),
+            "http_client": bare}
+    out = {}
+    for name, send in ways.items():
+        send(payloads[0])  # warm: a connection is open
+        c0 = time.process_time()
+        for b in payloads:
+            send(b)
+        out[name] = round(1e3 * (time.process_time() - c0) / len(payloads), 3)
+    conn.close()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=16)
@@ -69,7 +103,8 @@ def main():
         from llama_server import start_server
         args.base_url, proc = start_server(tempfile.mkdtemp(), threads=args.threads)
     try:
-        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, judge_model=args.model, api_key_env="BENCH_KEY",
+        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, judge_judge_model=args.model,
+                            api_key_env="BENCH_KEY",
                             cache="", concurrency=args.concurrency, extra_body='{"repeat_penalty": 1.0}')
         items = [{"id": str(k), "prompt": f"Question {k}: name a colour you like and why.",
                   "candidates": [f"{w} because it is {w}." * (1 + (k + j) % 3) for j, w in
@@ -100,6 +135,7 @@ def main():
                                                                                  args.concurrency))
                 rps[name].append(r), cpu[name].append(c), srv[name].append(sv)
         paired = sorted(b / a for a, b in zip(rps["raw"], rps["ours"]))
+        transports = transport_cpu(args.base_url, payloads[:32])
         med = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
         med_srv = {k: round(statistics.median(v), 2) if None not in v else None for k, v in srv.items()}
         print(json.dumps({"requests_per_run": len(payloads), "concurrency": args.concurrency, "pairs": args.repeats,
@@ -111,7 +147,8 @@ def main():
                           "client_cpu_ms_per_req": med, "server_cpu_ms_per_req": med_srv,
                           "cpu_bound_ratio": None if None in med_srv.values() else
                           round((med["raw"] + med_srv["raw"]) / (med["ours"] + med_srv["ours"]), 3),
-                          "target": 0.9, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}))
+                          "transport_cpu_ms_per_req": transports,
+                          "target": 0.95, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}))
     finally:
         if proc is not None:
             from llama_server import stop_server

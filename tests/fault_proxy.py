@@ -1,19 +1,21 @@
-"""A small OpenAI-compatible HTTP server on 127.0.0.1 that injects faults, for tests and benchmarks.
+"""A small OpenAI-compatible HTTP server on 127.0.0.1 that injects faults (tests, benchmarks).
 
     with FaultServer(faults=["429", "500", "timeout"]) as srv:   # then canned deterministic answers
         OpenAI(base_url=srv.url, api_key="x") ...
     with FaultServer(upstream="http://127.0.0.1:PORT", faults=["garbage"]) as srv:  # a proxy in front of a server
 
 Faults are consumed one per request, in order: "429", "500", "503", "timeout" (answer after `hang`
-seconds), "garbage" (HTTP 200, body not JSON), "empty" (HTTP 200, {}), "nonsense" (a well-formed, billed
-completion whose text or verdict token means nothing), "nologprobs" (billed, no log-probs), "401echo" (a 401
-whose body echoes the Authorization header, like a careless server), "echo" (a good verdict whose sampled token
-is the Authorization header), "escaped_echo" (the same, \\u-escaped in the JSON), "401", "403", "404",
-"quota" (429 insufficient_quota), "context" (400 context_length_exceeded). `always`: a fault sent for every
-request once the list is empty. Without upstream, normal requests get canned answers: a verdict
-P(A) = 0.8 * sigmoid((len a - len b) / 10) + 0.15 (so 0.05 of position bias toward A, which averaging both
-orders must cancel) and rubric scores min(6, len // 5), answered as the paper's Figure 3 asks: one dictionary
-{"id1_justification": ..., "id1_score": s1, ...}. `rubric_reply(req)`, when set, writes the rubric text.
+seconds), "garbage" (HTTP 200, body not JSON), "empty" (HTTP 200, {}), "nonsense" (a well-formed,
+billed completion whose text or verdict token means nothing), "nologprobs" (billed, no log-probs),
+"401echo" (a 401 whose body echoes the Authorization header, like a careless server), "echo" (a
+good verdict whose sampled token is the Authorization header), "escaped_echo" (the same,
+\\u-escaped in the JSON), "401", "403", "404", "quota" (429 insufficient_quota), "context" (400
+context_length_exceeded). `always`: a fault sent for every request once the list is empty. Without
+upstream, normal requests get canned answers: a verdict P(A) = 0.8 * sigmoid((len a - len b) / 10)
++ 0.15 (so 0.05 of position bias toward A, which averaging both orders must cancel) and rubric
+scores min(6, len // 5), answered as the paper's Figure 3 asks: one dictionary
+{"id1_justification": ..., "id1_score": s1, ...}. `rubric_reply(req)`, when set, writes the rubric
+text.
 """
 import json, math, re, threading, time, urllib.error, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

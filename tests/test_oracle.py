@@ -1,5 +1,6 @@
-"""oracle.py: parsing, soft P, both orders, cache, budget, retries, key hygiene -- against a fault-injecting
-fake server (tests/fault_proxy.py), a real llama-cpp-python server (tests/llama_server.py) and model.py."""
+"""oracle.py: parsing, soft P, both orders, cache, budget, retries, key hygiene -- against a
+fault-injecting fake server (tests/fault_proxy.py), a real llama-cpp-python server
+(tests/llama_server.py) and model.py."""
 import base64, json, math, re, socket, time, warnings
 
 import pytest
@@ -29,7 +30,8 @@ def api_cfg(tmp_path, url, **kw):
 
 
 def bpe_file(tmp_path):
-    """A local tiktoken BPE file (256 bytes + two merges): tests never download OpenAI's encodings."""
+    """A local tiktoken BPE file (256 bytes + two merges): tests never download OpenAI's
+    encodings."""
     path = tmp_path / "tiny.tiktoken"
     if not path.exists():
         toks = [bytes([b]) for b in range(256)] + [b"he", b"hey"]
@@ -390,8 +392,9 @@ def test_local_judge_matches_transformers(tmp_path):
 
 
 def test_local_judge_loads_a_hub_id_from_the_cache(tmp_path, monkeypatch):
-    """--local_model ORG/NAME resolves like transformers (the cached snapshot, offline here): the same P as the
-    folder; an id that is not cached, or no model at all, is a one-line OracleError."""
+    """--local_model ORG/NAME resolves like transformers (the cached snapshot, offline here): the
+    same P as the folder; an id that is not cached, or no model at all, is a one-line
+    OracleError."""
     tiny = pytest.importorskip("tiny")
     pytest.importorskip("model")
     tiny.make_hf_model("qwen2", tmp_path / "j")
