@@ -3,8 +3,8 @@
 Usage:
   OPENAI_API_KEY=x python chat_api.py --base_url http://127.0.0.1:8080/v1 --model tiny "Say hi"
 
-Pooled keep-alive HTTP, failure classes (permanent ones stop the run, transient ones are retried and
-feed a circuit breaker), a token and dollar ledger whose budget holds across processes, an
+Pooled keep-alive HTTP, failure classes (permanent ones stop the run, transient ones are retried
+and feed a circuit breaker), a token and dollar ledger whose budget holds across processes, an
 append-only JSONL cache. It knows nothing about preferences; oracle.py asks the judges (judges.py)
 through it.
 
@@ -321,8 +321,9 @@ def pool(url, timeout, key):
     """One client per (endpoint, key), shared by worker threads and successive runs."""
     import openai
     oc = openai.OpenAI(base_url=url.rstrip("/"), api_key=key, timeout=timeout, max_retries=0)
-    headers = {**oc.default_headers, **oc.auth_headers}
-    headers = {k: v for k, v in headers.items() if isinstance(v, str)}  # no Omit placeholders
+    keep = ("Accept", "Content-Type", "User-Agent", "OpenAI-Organization", "OpenAI-Project")
+    headers = {k: v for k, v in oc.default_headers.items() if k in keep and isinstance(v, str)}
+    headers.update(oc.auth_headers)  # no X-Stainless-* telemetry: less for the server to parse
     lib = next(c for c in type(oc._client).__mro__ if not c.__module__.startswith("openai"))
     hx = sys.modules[lib.__module__.split(".")[0]]  # httpx (or its fork) as the package ships it
     return Client(oc._client, str(oc.base_url).rstrip("/") + "/chat/completions",

@@ -5,8 +5,8 @@ Usage:
   import judges; fn = judges.resolve("demo")           # an alias, or any "module:function"
   judges.parse_scores('{"id1_justification": "ok", "id1_score": 5}', 1)   # -> [5.0]
 
-The rubric (Fig. 3) and the pairwise verdict with their replies read as data, the local-model judge,
-and the Python judges, all named in one registry. oracle.py asks them.
+The rubric (Fig. 3) and the pairwise verdict with their replies read as data, the local-model
+judge, and the Python judges, all named in one registry. oracle.py asks them.
 
 The judge contract (a Python judge, --judge module:function): fn(prompt_text, candidates) ->
   {"scores": [n numbers]} or {"P": n x n, P[i][j] = P(i beats j)}; a fn that also takes `messages`,

@@ -103,7 +103,7 @@ def main():
         from llama_server import start_server
         args.base_url, proc = start_server(tempfile.mkdtemp(), threads=args.threads)
     try:
-        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, judge_judge_model=args.model,
+        cfg = oracle.Config(judge="pairwise", base_url=args.base_url, judge_model=args.model,
                             api_key_env="BENCH_KEY",
                             cache="", concurrency=args.concurrency, extra_body='{"repeat_penalty": 1.0}')
         items = [{"id": str(k), "prompt": f"Question {k}: name a colour you like and why.",

@@ -45,7 +45,8 @@ def canned_reply(req):
         cands = re.findall(r"\[Candidate (\d+)\]\n(.*?)\n\[End of candidate \1\]", content, re.S)
         reply = {}  # the rubric's output: Figure 3's dictionary
         for i, t in cands:
-            reply[f"id{i}_justification"] = f"Longer candidates cover more.\nScore: {canned_score(t)}"
+            why = f"Longer candidates cover more.\nScore: {canned_score(t)}"
+            reply[f"id{i}_justification"] = why
             reply[f"id{i}_score"] = canned_score(t)
         msg = json.dumps(reply)
         usage["completion_tokens"] = len(msg) // 4
@@ -64,8 +65,8 @@ def nonsense_reply(req):
 
 
 class FaultServer:
-    def __init__(self, upstream=None, faults=(), hang=2.0, delay=0.0, retry_after="0", idle_timeout=None,
-                 always=None, rubric_reply=None):
+    def __init__(self, upstream=None, faults=(), hang=2.0, delay=0.0, retry_after="0",
+                 idle_timeout=None, always=None, rubric_reply=None):
         self.upstream, self.faults, self.hang, self.delay = upstream, list(faults), hang, delay
         self.always, self.rubric_reply = always, rubric_reply
         self.retry_after = retry_after  # the Retry-After header sent with a 429
@@ -130,8 +131,9 @@ class FaultServer:
                 if fault == "401echo":
                     auth = self.headers.get("Authorization")
                     return self.send(401, {"error": {"message": f"bad key {auth}"}})
-                errors = {"401": (401, "invalid_api_key"), "403": (403, "forbidden"), "404": (404, "no model"),
-                          "quota": (429, "insufficient_quota"), "context": (400, "context_length_exceeded")}
+                errors = {"401": (401, "invalid_api_key"), "403": (403, "forbidden"),
+                          "404": (404, "no model"), "quota": (429, "insufficient_quota"),
+                          "context": (400, "context_length_exceeded")}
                 if fault in errors:
                     code, what = errors[fault]
                     return self.send(code, {"error": {"message": what, "code": what}})
@@ -148,7 +150,7 @@ class FaultServer:
                     r = canned_reply(req)
                     r["choices"][0]["logprobs"] = None
                     return self.send(200, r)
-                if fault == "escaped_echo":  # every character \\u-escaped: raw bytes never hold the key
+                if fault == "escaped_echo":  # every character \\u-escaped: not in the raw bytes
                     auth = self.headers.get("Authorization")
                     r = canned_reply(req)
                     r["choices"][0]["logprobs"]["content"][0]["token"] = auth
