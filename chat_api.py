@@ -1,27 +1,40 @@
-"""chat_api.py -- a small client for OpenAI-compatible chat-completions endpoints: pooled keep-alive HTTP, retries,
-a circuit breaker for outages, a token and dollar ledger with a hard budget (optionally persistent, so the budget
-holds for a whole run across calls and resumes), an append-only JSONL cache. It knows nothing about preferences;
-oracle.py builds the judges on it.
+"""chat_api.py -- a small client for OpenAI-compatible chat-completions endpoints.
 
 Usage:
-  OPENAI_API_KEY=x python chat_api.py --base_url http://127.0.0.1:8080/v1 --model tiny "Say hi"   # one request
+  OPENAI_API_KEY=x python chat_api.py --base_url http://127.0.0.1:8080/v1 --model tiny "Say hi"
 
-Transport: the `openai` package (any OpenAI-compatible server: OpenAI, vLLM, llama.cpp, Ollama; its proxy and TLS
-settings apply). We call its low-level post() and read the raw bytes: on a 2-core machine shared with the server it
-judges, building the package's typed response objects cost more CPU per request than the rest of this client.
-Retries are ours (max_retries=0 in the package) so that every failure is counted and none becomes a winner.
+Pooled keep-alive HTTP, failure classes (permanent ones stop the run, transient ones are retried
+and feed a circuit breaker), a token and dollar ledger whose budget holds across processes, an
+append-only JSONL cache. It knows nothing about preferences; oracle.py asks the judges (judges.py)
+through it.
+
+Transport: the `openai` package builds the client (base URL, auth and its own headers, proxy and
+TLS settings from the environment); each request is one POST of prebuilt bytes and headers on that
+client's underlying httpx connection pool: no per-call option parsing, no typed response objects
+(bench/bench_oracle.py measures it against a bare http.client POST). Retries are ours
+(max_retries=0) so that every failure is counted.
+
+Money: Ledger is one JSON file for any number of processes: a file lock (fcntl.flock) around read,
+reserve and write; a request's worst-case cost is reserved (and fsynced) before it leaves and
+settled from the reply's `usage` after, whatever the parse outcome (a 200 that cannot be read is
+billed). A request in flight when its process is killed (kill -9) stays reserved at its worst case:
+the ledger counts it as spent and reports it as "unsettled"; the rerun may send it again (at most
+--concurrency such requests per kill).
 """
-import json, math, os, random, sys, threading, time, warnings
+import fcntl, json, math, os, random, sys, threading, time, uuid, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from functools import lru_cache
+from urllib.parse import urlparse
 
-# USD per 1M tokens (input, output); oracle.py's --prices '{"model": [in, out]}' overrides or extends it
+# USD per 1M tokens (input, output); oracle.py's --prices '{"model": [in, out]}' extends it
 PRICES = {"gpt-4-turbo": (10.0, 30.0), "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
           "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6)}
 
 
 class BudgetExceeded(RuntimeError):
-    """--max_usd / --max_calls hit; everything judged so far is in the cache. Carries .results, .summary."""
+    """--max_usd / --max_calls hit; everything judged so far is cached. Carries .results,
+    .summary."""
     def __init__(self, msg, results=None, summary=None):
         super().__init__(msg)
         self.results, self.summary = results, summary
@@ -32,29 +45,41 @@ class OracleError(ValueError):
 
 
 class JudgeUnavailable(OracleError):
-    """The circuit breaker tripped: the endpoint failed `breaker` requests in a row. Carries .results, .summary."""
+    """The breaker tripped (outage) or the endpoint refused for good (401/403/404, quota, context).
+    Carries .results, .summary."""
     def __init__(self, msg, results=None, summary=None):
         super().__init__(msg)
         self.results, self.summary = results, summary
 
 
-# ----------------------------------------------------------------------------- tokens and money
+# ----------------------------------------------------------------------------- tokens
 @lru_cache(maxsize=None)
 def get_encoder(spec):
-    """tiktoken encoder from a name or a local .tiktoken file (lines 'base64token rank'); None, with ONE warning,
-    when unavailable (named encodings download their BPE file on first use and fail offline)."""
+    """tiktoken encoder from a name or a local .tiktoken file (lines 'base64token rank'); None when
+    unavailable (named encodings download their BPE file on first use and fail offline): the caller
+    decides whether the approximation (len(text) / 4) matters enough to say so."""
     import base64, tiktoken
     try:
         if os.path.isfile(spec):
             with open(spec) as f:
-                ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f if ln.strip())}
+                rows = (ln.split() for ln in f if ln.strip())
+                ranks = {base64.b64decode(t): int(r) for t, r in rows}
             return tiktoken.Encoding(os.path.basename(spec), pat_str=r"\s?\w+|\s?[^\w\s]+|\s+",
                                      mergeable_ranks=ranks, special_tokens={})
         return tiktoken.get_encoding(spec)
-    except Exception as e:
-        warnings.warn(f"tiktoken encoding {spec!r} unavailable ({type(e).__name__}); "
-                      "token counts are approximate (len(text) / 4)", stacklevel=2)
+    except Exception:
         return None
+
+
+def encoder(model, spec="", warn=False):
+    """The tiktoken encoding of a judge model (spec: a name or file; "" = by model). Offline it is
+    None (~4 chars/token), said only when it matters (warn: a dollar budget with a known price)."""
+    spec = spec or ("o200k_base" if model.startswith(("gpt-4o", "gpt-4.1")) else "cl100k_base")
+    enc = get_encoder(spec)
+    if enc is None and warn:
+        warnings.warn(f"tiktoken encoding {spec!r} unavailable; token counts (and the --max_usd "
+                      "budget) are approximate (len(text) / 4)", stacklevel=3)
+    return enc
 
 
 def count_tokens(enc, text):
@@ -70,9 +95,9 @@ def truncate(enc, text, max_tokens):
 
 
 def fit(texts, enc, cap, room, per_request):
-    """Texts that share requests of `per_request` texts each -> (texts, indices cut, cap used or None).
-    cap > 0: a fixed cap. Else cut only when the largest request would pass `room` tokens, each text to an even
-    share of it."""
+    """Texts that share requests of `per_request` texts each -> (texts, indices cut, cap used or
+    None). cap > 0: a fixed cap. Else cut only when the largest request would pass `room` tokens,
+    each text to an even share of it."""
     if cap <= 0:
         if sum(sorted((count_tokens(enc, t) for t in texts), reverse=True)[:per_request]) <= room:
             return texts, [], None
@@ -81,96 +106,137 @@ def fit(texts, enc, cap, room, per_request):
     return [t for t, _ in cut], [i for i, (_, was) in enumerate(cut) if was], cap
 
 
-TOTALS = ("calls", "retries", "tokens_in", "tokens_out", "usd")
+# ----------------------------------------------------------------------------- money
+COUNTS = ("calls", "retries", "tokens_in", "tokens_out")
 
 
 class Ledger:
-    """Calls, tokens and dollars, shared by the worker threads; enforces the hard budget before each send.
-    price: (USD per 1M input tokens, per 1M output tokens); max_usd / max_calls: 0 = no limit. path: a JSON file
-    of the totals for the whole run: loaded here, the budget applies to the sums, and it is rewritten atomically
-    (tmp + fsync + os.replace) before each send when durable, else at most once a second and by save() at the end;
-    it counts reserved (not yet settled) dollars as spent, so a kill -9 never lets a rerun overspend."""
+    """Calls, tokens and dollars, shared by threads and (with a path) by processes; enforces the
+    hard budget before each send. price: (USD per 1M input tokens, per 1M output tokens); max_usd /
+    max_calls: 0 = none. path: the run's JSON file {calls, retries, tokens_in, tokens_out, usd,
+    reserved: {ticket: usd}}; every change is one transaction under an exclusive flock of path +
+    ".lock" (read, change, write atomically; fsynced before a request leaves when durable). Budgets
+    apply to the file's totals, reserved included."""
     def __init__(self, price, max_usd=0.0, max_calls=0, path="", durable=True):
-        self.price, self.max_usd, self.max_calls, self.path, self.durable = price, max_usd, max_calls, path, durable
-        self.lock, self.stopped, self.saved_at = threading.Lock(), None, 0.0
-        self.calls = self.retries = self.tokens_in = self.tokens_out = 0
-        self.usd = self.reserved = 0.0
-        if path and os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    t = json.load(f)
-                self.calls, self.retries, self.tokens_in, self.tokens_out = (int(t[k]) for k in TOTALS[:4])
-                self.usd = float(t["usd"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise OracleError(f"budget ledger {path} is unreadable ({type(e).__name__}); fix or delete it")
-        self.start = self.totals()
+        self.price, self.max_usd, self.max_calls, self.path = price, max_usd, max_calls, path
+        self.durable, self.lock, self.stopped = durable, threading.Lock(), None
+        self.t = {**dict.fromkeys(COUNTS, 0), "usd": 0.0, "reserved": {}}
+        self.mine = {**dict.fromkeys(COUNTS, 0), "usd": 0.0}  # this ledger's own share (a session)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.transact(lambda t: None)  # a bad file is refused before any request
+
+    def read(self):
+        if not os.path.exists(self.path):
+            return {**dict.fromkeys(COUNTS, 0), "usd": 0.0, "reserved": {}}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                t = json.load(f)
+            out = {**{k: int(t[k]) for k in COUNTS}, "usd": float(t["usd"])}
+            out["reserved"] = {str(k): float(v) for k, v in (t.get("reserved") or {}).items()}
+            return out
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OracleError(f"budget ledger {self.path} is unreadable ({type(e).__name__}); "
+                              "fix or delete it") from None
+
+    def write(self, sync):
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.t, f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def transact(self, change, sync=False):
+        """change(totals) under the thread lock and, with a path, the file lock: read, change,
+        write."""
+        with self.lock:
+            if not self.path:
+                return change(self.t)
+            with open(self.path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self.t = self.read()
+                out = change(self.t)
+                self.write(sync)
+                return out
 
     def totals(self):
-        return {"calls": self.calls, "retries": self.retries, "tokens_in": self.tokens_in,
-                "tokens_out": self.tokens_out, "usd": round(self.usd + self.reserved, 6)}
+        """The run's totals (the file's, re-read): reserved dollars count as spent."""
+        if self.path:
+            self.transact(lambda t: None)
+        t = self.t
+        usd = t["usd"] + sum(t["reserved"].values())  # reserved = spent until settled
+        return {**{k: t[k] for k in COUNTS}, "usd": round(usd, 6), "unsettled": len(t["reserved"])}
 
     def session(self):
-        """Totals spent since this ledger was made (one judge_items call)."""
-        now = self.totals()
-        return {k: round(now[k] - self.start[k], 6) if k == "usd" else now[k] - self.start[k] for k in TOTALS}
-
-    def save(self, force=True):
-        """Write the totals atomically (caller holds the lock, or no worker runs)."""
-        if not self.path or not (force or time.time() - self.saved_at >= 1.0):
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.totals(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self.saved_at = time.time()
+        """What this ledger itself spent (one judge_items call), settled and reserved."""
+        return {**self.mine, "usd": round(self.mine["usd"], 6)}
 
     def cost(self, n_in, n_out):
         return (n_in * self.price[0] + n_out * self.price[1]) / 1e6
 
     def spend(self, n_in, max_out):
-        """Reserve one request (worst case: max_out output tokens) or raise BudgetExceeded."""
-        with self.lock:
-            est = self.cost(n_in, max_out)
-            if self.stopped is None and self.max_calls and self.calls >= self.max_calls:
-                self.stopped = f"--max_calls {self.max_calls} reached ({self.calls} calls" + \
-                    (f" in the run's ledger {self.path})" if self.path else ")")
-            if self.stopped is None and self.max_usd and self.usd + self.reserved + est > self.max_usd:
-                self.stopped = f"--max_usd {self.max_usd} reached (${self.usd + self.reserved:.4f} spent)"
+        """Reserve one request at its worst case (max_out output tokens) -> its ticket, or
+        BudgetExceeded."""
+        est, ticket = self.cost(n_in, max_out), f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+        def reserve(t):
+            spent = t["usd"] + sum(t["reserved"].values())
+            if self.stopped is None and self.max_calls and t["calls"] >= self.max_calls:
+                where = f" in the run's ledger {self.path}" if self.path else ""
+                self.stopped = f"--max_calls {self.max_calls} reached ({t['calls']} calls{where})"
+            if self.stopped is None and self.max_usd and spent + est > self.max_usd:
+                self.stopped = f"--max_usd {self.max_usd} reached (${spent:.4f} spent)"
             if self.stopped:
                 raise BudgetExceeded(self.stopped)
-            self.calls += 1
-            self.reserved += est
-            self.save(force=self.durable)  # durable: on disk before the request leaves
-            return est
+            t["calls"] += 1
+            t["reserved"][ticket] = est
+        self.transact(reserve, sync=self.durable)  # durable: on disk before the request leaves
+        self.mine["calls"] += 1
+        return ticket
 
-    def settle(self, est, n_in, n_out):
-        with self.lock:
-            self.reserved -= est
-            self.tokens_in, self.tokens_out = self.tokens_in + n_in, self.tokens_out + n_out
-            self.usd += self.cost(n_in, n_out)
+    def settle(self, ticket, n_in, n_out):
+        """The request's real bill (0, 0 when nothing was billed) replaces its reservation."""
+        usd = self.cost(n_in, n_out)
 
+        def pay(t):
+            t["reserved"].pop(ticket, None)
+            t["tokens_in"] += n_in
+            t["tokens_out"] += n_out
+            t["usd"] += usd
+        self.transact(pay)
+        for k, v in (("tokens_in", n_in), ("tokens_out", n_out), ("usd", usd)):
+            self.mine[k] += v
 
-OUTAGE = ("connection", "timeout", "server_error")  # failures that say the endpoint is down, not the request bad
+    def retry(self):
+        self.transact(lambda t: t.update(retries=t["retries"] + 1))
+        self.mine["retries"] += 1
 
 
 class Breaker:
-    """Circuit breaker: after `limit` requests in a row failed with an OUTAGE kind (after their retries), with no
-    other answer in between, `tripped` holds a one-line reason and `stop` is set: no request is sent any more and
-    sleeping retries wake up at once. limit 0 = never trip."""
+    """Circuit breaker: after `limit` requests in a row ended in failure (after their retries:
+    outages, rate limits, replies that cannot be read), with no answer in between, `tripped` holds
+    a one-line reason and `stop` is set: nothing more is sent and sleeping retries wake up. A
+    permanent refusal (fatal) trips it at once. limit 0 = trip only on a permanent refusal."""
     def __init__(self, limit, where):
         self.limit, self.where, self.run, self.tripped = limit, where, 0, None
         self.lock, self.stop = threading.Lock(), threading.Event()
 
     def record(self, value):
         with self.lock:
-            self.run = self.run + 1 if value.get("fail") in OUTAGE else 0
+            self.run = self.run + 1 if "fail" in value else 0
             if self.limit and self.run >= self.limit and self.tripped is None:
-                self.tripped = (f"judge endpoint {self.where} unavailable: {self.run} requests in a row failed; "
-                                f"last: {value['error'][:160]}").replace("\n", " ")
+                last = value["error"][:160].replace("\n", " ")
+                self.tripped = (f"judge endpoint {self.where} unavailable: {self.run} requests "
+                                f"in a row failed; last: {last}")
                 self.stop.set()
+
+    def fatal(self, why):
+        with self.lock:
+            if self.tripped is None:
+                self.tripped = f"judge endpoint {self.where} refused: {why}".replace("\n", " ")
+            self.stop.set()
 
     def check(self):
         if self.tripped:
@@ -179,8 +245,9 @@ class Breaker:
 
 # ----------------------------------------------------------------------------- cache
 class Cache:
-    """Append-only JSONL {"key", "value"}; one flushed + fsynced line per answer, so a crash loses at most the
-    line being written; a torn last line is skipped on load (and the next write starts a fresh line)."""
+    """Append-only JSONL {"key", "value"}; one flushed + fsynced line per answer, so a crash loses
+    at most the line being written; a torn last line is skipped on load (and the next write starts
+    a fresh line)."""
     def __init__(self, path):
         self.path, self.data, self.lock, self.f = path, {}, threading.Lock(), None
         raw = open(path, "rb").read() if path and os.path.exists(path) else b""
@@ -211,24 +278,76 @@ class Cache:
 
 # ----------------------------------------------------------------------------- HTTP
 def endpoint(base_url):
+    """The endpoint URL; one-line OracleError for a bad scheme or credentials in it (they would be
+    sent as Basic auth instead of the key, and written wherever the URL is)."""
     url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
     if not url.startswith(("http://", "https://")):
-        raise OracleError(f"--base_url must start with http:// or https://, got {url!r}")
+        raise OracleError(f"--base_url must start with http:// or https://, got {url[:8]!r}...")
+    u = urlparse(url)
+    if u.username is not None or u.password is not None:
+        raise OracleError("--base_url must not hold credentials (user:password@host): put the key "
+                          "in the variable named by --api_key_env")
     return url
 
 
+def host(base_url):
+    return urlparse(endpoint(base_url)).netloc
+
+
+@dataclass(frozen=True)
+class Client:
+    """One endpoint's POST: the openai client's httpx pool, the full URL, prebuilt headers (auth
+    included)."""
+    http: object                    # the openai client's underlying httpx Client (keep-alive pool)
+    url: str                        # <base_url>/chat/completions
+    headers: tuple                  # (name, value) pairs sent with every request
+    timeout: float                  # seconds per request
+    errors: tuple                   # (the transport's timeout exception, its transport error)
+
+
 def connect(base_url, api_key_env, timeout):
-    """-> (client, key): the endpoint's pool of keep-alive connections, and the key, read from the environment
-    variable NAMED api_key_env (never from a flag or a file)."""
+    """-> (client, key): the endpoint's pool of keep-alive connections, and the key, read from the
+    environment variable NAMED api_key_env (never from a flag or a file)."""
+    url = endpoint(base_url)
     key = os.environ.get(api_key_env, "")
     if not key:
-        raise OracleError(f"missing API key: set ${api_key_env} (any non-empty value for a local server)")
-    return pool(endpoint(base_url), timeout, key), key
+        raise OracleError(f"missing API key: set ${api_key_env} (any non-empty value for a local "
+                          "server)")
+    return pool(url, timeout, key), key
+
+
+@lru_cache(maxsize=8)
+def pool(url, timeout, key):
+    """One client per (endpoint, key), shared by worker threads and successive runs."""
+    import openai
+    oc = openai.OpenAI(base_url=url.rstrip("/"), api_key=key, timeout=timeout, max_retries=0)
+    keep = ("Accept", "Content-Type", "User-Agent", "OpenAI-Organization", "OpenAI-Project")
+    headers = {k: v for k, v in oc.default_headers.items() if k in keep and isinstance(v, str)}
+    headers.update(oc.auth_headers)  # no X-Stainless-* telemetry: less for the server to parse
+    lib = next(c for c in type(oc._client).__mro__ if not c.__module__.startswith("openai"))
+    hx = sys.modules[lib.__module__.split(".")[0]]  # httpx (or its fork) as the package ships it
+    return Client(oc._client, str(oc.base_url).rstrip("/") + "/chat/completions",
+                  tuple(headers.items()), timeout, (hx.TimeoutException, hx.TransportError))
+
+
+def post(client, body):
+    """POST JSON bytes -> (status, headers, bytes); transport errors become TimeoutError /
+    ConnectionError."""
+    timeout_error, transport_error = client.errors
+    try:
+        r = client.http.post(client.url, content=body, headers=client.headers,
+                             timeout=client.timeout)
+    except timeout_error as e:
+        raise TimeoutError(str(e) or type(e).__name__) from None
+    except transport_error as e:  # "[Errno 111] Connection refused", ...
+        raise ConnectionError(f"{type(e).__name__}: {e} {e.__cause__ or ''}".strip()) from None
+    return r.status_code, r.headers, r.content
 
 
 def run_pool(work, jobs, concurrency):
-    """work(job) for every job on `concurrency` threads. A budget stop or a tripped breaker ends the jobs quietly
-    (the caller reads ledger.stopped / breaker.tripped); on Ctrl-C or another error nothing more is sent."""
+    """work(job) for every job on `concurrency` threads. A budget stop or a tripped breaker ends
+    the jobs quietly (the caller reads ledger.stopped / breaker.tripped); on Ctrl-C or another
+    error nothing more is sent."""
     with ThreadPoolExecutor(max(1, concurrency)) as ex:
         futs = [ex.submit(work, j) for j in jobs]
         try:
@@ -238,65 +357,92 @@ def run_pool(work, jobs, concurrency):
         finally:
             ex.shutdown(cancel_futures=True)
 
-@lru_cache(maxsize=8)
-def pool(url, timeout, key):
-    """One `openai` client per (endpoint, key), shared by worker threads and successive runs: its connection pool
-    keeps connections alive. Our own retry loop (call) replaces the package's, so max_retries=0."""
-    import openai
-    return openai.OpenAI(base_url=url.rstrip("/"), api_key=key, timeout=timeout, max_retries=0)
+
+# ----------------------------------------------------------------------------- one request
+def scrub(value, key):
+    """value with the key masked as *** in every decoded string (keys under 8 characters, like "x"
+    for a local server, are no secret and would mangle text)."""
+    if len(key) < 8:
+        return value
+    text = json.dumps(value, ensure_ascii=False)
+    return json.loads(text.replace(key, "***")) if key in text else value
 
 
-def post(client, body):
-    """POST JSON bytes to <base_url>/chat/completions -> (status, headers, bytes). The reply is read as raw bytes:
-    building the package's response objects would cost more CPU than the rest of our client (bench_oracle.py).
-    Errors become the builtins call() handles: TimeoutError, ConnectionError."""
-    import openai
+def error_text(raw, key):
+    """An error body as readable text, \\u escapes decoded before the key is masked."""
+    text = raw.decode("utf-8", "replace")
     try:
-        return 200, {}, client.post("/chat/completions", cast_to=bytes, content=body,
-                                    options={"headers": {"Content-Type": "application/json"}})
-    except openai.APIStatusError as e:  # 4xx / 5xx: the caller decides whether to retry
-        return e.status_code, e.response.headers, e.response.content
-    except openai.APITimeoutError as e:
-        raise TimeoutError(str(e)) from None
-    except openai.APIConnectionError as e:  # the cause says why: "[Errno 111] Connection refused", ...
-        raise ConnectionError(f"{e} {e.__cause__ or ''}".strip()) from None
+        text = json.dumps(json.loads(text), ensure_ascii=False)
+    except ValueError:
+        pass
+    return scrub(text, key)
 
 
-def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4, backoff=0.5, seed=""):
-    """One chat completion (body: a dict) with retries on 429 / 5xx / timeouts / malformed replies (exponential
-    backoff + jitter, or the server's Retry-After); a refused or dropped connection is retried at most twice.
-    parse(reply JSON) -> value, raising on a malformed reply. Returns the value, or {"fail": kind, "error": msg}
-    after the retries; raises BudgetExceeded / JudgeUnavailable (breaker: a Breaker) instead of sending. n_in,
-    max_out: token estimates that the ledger reserves before sending (the server's usage counts replace them)."""
-    body, wait = json.dumps(body).encode(), 0.0  # encoded once, resent as is
+def permanent(status, text):
+    """Why retrying can never help (a one-line cause), or None."""
+    low = text.lower()
+    if status == 401:
+        return "HTTP 401 authentication failed: check the key in the variable --api_key_env names"
+    if status == 403:
+        return "HTTP 403 permission denied for this key or model"
+    if status == 404:
+        return "HTTP 404 not found: check --base_url and --judge_model"
+    if status == 429 and "insufficient_quota" in low:
+        return "HTTP 429 insufficient_quota: the account's quota is used up"
+    if status in (400, 413) and ("context_length" in low or "context length" in low
+                                 or "too long" in low or "too many tokens" in low):
+        return f"HTTP {status} the request does not fit the model's context: lower --judge_context"
+    return None
+
+
+def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4, backoff=0.5,
+         seed="", keep=lambda value: None):
+    """One chat completion (body: a dict). parse(reply JSON) -> value: raises on a reply that is
+    not a completion (retried) or returns {"fail", "error", "raw"} for one that arrived but cannot
+    be read (kept, not retried). Transient failures (429, 5xx, 408, timeouts, connections) are
+    retried with exponential backoff + jitter or the server's Retry-After; a refused connection at
+    most twice. Permanent ones (401/403/404, quota, context) trip the breaker at once. Every
+    request is reserved in the ledger before it leaves (may raise BudgetExceeded) and settled
+    after: a 200 from its `usage` (the worst case without one), a non-200 at 0. keep(value) stores
+    the final value before its request is settled, so a kill in between leaves it counted as
+    unsettled, never stored and unbilled. Returns the value, or {"fail", "error"} after the
+    retries."""
+    body, wait, fail = json.dumps(body).encode(), 0.0, None  # encoded once, resent as is
     for attempt in range(retries + 1):
         if attempt:
             if fail[0] == "connection" and attempt > 2:
                 break  # nothing listens there: quick to detect, pointless to hammer
-            with ledger.lock:
-                ledger.retries += 1
+            ledger.retry()
             jitter = random.Random(f"{seed}:{attempt}").random()
-            breaker.stop.wait(max(wait, min(30.0, backoff * 2 ** (attempt - 1)) * (0.5 + jitter)))  # a trip wakes it
+            sleep = max(wait, min(30.0, backoff * 2 ** (attempt - 1)) * (0.5 + jitter))
+            breaker.stop.wait(sleep)  # a trip wakes it
         breaker.check()
-        est = ledger.spend(n_in, max_out)  # may raise BudgetExceeded
-        used = (0, 0)  # failed requests are not billed
+        ticket, billed = ledger.spend(n_in, max_out), (0, 0)
         try:
             status, headers, raw = post(client, body)
             if status == 200:
+                billed = (n_in, max_out)  # it arrived, so it is billed: worst case until usage
                 data = json.loads(raw)
-                value = parse(data)
-                if len(key) >= 8 and key.encode() in raw:  # a server echoing the key must not get it stored
-                    value = json.loads(json.dumps(value).replace(key, "***"))
-                u = data.get("usage") or {}
-                used = (u.get("prompt_tokens") or n_in, u.get("completion_tokens") or max_out)
+                u = data.get("usage") if isinstance(data, dict) else None
+                if isinstance(u, dict):
+                    billed = (u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
+                value = scrub(parse(data), key)
+                keep(value)
                 breaker.record(value)
                 return value
-            fail = ("rate_limit" if status == 429 else "server_error" if status >= 500 else f"http_{status}",
-                    f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+            text = error_text(raw, key)
+            fail = ("rate_limit" if status == 429 else "server_error" if status >= 500
+                    else f"http_{status}", f"HTTP {status}: {text[:200]}")
+            why = permanent(status, text)
+            if why:
+                breaker.fatal(f"{why} ({text[:120]})")
+                raise JudgeUnavailable(breaker.tripped)
             ra = headers.get("retry-after", "")  # the server's own advice, in seconds
             wait = min(60.0, float(ra)) if ra.replace(".", "", 1).isdigit() else 0.0
             if status < 500 and status not in (408, 409, 429):
-                break  # other 4xx: retrying cannot help
+                break  # another 4xx: this request is wrong, retrying cannot help
+        except JudgeUnavailable:
+            raise  # a permanent refusal (an OracleError, so a ValueError: not a bad response)
         except TimeoutError as e:
             fail = ("timeout", f"{type(e).__name__}: {e}")
         except OSError as e:
@@ -304,9 +450,9 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
             fail = ("bad_response", f"{type(e).__name__}: {e}")
         finally:
-            ledger.settle(est, *used)
-    # never leak the key (keys under 8 chars, like "x" for a local server, are no secret and would mangle text)
-    value = {"fail": fail[0], "error": (fail[1].replace(key, "***") if len(key) >= 8 else fail[1])[:300]}
+            ledger.settle(ticket, *billed)
+    value = {"fail": fail[0], "error": scrub(fail[1], key)[:300]}
+    keep(value)
     breaker.record(value)
     return value
 
@@ -315,12 +461,17 @@ if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("prompt")
-    ap.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+    ap.add_argument("--base_url", default="")
     ap.add_argument("--model", default="gpt-4o-mini")
     args = ap.parse_args()
-    key, ledger = os.environ.get("OPENAI_API_KEY") or sys.exit("error: set $OPENAI_API_KEY"), Ledger(
-        PRICES.get(args.model, (0.0, 0.0)))
-    out = call(pool(args.base_url, 60.0, key), key, {"model": args.model, "messages": [
-        {"role": "user", "content": args.prompt}], "max_tokens": 64}, lambda d: d["choices"][0]["message"]["content"],
-        ledger, Breaker(1, args.base_url), n_in=len(args.prompt) // 4 + 10, max_out=64, retries=1)
-    print(out, f"| tokens {ledger.tokens_in} in / {ledger.tokens_out} out | ${ledger.usd:.6f}")
+    try:
+        client, key = connect(args.base_url, "OPENAI_API_KEY", 60.0)
+    except OracleError as e:
+        sys.exit(f"error: {e}")
+    ledger = Ledger(PRICES.get(args.model, (0.0, 0.0)))
+    messages = [{"role": "user", "content": args.prompt}]
+    body = {"model": args.model, "messages": messages, "max_tokens": 64}
+    out = call(client, key, body, lambda d: d["choices"][0]["message"]["content"], ledger,
+               Breaker(1, args.base_url), n_in=len(args.prompt) // 4 + 10, max_out=64, retries=1)
+    t = ledger.totals()
+    print(out, f"| tokens {t['tokens_in']} in / {t['tokens_out']} out | ${t['usd']:.6f}")

@@ -40,32 +40,6 @@ SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_
 
 
 # ----------------------------------------------------------------------------- the run's judge
-def make_judge(cfg):
-    """train.py's flags -> (oracle.Config, fn): an oracle.py judge (rubric, pairwise, local), a named synthetic
-    judge function, or --judge module:function; cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json."""
-    out = cfg.out
-    ocfg = oracle.Config(judge=cfg.judge, base_url=cfg.base_url, model=cfg.judge_model, api_key_env=cfg.api_key_env,
-                         concurrency=cfg.concurrency, max_usd=cfg.max_usd, max_calls=cfg.max_calls, seed=cfg.seed,
-                         cache=os.path.join(out, "judge_cache.jsonl"), ledger=os.path.join(out, "judge_ledger.json"),
-                         position_audit=cfg.position_audit, judge_context=cfg.judge_context)
-    if cfg.judge in ("rubric", "pairwise"):
-        oracle.make_client(ocfg)                                # fail fast on a missing API key, before sampling
-        return ocfg, None
-    if cfg.judge == "local":
-        ocfg.local_model = cfg.judge_model
-        return ocfg, None
-    if ":" in cfg.judge:                                        # your own fn(prompt, candidates, ...), mymod:judge
-        fn = oracle.load_fn(cfg.judge)
-    else:
-        import demo_task
-        fn = {**oracle.SYNTHETIC, **demo_task.JUDGES}.get(cfg.judge)
-        if fn is None:
-            raise ValueError(f"unknown --judge {cfg.judge!r}: use rubric, pairwise, local, module:function or one "
-                             f"of {sorted({**oracle.SYNTHETIC, **demo_task.JUDGES})}")
-    ocfg.judge = "synthetic"
-    return ocfg, fn
-
-
 def ask(run, items, what, audit=True):
     """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the whole run).
     More failures than --max_failure_rate: a one-line ValueError, nothing committed (a rerun re-asks only them).

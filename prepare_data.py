@@ -36,7 +36,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from cli import cli
+from cli import check, cli
 
 
 @dataclass
@@ -48,6 +48,10 @@ class Config:
     gold_fallback: str = "best"     # when gold_model has no completion: best (highest-rated) | skip (drop the prompt)
     limit: int = 0                  # keep at most this many prompts, a seeded random subset (0 = all)
     seed: int = 0                   # seed of the --limit subset
+
+
+CHOICES = {"gold_fallback": ("best", "skip")}  # checked by cli.check with LIMITS before any work
+LIMITS = {"limit": (0, float("inf"), ">= 0")}
 
 
 class DataError(ValueError):
@@ -203,6 +207,7 @@ DEMO_ROWS = [
 def main(argv=None):
     cfg = cli(Config, argv)
     try:
+        check(cfg, CHOICES, LIMITS)  # every flag, before any file is read
         rows = read_source(cfg.source, cfg.split) if cfg.source else DEMO_ROWS
         records, counts = convert(rows, cfg)
         if not cfg.source:  # demo: print, write nothing

@@ -16,8 +16,8 @@ reference, checkpoint, eval}/ for t = 1..T (checkpoint/ is pi_{t+1} in the HF la
 judge_cache.jsonl, judge_ledger.json (the run's judge budget), metrics.jsonl, best.json and
 metrics.png. Each stage folder is atomic and records what it read and the flags that shaped it
 (iteration.STAGES declares both): a rerun resumes, reusing a stage only when they match (stages.py).
---judge: rubric | pairwise | local (oracle.py), a demo_task.JUDGES / oracle.SYNTHETIC name, or
-module:function. Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU): ranks split sampling and
+--judge: rubric | pairwise | local (oracle.py), a Python judge module:function or its alias
+(judges.ALIASES). Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU): ranks split sampling and
 reference log-probs; rank 0 judges and writes (OUT must be shared; distributed.py).
 
 Departures from the paper (numbered):
@@ -69,7 +69,7 @@ class Config:
     out: str = "out"              # run folder
     model: str = ""               # pi_1: a HF folder or model id; "" = the demo model (OUT/demo)
     prompts: str = ""             # prompts JSONL; "" = the built-in demo prompts
-    judge: str = "demo"           # a demo/synthetic judge name, rubric|pairwise|local, or module:fn
+    judge: str = "demo"           # rubric|pairwise|local, module:function or a judges.ALIASES name
     iterations: int = 3           # T; raise it on a finished run to grow it (1..T are reused)
     prompts_per_iter: int = 0     # |D_t|; 0 = the size of this run's D_1, on a fresh run pool // T
     num_val: int = 200            # held-out validation prompts (line 9 chooses the best iterate)
@@ -228,9 +228,9 @@ def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs,
     split. -> Run."""
     check(cfg, CHOICES, LIMITS)                         # every flag, before any model is loaded
+    judge, fn = oracle.make_judge(cfg)                  # a bad judge, URL or key: refused up front
     device = setup_device(cfg.device)                   # --device cuda without a GPU: one line
     os.makedirs(cfg.out, exist_ok=True)
-    judge, fn = evaluate.make_judge(cfg)                # a bad --judge: refused before any SFT
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise FileNotFoundError(f"prompts file {cfg.prompts} not found")
     model = resolve_model(cfg.model) if cfg.model else ""

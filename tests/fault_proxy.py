@@ -1,16 +1,21 @@
-"""A small OpenAI-compatible HTTP server on 127.0.0.1 that injects faults, for tests and benchmarks.
+"""A small OpenAI-compatible HTTP server on 127.0.0.1 that injects faults (tests, benchmarks).
 
     with FaultServer(faults=["429", "500", "timeout"]) as srv:   # then canned deterministic answers
         OpenAI(base_url=srv.url, api_key="x") ...
     with FaultServer(upstream="http://127.0.0.1:PORT", faults=["garbage"]) as srv:  # a proxy in front of a server
 
-Faults are consumed one per request, in order: "429", "500", "503", "timeout" (answer after `hang` seconds),
-"garbage" (HTTP 200, body not JSON), "empty" (HTTP 200, {}), "nonsense" (a well-formed completion whose text or
-verdict token means nothing), "401echo" (a 401 whose body echoes the Authorization header, like a careless server),
-"echo" (a good verdict whose sampled token is the Authorization header: a careless server that answers).
-Without upstream, normal requests get canned answers: a verdict P(A) = 0.8 * sigmoid((len a - len b) / 10) + 0.15
-(so 0.05 of position bias toward A, which averaging both orders must cancel) and rubric scores min(6, len // 5),
-answered as the rubric asks: a one-line justification, then the scores as a dictionary {"1": s1, ...}.
+Faults are consumed one per request, in order: "429", "500", "503", "timeout" (answer after `hang`
+seconds), "garbage" (HTTP 200, body not JSON), "empty" (HTTP 200, {}), "nonsense" (a well-formed,
+billed completion whose text or verdict token means nothing), "nologprobs" (billed, no log-probs),
+"401echo" (a 401 whose body echoes the Authorization header, like a careless server), "echo" (a
+good verdict whose sampled token is the Authorization header), "escaped_echo" (the same,
+\\u-escaped in the JSON), "401", "403", "404", "quota" (429 insufficient_quota), "context" (400
+context_length_exceeded). `always`: a fault sent for every request once the list is empty. Without
+upstream, normal requests get canned answers: a verdict P(A) = 0.8 * sigmoid((len a - len b) / 10)
++ 0.15 (so 0.05 of position bias toward A, which averaging both orders must cancel) and rubric
+scores min(6, len // 5), answered as the paper's Figure 3 asks: one dictionary
+{"id1_justification": ..., "id1_score": s1, ...}. `rubric_reply(req)`, when set, writes the rubric
+text.
 """
 import json, math, re, threading, time, urllib.error, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,8 +43,12 @@ def canned_reply(req):
         logprobs = {"content": [{**top[0], "top_logprobs": top[:req.get("top_logprobs", 1) or 1]}]}
     else:
         cands = re.findall(r"\[Candidate (\d+)\]\n(.*?)\n\[End of candidate \1\]", content, re.S)
-        scores = {i: canned_score(t) for i, t in cands}  # the rubric's output: a justification, then a dictionary
-        msg = "Longer candidates cover more of the request.\n" + json.dumps(scores)
+        reply = {}  # the rubric's output: Figure 3's dictionary
+        for i, t in cands:
+            why = f"Longer candidates cover more.\nScore: {canned_score(t)}"
+            reply[f"id{i}_justification"] = why
+            reply[f"id{i}_score"] = canned_score(t)
+        msg = json.dumps(reply)
         usage["completion_tokens"] = len(msg) // 4
     return {"id": "x", "object": "chat.completion", "created": 0, "model": req.get("model", "fake"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": msg}, "logprobs": logprobs,
@@ -56,8 +65,10 @@ def nonsense_reply(req):
 
 
 class FaultServer:
-    def __init__(self, upstream=None, faults=(), hang=2.0, delay=0.0, retry_after="0", idle_timeout=None):
+    def __init__(self, upstream=None, faults=(), hang=2.0, delay=0.0, retry_after="0",
+                 idle_timeout=None, always=None, rubric_reply=None):
         self.upstream, self.faults, self.hang, self.delay = upstream, list(faults), hang, delay
+        self.always, self.rubric_reply = always, rubric_reply
         self.retry_after = retry_after  # the Retry-After header sent with a 429
         self.lock, self.requests, self.auth_seen, self.inflight, self.max_inflight = threading.Lock(), 0, [], 0, 0
         self.connections = 0  # TCP connections accepted
@@ -104,7 +115,7 @@ class FaultServer:
                     srv.inflight += 1
                     srv.max_inflight = max(srv.max_inflight, srv.inflight)
                     srv.auth_seen.append(self.headers.get("Authorization", ""))
-                    fault = srv.faults.pop(0) if srv.faults else None
+                    fault = srv.faults.pop(0) if srv.faults else srv.always
                 try:
                     self.answer(fault, body)
                 finally:
@@ -118,7 +129,14 @@ class FaultServer:
                     return self.send(int(fault), {"error": {"message": f"injected {fault}", "type": "x"}},
                                      [("Retry-After", srv.retry_after)] if fault == "429" else [])
                 if fault == "401echo":
-                    return self.send(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
+                    auth = self.headers.get("Authorization")
+                    return self.send(401, {"error": {"message": f"bad key {auth}"}})
+                errors = {"401": (401, "invalid_api_key"), "403": (403, "forbidden"),
+                          "404": (404, "no model"), "quota": (429, "insufficient_quota"),
+                          "context": (400, "context_length_exceeded")}
+                if fault in errors:
+                    code, what = errors[fault]
+                    return self.send(code, {"error": {"message": what, "code": what}})
                 if fault == "garbage":
                     return self.send(200, b"<html>this is not json")
                 if fault == "empty":
@@ -128,12 +146,26 @@ class FaultServer:
                 req = json.loads(body)
                 if fault == "nonsense":
                     return self.send(200, nonsense_reply(req))
+                if fault == "nologprobs":
+                    r = canned_reply(req)
+                    r["choices"][0]["logprobs"] = None
+                    return self.send(200, r)
+                if fault == "escaped_echo":  # every character \\u-escaped: not in the raw bytes
+                    auth = self.headers.get("Authorization")
+                    r = canned_reply(req)
+                    r["choices"][0]["logprobs"]["content"][0]["token"] = auth
+                    escaped = '"' + "".join(f"\\u{ord(c):04x}" for c in auth) + '"'
+                    body = json.dumps(r).replace(json.dumps(auth), escaped)
+                    return self.send(200, body.encode())
                 if fault == "echo":
                     r = canned_reply(req)
                     r["choices"][0]["logprobs"]["content"][0]["token"] = self.headers.get("Authorization")
                     return self.send(200, r)
                 if srv.upstream is None:
-                    return self.send(200, canned_reply(req))
+                    r = canned_reply(req)
+                    if srv.rubric_reply and not req.get("logprobs"):
+                        r["choices"][0]["message"]["content"] = srv.rubric_reply(req)
+                    return self.send(200, r)
                 fwd = urllib.request.Request(srv.upstream + self.path, data=body, method="POST",
                                              headers={"Content-Type": "application/json"})
                 try:
