@@ -21,6 +21,10 @@ Departures from the paper (numbered):
     4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
        the paper saw lengths grow each iteration and a raw win-rate rewards that.
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                        # --help before the heavy imports: under a second
+
 import json
 import os
 import random

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from cli import cli
 from model import ModelArgs, Transformer
-from model_io import load_tokenizer, resolve_model
+from model_io import load_tokenizer, pick_threads, resolve_model
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
@@ -67,6 +67,7 @@ class Config:
     dtype: str = "float32"        # float32 | bfloat16 | float16
     device: str = "cpu"
     compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU, inductor on CPU)
+    threads: str = "auto"         # CPU threads: auto = what the model size warrants (model_io.pick_threads) | N
 
 
 def encode_prompt(tokenizer, prompt) -> list:
@@ -383,6 +384,7 @@ def run(cfg: Config):
     path = resolve_model(cfg.model)  # a folder as is, or a hub id ORG/NAME -> its cached snapshot, as transformers
     tok = load_tokenizer(path)       # before the weights: a broken tokenizer fails in a second
     model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
+    torch.set_num_threads(pick_threads(cfg.threads, model.num_params()))
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, ids=ids,
                     batch_size=cfg.batch_size, progress=True, compile=cfg.compile)

@@ -32,6 +32,10 @@ Departures from the paper (numbered):
     7. A judged stage with more failures than --max_failure_rate is not committed: the run stops, the answers so
        far stay cached, a rerun re-asks only the failures. No surviving pairs stops the run too.
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                        # --help before torch is imported: under a second
+
 import json
 import math
 import os
@@ -46,8 +50,9 @@ import dno
 import evaluate
 import oracle
 import stages
-from cli import check, cli
+from cli import check, cli, show
 from model import ModelArgs, Transformer, check_memory, load_tokenizer, read_config, resolve_model
+from model_io import pick_threads
 from sample import generate, load_prompts
 from stages import barrier, print0, rank, read_jsonl, world
 
@@ -85,6 +90,7 @@ class Config:
     select_by: str = "lc_vs_gold"   # best iterate by: lc_vs_gold | vs_gold | lc_vs_init | vs_init (on validation)
     seed: int = 0                   # seed of splits, sampling, replay, shuffling and batch order
     device: str = "auto"            # auto | cpu | cuda
+    threads: str = "auto"           # CPU threads: auto = what the model size warrants (model_io.pick_threads) | N
     base_url: str = ""              # judge endpoint (OpenAI-compatible); "" = oracle's default
     judge_model: str = "gpt-4-turbo"  # judge model name (or the model folder for --judge local)
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the judge's API key
@@ -407,8 +413,9 @@ def dno_prct(run):
 def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs, split. -> Run."""
     check(cfg, CHOICES, LIMITS)                                 # every flag, before any model is loaded or built
+    pick_threads(cfg.threads, 0)                                # --threads too (applied once the model is known)
     device = stages.setup(cfg.device)                           # --device cuda without a GPU: one line
-    print0("config: " + json.dumps(vars(cfg)))
+    print0("config:\n" + show(cfg))
     os.makedirs(cfg.out, exist_ok=True)
     judge, fn = evaluate.make_judge(cfg)                        # a bad --judge is refused before the demo's SFT
     if cfg.prompts and not os.path.isfile(cfg.prompts):
@@ -417,10 +424,12 @@ def prepare(cfg):
     if rank() == 0:
         stages.lock(cfg.out)                                    # one run per folder
         stages.rollback(cfg.out, cfg.rollback)                  # --rollback t: discard iterations > t
+        stages.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(vars(cfg), indent=1))   # the flags
     if not (model and cfg.prompts):                             # the built-in demo task, prepared once in OUT/demo
         import demo_task
-        stages.on_rank0(demo_task.prepare, os.path.join(cfg.out, "demo"), cfg.seed)
-        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=lambda *a: None)   # then reused
+        demo = demo_task.Config(threads=cfg.threads)            # its SFT picks its own threads
+        stages.on_rank0(demo_task.prepare, os.path.join(cfg.out, "demo"), cfg.seed, demo)
+        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, demo, log=lambda *a: None)   # reused
         model, cfg.prompts = model or m, cfg.prompts or p
     barrier()
     args, tok = ModelArgs.from_hf_config(read_config(model), os.path.join(model, "config.json")), load_tokenizer(model)
@@ -429,8 +438,9 @@ def prepare(cfg):
     longest = min(args.max_seq_len, max((len(r["prompt_tokens"]) for r in rows), default=1) + cfg.max_new_tokens + 1)
     est = check_memory(args, device, micro_batch=cfg.micro_batch, seq_len=longest, grad_ckpt=cfg.grad_ckpt,
                        seqs_per_item=2, shards=world())             # a pair is two sequences; FSDP shards the rest
+    torch.set_num_threads(pick_threads(cfg.threads, est["params"]))   # sampling, training, evaluation
     print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} tokens "
-           f"({est['params'] / 1e6:.1f}M parameters)")
+           f"({est['params'] / 1e6:.1f}M parameters, {torch.get_num_threads()} CPU threads)")
     val, slices = split(rows, cfg)
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val, slices=slices,
                skipped=skipped, device=device, judge=judge, fn=fn, amp=PRECISION[cfg.precision])
