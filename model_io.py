@@ -282,9 +282,12 @@ def pick_threads(spec, n_params) -> int:
     parameters, at least 1 and at most the cores this process may run on (os.sched_getaffinity) shared among the
     torchrun ranks of this machine (LOCAL_WORLD_SIZE), and at most OMP_NUM_THREADS when it is set.
     Why: a thread pays off only when each matmul has enough work to share; torch's default (one thread per
-    core) makes a tiny model wait at every op for a core that another process holds. Measured on the 2-core
-    machine, 30 SFT steps of the demo's 0.14M-parameter Llama (demo_task.py), 1 vs 2 threads, CPU-seconds and
-    wall: see MEASURED below. Callers apply it: torch.set_num_threads(pick_threads(cfg.threads, n_params))."""
+    core) makes a tiny model wait at every op for a core that another process holds. Measured on the shared
+    2-core machine, 30 SFT steps of the demo's 0.14M-parameter Llama (demo_task.sft), each in a fresh process:
+    beside a 2-job compile (load 3-4), 2 threads took 41-55 s wall and 32-46 CPU-s, 1 thread 10-18 s and 9-11
+    CPU-s; with two busy loops more (load 12-15), 2 threads 226-272 s and 53-55 CPU-s, 1 thread 58-62 s and 9-11
+    CPU-s. (The machine was never idle while this was measured.) Callers apply it:
+    torch.set_num_threads(pick_threads(cfg.threads, n_params))."""
     s = str(spec).strip().lower()
     if s != "auto":
         if not s.isdigit() or int(s) < 1:
