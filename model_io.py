@@ -286,7 +286,8 @@ def pick_threads(spec, n_params) -> int:
     2-core machine, 30 SFT steps of the demo's 0.14M-parameter Llama (demo_task.sft), each in a fresh process:
     beside a 2-job compile (load 3-4), 2 threads took 41-55 s wall and 32-46 CPU-s, 1 thread 10-18 s and 9-11
     CPU-s; with two busy loops more (load 12-15), 2 threads 226-272 s and 53-55 CPU-s, 1 thread 58-62 s and 9-11
-    CPU-s. (The machine was never idle while this was measured.) Callers apply it:
+    CPU-s. (The machine was never idle while this was measured, so PARAMS_PER_THREAD, where a second thread
+    starts to pay on an idle machine, is a judgment, not a measured crossover.) Callers apply it:
     torch.set_num_threads(pick_threads(cfg.threads, n_params))."""
     s = str(spec).strip().lower()
     if s != "auto":
