@@ -3,9 +3,14 @@
     from cli import cli
     cfg = cli(Config)                 # --name VALUE for every field; --help shows each field's trailing comment
     cfg = cli(Config, ["--lr", "1e-5"])
+    print(show(cfg))                  # lr = 1e-05     steps = 10     compile = False
     check(cfg, choices={"schedule": ("cosine", "linear")}, limits={"lr": (1e-300, math.inf, "finite and > 0")})
+
+    if __name__ == "__main__":        # at the top of a script, before its heavy imports (torch: 2-8 s):
+        early_help(__file__)          # -h/--help printed from the script's Config source, then exit
 """
 import argparse
+import ast
 import inspect
 import math
 import re
@@ -22,25 +27,54 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def _helps(cls):
-    """field name -> the trailing '# comment' on its line in the class source (the flag's help text)."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):  # e.g. a class defined in an interactive session
-        return {}
+def _helps(src):
+    """field name -> the trailing '# comment' on its line in a class's source (the flag's help text)."""
     return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*?)\s*$", src, re.M))
+
+
+def _parser(doc, flags, helps):
+    """argparse for flags [(name, default)]: typed like the default (bool: true/false), help from helps."""
+    p = argparse.ArgumentParser(description=doc.strip().split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default in flags:
+        typ = _bool if isinstance(default, bool) else str if default is None else type(default)
+        p.add_argument(f"--{name}", type=typ, default=default, help=helps.get(name, " ").replace("%", "%%"))
+    p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")   # a bad flag: one line, no usage dump
+    return p
 
 
 def cli(cls, argv=None):
     """Parse argv (default: sys.argv[1:]) into cls(...): one --flag per dataclass field, typed like its default."""
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _helps(cls)
-    for f in fields(cls):
-        typ = _bool if f.type in (bool, "bool") else str if f.default is None else type(f.default)
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=helps.get(f.name, " ").replace("%", "%%"))
-    p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")   # a bad flag: one line, no usage dump
+    try:
+        helps = _helps(inspect.getsource(cls))
+    except (OSError, TypeError):  # e.g. a class defined in an interactive session
+        helps = {}
+    p = _parser(sys.modules[cls.__module__].__doc__ or "", [(f.name, f.default) for f in fields(cls)], helps)
     return cls(**vars(p.parse_args(argv)))
+
+
+def early_help(file, argv=None):
+    """-h/--help of the script `file`, printed from its source (the docstring's first line and class Config's
+    fields, read with ast) before the script imports torch, then exit; any other argv: return and go on.
+    The same parser as cli() prints it, so both helps are identical."""
+    if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        return
+    with open(file) as f:
+        src = f.read()
+    tree = ast.parse(src)
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    flags = [(n.target.id, ast.literal_eval(n.value)) for n in config.body if isinstance(n, ast.AnnAssign)]
+    lines = "\n".join(src.splitlines()[config.lineno - 1:config.end_lineno])   # whole lines: trailing comments
+    _parser(ast.get_docstring(tree) or "", flags, _helps(lines)).print_help()
+    sys.exit(0)
+
+
+def show(cfg, width=110) -> str:
+    """A config as an aligned block of `name = value` cells, as many per line as fit in width."""
+    cells = [f"{k} = {v!r}" for k, v in vars(cfg).items()]
+    w = max(map(len, cells)) + 2
+    per = max(1, width // w)
+    return "\n".join("".join(c.ljust(w) for c in cells[i:i + per]).rstrip() for i in range(0, len(cells), per))
 
 
 def check(cfg, choices=None, limits=None):
@@ -62,4 +96,5 @@ if __name__ == "__main__":
         lr: float = 1e-4      # learning rate
         steps: int = 10       # optimizer steps
         compile: bool = False  # torch.compile the model
-    print(cli(Config))
+    early_help(__file__)
+    print(show(cli(Config)))

@@ -259,14 +259,17 @@ def sft_batch(tok, rows):
 
 
 def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
-    """Supervised fine-tuning on (prompt, teacher response) rows with AdamW and a cosine schedule."""
+    """Supervised fine-tuning on (prompt, teacher response) rows with AdamW and a cosine schedule; a progress bar
+    (with ETA) on stderr when log is print, and the loss every 50 steps through log."""
     import torch
     import torch.nn.functional as F
+    from tqdm import tqdm
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="demo SFT", unit="step", file=sys.stderr, disable=log is not print)
+    for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * (min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx, tgt, mask = sft_batch(tok, rng.sample(rows, batch_size))
@@ -279,7 +282,7 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"sft step {step:4d} | loss {loss.item():.4f}")
+            (tqdm.write if log is print else log)(f"sft step {step:4d} | loss {loss.item():.4f}")
     model.eval()
     return model
 
@@ -303,6 +306,7 @@ class Config:
     bt_prompts: int = 200         # compare_bt: held-out prompts for the policy-vs-policy table
     bt_run: str = ""              # compare_bt: also the folder of a train.py run driven by --judge demo_bt
     bt_temperature: float = 0.7   # compare_bt: sampling temperature of every policy (1 = the policy itself)
+    threads: str = "auto"         # CPU threads: auto = what the model size warrants (model_io.pick_threads) | N
 
 
 def prompt_rows(n, seed, salt, exclude=()):
@@ -332,10 +336,11 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     """Build the tokenizer and the tiny Llama, SFT it on teacher demonstrations, save it in the HF layout to
     out_dir/init, and write out_dir/prompts.jsonl. Cached: reruns with the same settings do nothing."""
     import torch
+    from model_io import pick_threads
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
-    stamp = {k: v for k, v in asdict(cfg).items() if not k.startswith("bt_") and k != "out"}
+    stamp = {k: v for k, v in asdict(cfg).items() if not k.startswith("bt_") and k not in ("out", "threads")}
     stamp["task"] = [TEACHER_STYLE_P, P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
     stamp_path = os.path.join(model_dir, "demo_task.json")
     if os.path.exists(stamp_path) and os.path.exists(prompts_path):
@@ -353,6 +358,7 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     with torch.random.fork_rng():  # leaves the caller's torch RNG as it was
         model = build_model(cfg, len(tok), cfg.seed)
         n_params = sum(p.numel() for p in model.parameters())
+        torch.set_num_threads(pick_threads(cfg.threads, n_params))   # the demo's 0.14M parameters: 1 thread
         log(f"demo_task: SFT of a {n_params / 1e6:.2f}M-param Llama on {len(demos)} teacher demonstrations")
         sft(model, tok, demos, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.seed, log=log)
     model.save_pretrained(model_dir, tokenizer=tok)
@@ -543,6 +549,9 @@ if __name__ == "__main__":
     cfg = cli(Config)
     try:
         if cfg.out:
+            import torch
+            from model_io import pick_threads
+            torch.set_num_threads(pick_threads(cfg.threads, 0))   # the demo's tiny models: auto = 1 thread
             compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed, bt_run=cfg.bt_run,
                        temperature=cfg.bt_temperature)
         else:

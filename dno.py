@@ -62,6 +62,10 @@ Departures from the paper (deliberate, numbered):
        reports none.
 Not a departure: sequence log-probs are sums over response tokens, as in the paper (never means).
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                        # --help before the heavy imports: under a second
+
 import math
 import random
 import sys

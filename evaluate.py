@@ -21,6 +21,10 @@ Departures from the paper (numbered):
     4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
        the paper saw lengths grow each iteration and a raw win-rate rewards that.
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                        # --help before the heavy imports: under a second
+
 import json
 import os
 import random
@@ -46,7 +50,11 @@ def ask(run, items, what, audit=True):
     audit=False: no position audit (the evaluation already asks both orders)."""
     judge = run.judge if audit else replace(run.judge, position_audit=0.0)
     results, s = oracle.judge_items(items, judge, fn=run.fn, progress=True)
-    print0(f"judge: {s['items']} items, {s['ok']} ok, {s['calls']} calls, {s['cache_hits']} cached, ${s['usd']:.4f}")
+    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise one; identical
+    # requests of one batch share one answer); sent requests include the retries
+    print0(f"judge: {s['items']} items ({s['ok']} ok) from {s['cache_hits'] + s['calls']} requests: "
+           f"{s['cache_hits']} answered by the cache, {s['calls']} sent ({s['retries']} of them retries), "
+           f"${s['usd']:.4f}")
     failed = 1 - s["ok"] / max(1, len(items))
     if failed > run.cfg.max_failure_rate:
         first = next((r["error"] for r in results if not r["ok"]), "")
@@ -179,7 +187,7 @@ def report(out, select_by="lc_vs_gold", final=False, last=999):
     write_atomic(os.path.join(out, "best.json"), json.dumps(
         {"iter": best["iter"], "model": best["model"], "by": f"{key} on validation", key: best[key],
          "mixture": mix}, indent=1))
-    plot(out, rows)
+    plot(out, rows, best, key)
     if final:
         print0(table(rows, mix, best, key))
     return rows, mix, best
@@ -200,7 +208,9 @@ def table(rows, mix, best, key):
     return "\n".join(lines)
 
 
-def plot(out, rows):
+def plot(out, rows, best=None, key=None):
+    """OUT/metrics.png: the win-rates with +-1 standard-error bars (the LC win-rate has none), the best iterate
+    ringed on its selection measure, and the mean length on an axis from 0 (a 0.02-token change stays flat)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -210,10 +220,18 @@ def plot(out, rows):
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     x = [r["iter"] for r in rows]
-    for k in ("winrate_vs_init", "winrate_vs_gold", "lc_winrate_vs_gold"):
-        a.plot(x, [np.nan if r[k] is None else r[k] for r in rows], marker="o", label=k)
-    b.plot(x, [r["mean_length"] for r in rows], marker="o")
-    a.set(xlabel="iteration", title="validation win-rate"), b.set(xlabel="iteration", title="mean length (tokens)")
+    nan = lambda v: np.nan if v is None else v                  # noqa: E731
+    for k, se in (("winrate_vs_init", "se_vs_init"), ("winrate_vs_gold", "se_vs_gold"), ("lc_winrate_vs_gold", None)):
+        a.errorbar(x, [nan(r[k]) for r in rows], yerr=[nan(r[se]) for r in rows] if se else None, marker="o",
+                   capsize=3, label=k)
+    if best is not None and best.get(key) is not None:
+        a.plot([best["iter"]], [best[key]], marker="o", markersize=14, fillstyle="none", color="black",
+               linestyle="none", label=f"best iterate ({key})")
+    lengths = [r["mean_length"] for r in rows]
+    b.plot(x, lengths, marker="o")
+    b.set_ylim(0, 1.2 * max(lengths) if max(lengths) > 0 else 1)
+    a.set(xlabel="iteration", title="validation win-rate (+-1 SE)")
+    b.set(xlabel="iteration", title="mean length (tokens)")
     a.legend(fontsize=7)
     for ax in (a, b):
         ax.set_xticks(x)

@@ -52,8 +52,8 @@ from tqdm import tqdm
 
 from cli import cli
 from model import ModelArgs, Transformer
-from model_io import (check_vocab, free_memory, load_tokenizer, memory_estimate, read_config,
-                      resolve_model)
+from model_io import (check_vocab, free_memory, load_tokenizer, memory_estimate, pick_threads,
+                      read_config, resolve_model)
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
@@ -72,6 +72,7 @@ class Config:
     dtype: str = "float32"        # float32 | bfloat16 | float16
     device: str = "cpu"
     compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU, inductor on CPU)
+    threads: str = "auto"         # CPU threads: auto = what the model size warrants | N
 
 
 def encode_prompt(tokenizer, prompt) -> list:
@@ -472,6 +473,7 @@ def run(cfg: Config):
     tok = load_tokenizer(path)       # before the weights: a broken tokenizer fails in a second
     check_vocab(tok, ModelArgs.from_hf_config(read_config(path)).vocab_size, path)   # before any work
     model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
+    torch.set_num_threads(pick_threads(cfg.threads, model.num_params()))
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, ids=ids,
                     rows=cfg.rows, progress=True, compile=cfg.compile)

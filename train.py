@@ -42,6 +42,10 @@ Departures from the paper (numbered):
        that outgrows its prompts takes another pass over them, reshuffled (the paper: fresh prompts
        every iteration).
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                # --help before torch loads: under a second
+
 import json
 import os
 import sys
@@ -53,14 +57,15 @@ import torch
 import evaluate
 import oracle
 import stages
-from cli import check, cli
+from cli import check, cli, show
 from distributed import barrier, on_rank0, print0, rank, world
 from distributed import finish as finish_processes
 from distributed import setup as setup_device
 from iteration import (Run, eval_step, judge_step, pairs_step, reference_step, sample_step,
                        train_pi)
 from model import ModelArgs
-from model_io import check_memory, check_vocab, load_tokenizer, read_config, resolve_model
+from model_io import (check_memory, check_vocab, load_tokenizer, pick_threads, read_config,
+                      resolve_model)
 from sample import encode_prompt, read_prompts
 
 
@@ -100,6 +105,7 @@ class Config:
     select_by: str = "lc_vs_gold"  # best iterate by lc_vs_gold | vs_gold | lc_vs_init | vs_init
     seed: int = 0                 # seed of splits, sampling, replay, shuffling and batch order
     device: str = "auto"          # auto | cpu | cuda
+    threads: str = "auto"         # CPU threads: auto = what the model size warrants | N
     base_url: str = ""            # judge endpoint (OpenAI-compatible); "" = oracle's default
     judge_model: str = "gpt-4-turbo"  # judge model name (or the model folder for --judge local)
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the judge's API key
@@ -135,7 +141,7 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
 # stage input that hashes it (INPUT_FIELDS), or a field that changes no stage's files (NO_ARTIFACT;
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
 INPUT_FIELDS = {"model": "policy", "prompts": "prompts"}
-NO_ARTIFACT = ("out", "iterations", "device", "micro_batch", "grad_ckpt", "select_by", "sample_rows",
+NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ckpt", "select_by", "sample_rows",
                "api_key_env", "concurrency", "max_usd", "max_calls", "max_failure_rate", "rollback",
                "stage_pause")
 
@@ -228,6 +234,7 @@ def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs,
     split. -> Run."""
     check(cfg, CHOICES, LIMITS)                         # every flag, before any model is loaded
+    pick_threads(cfg.threads, 0)                        # --threads too (applied once the size is known)
     judge, fn = oracle.make_judge(cfg)                  # a bad judge, URL or key: refused up front
     device = setup_device(cfg.device)                   # --device cuda without a GPU: one line
     os.makedirs(cfg.out, exist_ok=True)
@@ -240,8 +247,9 @@ def prepare(cfg):
     if not (model and cfg.prompts):                     # the built-in demo task, prepared once
         import demo_task
         demo = os.path.join(cfg.out, "demo")
-        on_rank0(demo_task.prepare, demo, cfg.seed)
-        m, p = demo_task.prepare(demo, cfg.seed, log=lambda *a: None)   # then reused
+        demo_cfg = demo_task.Config(threads=cfg.threads)    # its SFT picks its own threads
+        on_rank0(demo_task.prepare, demo, cfg.seed, demo_cfg)
+        m, p = demo_task.prepare(demo, cfg.seed, demo_cfg, log=lambda *a: None)   # then reused
         model = model or m
         cfg.prompts = cfg.prompts or p
     barrier()
@@ -256,14 +264,17 @@ def prepare(cfg):
     est = check_memory(args, device, micro_batch=cfg.micro_batch, seq_len=longest,
                        grad_ckpt=cfg.grad_ckpt, seqs_per_item=2, shards=world(),   # a pair: 2 seqs
                        lora_rank=cfg.lora_rank)
+    torch.set_num_threads(pick_threads(cfg.threads, est["params"]))   # sampling, training, eval
     print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} "
-           f"tokens ({est['params'] / 1e6:.1f}M parameters)")
+           f"tokens ({est['params'] / 1e6:.1f}M parameters, {torch.get_num_threads()} CPU threads)")
     save_dtype = SAVE_DTYPE[cfg.precision]              # auto: each iterate keeps pi_1's dtype
     if cfg.precision == "auto":                         # resolved: the manifests record what ran
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.prompts_per_iter = slice_size(cfg, len(rows) - cfg.num_val)
     val, slices = split(rows, cfg)
-    print0("config: " + json.dumps(vars(cfg)))
+    print0("config:\n" + show(cfg))
+    if rank() == 0:                                     # the resolved flags, beside the stages
+        stages.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(vars(cfg), indent=1))
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val,
                slices=slices, skipped=skipped, device=device, judge=judge, fn=fn,
                amp=PRECISION[cfg.precision], save_dtype=save_dtype)

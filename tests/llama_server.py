@@ -7,7 +7,10 @@ random Llama written here with the `gguf` package (no hub, no network).
 The model: 2 layers, 64 wide, a char-level SentencePiece-style vocab. Its output layer adds a large bias to
 the letters A and B (so verdicts are always among the top log-probs) and a large negative one to byte and
 control tokens (so free text decodes cleanly); which of A / B wins still depends on the context.
-Requires `pip install 'llama-cpp-python[server]==0.3.36' gguf==0.19.0`; tests skip cleanly without it.
+Requires `pip install 'llama-cpp-python[server]==0.3.36' gguf==0.19.0`; tests skip cleanly without it. The
+build that README and .ci/run give (CMAKE_ARGS in tests/requirements.txt) leaves out what no test uses: the
+multimodal library, llama.cpp's common library (tests/llama_cpp_lean.cmake) and optimisation beyond -O1; the
+server, its chat template and its top log-probs are the same.
 """
 import os, socket, string, subprocess, sys, time, urllib.request
 

@@ -98,6 +98,7 @@ def test_check_fails_with_a_hard_target(setup):
     assert (err > TOL).all() and np.median(err) > 10 * TOL, err
 
 
+@pytest.mark.slow
 def test_train_py_step_with_target_soft_is_algorithm_1(setup):
     """The same regression through the pipeline's own step (optimize.train_step on stored pairs with r_t of both
     sides, --target soft): it reaches the ideal update too, so `python train.py --target soft` trains Alg. 1."""

@@ -305,3 +305,21 @@ def test_model_io_never_imports_model_and_model_reexports_nothing():
     r = subprocess.run([sys.executable, "-c", "import sys, model_io; print('model' in sys.modules)"], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_pick_threads_grows_with_the_model_within_the_cores(monkeypatch):
+    from model_io import PARAMS_PER_THREAD, pick_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert pick_threads("auto", 140_000) == 1                   # the demo's 0.14M-parameter Llama
+    assert pick_threads("auto", 3 * PARAMS_PER_THREAD) == 3
+    assert pick_threads("auto", 7_000_000_000) == 8            # never above the cores this process may use
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                 # torchrun: the ranks of one machine share them
+    assert pick_threads("auto", 7_000_000_000) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")                  # an explicit OMP_NUM_THREADS caps auto
+    assert pick_threads("AUTO", 7_000_000_000) == 3
+    assert pick_threads("6", 140_000) == 6                      # a number is taken as given
+    for bad in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(ValueError, match="--threads must be auto or an integer >= 1"):
+            pick_threads(bad, 1)

@@ -222,6 +222,7 @@ def inductor_error():
     return None
 
 
+@pytest.mark.slow
 def test_compiled_decode_equals_eager_on_cpu(tiny):
     err = inductor_error()
     if err:

@@ -121,6 +121,7 @@ def test_second_run_on_one_folder_is_refused_and_a_killed_runs_lock_is_free(task
     ("device", "foo", "--device must be one of"), ("temperature", "-1", "--temperature must be"),
     ("num_samples", "0", "--num_samples must be >= 1"), ("lr", "nan", "--lr must be finite"),
     ("target", "medium", "--target must be one of hard, soft"), ("pairs", "some", "--pairs must be one of"),
+    ("threads", "0", "--threads must be auto or an integer >= 1"),
 ])
 def test_bad_flags_are_refused_up_front(task, tmp_path, monkeypatch, flag, value, expect):
     t0 = time.time()
