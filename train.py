@@ -68,6 +68,9 @@ class Config:
     eval_temperature: float = 0.0   # temperature of the one validation sample per prompt (0 = greedy)
     target: str = "hard"            # hard: Alg. 2, line 7 (target 1) | soft: Alg. 1's sigmoid(r_t(y+) - r_t(y-))
     pairs: str = "margin"           # margin: large-margin pairs (line 6) | all: every candidate pair (Alg. 1's mu)
+    gold: bool = True               # the gold joins pi_t's K samples as a candidate (Alg. 1's off-policy mu)
+    ref_mix: float = 0.0            # extension 1: log ref = (1-ref_mix) log pi_t + ref_mix log pi_1 (dno.py)
+    teacher_styles: str = ""        # built-in demo: the teacher's style mix, e.g. 0.8,0.15,0.05 ("" = demo_task's)
     eta: float = 0.1                # eta of the contrastive loss (line 7; DPO's beta); see dno.py's glossary
     lr: float = 4e-5                # peak lr of iteration 1 (demo-sized; the paper states 5e-5 for its 7B runs)
     lr_decay: float = 1.0           # lr_t = lr * lr_decay**(t-1) (departure 5; 1 = the same lr every iteration)
@@ -111,7 +114,7 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
     "batch_size": GE1, "micro_batch": GE1, "epochs": POS, "max_steps": GE0, "weight_decay": GE0, "grad_clip": POS,
     "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"), "concurrency": GE1,
     "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT, "position_audit": UNIT,
-    "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"), "stage_pause": GE0}
+    "judge_context": (256, inf, ">= 256"), "ref_mix": UNIT, "rollback": (-1, inf, ">= -1"), "stage_pause": GE0}
 
 
 @dataclass
@@ -282,19 +285,25 @@ def pair_len(p):
 
 
 def reference_step(run, t, pairs):
-    """Line 7's reference log pi_t(y+|x), log pi_t(y-|x), once, stored with the pairs: training holds one model."""
+    """Line 7's reference log pi_t(y+|x), log pi_t(y-|x), once, stored with the pairs: training holds one model.
+    --ref_mix beta > 0: the smoothed reference (1 - beta) log pi_t + beta log pi_1 (extension 1, dno.py)."""
     @torch.no_grad()
     def make(run, t, path, want):
         P, (model, _) = read_jsonl(os.path.join(pairs, "pairs.jsonl")), load_policy(policy_dir(run, t), run.device)
+        init = load_policy(run.pi_1, run.device)[0] if run.cfg.ref_mix > 0 else None
         mine, got, mb = sorted(range(len(P))[rank()::world()], key=lambda i: pair_len(P[i])), [], run.cfg.micro_batch
         for k in range(0, len(mine), mb):                       # similar lengths share a batch: little padding
             c, r, _ = dno.pair_logps(model, [P[i] for i in mine[k:k + mb]], run.device, run.amp)   # (m,) pi_t
+            if init is not None:                                # (m,) log pi_1, then the geometric mixture
+                c1, r1, _ = dno.pair_logps(init, [P[i] for i in mine[k:k + mb]], run.device, run.amp)
+                c = dno.geometric_reference(c, c1, run.cfg.ref_mix)
+                r = dno.geometric_reference(r, r1, run.cfg.ref_mix)
             got += list(zip(mine[k:k + mb], c.tolist(), r.tolist()))
         for i, c, r in stages.gather(got):
             P[i].update(ref_chosen=c, ref_rejected=r)
         if rank() == 0:
             commit(run, path, want, {"pairs.jsonl": P}, {"pairs": len(P)})
-    return step(run, t, "reference", make, {"policy": policy_dir(run, t), "pairs": pairs}, [])
+    return step(run, t, "reference", make, {"policy": policy_dir(run, t), "pairs": pairs}, ["ref_mix"])
 
 
 def train_pi(run, t, pairs):
@@ -419,8 +428,9 @@ def prepare(cfg):
         stages.rollback(cfg.out, cfg.rollback)                  # --rollback t: discard iterations > t
     if not (model and cfg.prompts):                             # the built-in demo task, prepared once in OUT/demo
         import demo_task
-        stages.on_rank0(demo_task.prepare, os.path.join(cfg.out, "demo"), cfg.seed)
-        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, log=lambda *a: None)   # then reused
+        demo = demo_task.Config(**({"teacher_styles": cfg.teacher_styles} if cfg.teacher_styles else {}))
+        stages.on_rank0(demo_task.prepare, os.path.join(cfg.out, "demo"), cfg.seed, demo)
+        m, p = demo_task.prepare(os.path.join(cfg.out, "demo"), cfg.seed, demo, log=lambda *a: None)  # reused
         model, cfg.prompts = model or m, cfg.prompts or p
     barrier()
     args, tok = ModelArgs.from_hf_config(read_config(model), os.path.join(model, "config.json")), load_tokenizer(model)
@@ -432,6 +442,8 @@ def prepare(cfg):
     print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} tokens "
            f"({est['params'] / 1e6:.1f}M parameters)")
     val, slices = split(rows, cfg)
+    if not cfg.gold:                                            # pi_t's samples only (validation keeps its gold)
+        slices = [[{**r, "gold": None} for r in D_t] for D_t in slices]
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val, slices=slices,
                skipped=skipped, device=device, judge=judge, fn=fn, amp=PRECISION[cfg.precision])
 
