@@ -1,15 +1,10 @@
 """The built-in offline demo task: sort a short list of digits, judged by a program.
 
-    python demo_task.py                                   # a few prompts, the teacher's answers, their scores
-    python train.py --out runs/demo                       # the default DNO demo (CPU, ~35 s on 2 idle cores, offline)
-    F="--iterations 8 --prompts_per_iter 100 --lr 1e-4 --eval_temperature 0.7"  # sampled eval: a mixed policy
-    python train.py --judge demo_rps $F --out runs/rps    # the rock-paper-scissors preset ...
-    python train.py --judge demo_rps $F --target soft --pairs all --replay 0 --out runs/rps_soft   # (Alg. 1's target)
-    python demo_task.py --out runs/rps --bt_temperature 1 # ... then DNO vs a Bradley-Terry-reward baseline
-    DEMO_BT_REWARD=runs/rps/bt_reward.json python train.py --judge demo_bt $F --out runs/bt \
-        --model runs/rps/demo/init --prompts runs/rps/demo/prompts.jsonl   # the same loop on the fitted BT reward
-    python demo_task.py --out runs/rps --bt_run runs/bt --bt_temperature 1   # ... adds it to the table
-    (--judge demo_cyclic instead of demo_rps: the milder intransitive preset, where correctness outweighs style)
+    python demo_task.py                         # a few prompts, the teacher's answers, their scores
+    python demo_task.py --teacher_styles 0.8,0.15,0.05   # ... from a teacher with another style mix
+    python train.py --out runs/demo             # the default DNO demo (CPU, ~35 s on 2 idle cores, offline)
+    python train.py --judge demo_rps --teacher_styles 0.8,0.15,0.05 --out runs/rps   # the intransitive preset
+    python compare_bt.py --out runs/cmp         # DNO vs a Bradley-Terry-reward loop, like for like
 
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
   prompt   "sort: 7 2 9 2\n"      (3..7 digits)
@@ -40,11 +35,9 @@ Departures from the paper (numbered):
   1. The task, the teacher and the judges are programs, not UltraFeedback / GPT-4-Turbo.
   2. The policy is a ~0.14M-parameter char-level Llama pretrained here by SFT on teacher demonstrations,
      not Orca-2.5 (7B).
-  3. compare_bt's baseline (a Bradley-Terry reward over (rubric score, style) fitted by logistic regression on
-     the same P annotations, then best-of-n sampling from the initial policy under it) is ours; the paper
-     argues the BT limitation in theory but runs no such baseline. The table is judged by the run's own judge
-     (demo_cyclic or demo_rps). Its candidate policies include the teacher answering in one fixed style (the
-     exploiters that a cyclic preference rewards) and in the three styles in turn (a Nash policy of demo_rps).
+  3. The teacher's style mix (--teacher_styles, default 0.55 / 0.30 / 0.15) is a setting of ours; an uneven
+     mix gives a fitted BT reward a favourite, a lopsided one (0.8 / 0.15 / 0.05) leaves pi_1 exploitable.
+     The Bradley-Terry baseline lives in compare_bt.py.
   4. demo_rps is ours: a preference where the cycle dominates, so the paper's claim (DNO targets the Nash
      equilibrium of a general preference; a BT reward's optimum is exploitable) can be tested on a language model.
 """
@@ -59,7 +52,7 @@ from dataclasses import asdict, dataclass, replace
 from cli import cli
 
 STYLES = (" ", ",", "|")  # the three response styles; cycle: STYLES[i] beats STYLES[i + 1 (mod 3)]
-TEACHER_STYLE_P = (0.55, 0.30, 0.15)  # the teacher's style mix (uneven, so a BT fit has a favourite)
+TEACHER_STYLE_P = (0.55, 0.30, 0.15)  # the teacher's default style mix (uneven: a BT fit has a favourite)
 P_TAIL = 0.85   # teacher: P(botches the tail | >= LONG digits, the largest one unique)
 P_ROTATE = 0.4  # ... of which this share is a rotation (score 4), the rest an adjacent swap (score 5)
 LONG = 4
@@ -85,13 +78,25 @@ def parse_prompt(prompt):
     return [int(c) for c in m.group(1).split(" ")]
 
 
-def teacher(prompt, rng):
-    """The imperfect teacher: the sorted digits in a random style, except that on lists of >= LONG digits it
+def parse_styles(text):
+    """'0.8,0.15,0.05' -> (0.8, 0.15, 0.05): the teacher's probabilities of the styles ' ', ',', '|'."""
+    try:
+        p = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        p = ()
+    if len(p) != 3 or not all(math.isfinite(x) and x >= 0 for x in p) or abs(sum(p) - 1) > 1e-6:
+        raise ValueError(f"--teacher_styles must be 3 probabilities summing to 1, like 0.8,0.15,0.05; "
+                         f"got {text!r}")
+    return p
+
+
+def teacher(prompt, rng, styles=TEACHER_STYLE_P):
+    """The imperfect teacher: the sorted digits in a style drawn from `styles`, except that on lists of >= LONG digits it
     botches the tail with probability P_TAIL (one decision late in the answer, which a student imitates):
       - "tail swap"     (share 1 - P_ROTATE): the last two digits swapped          -> 1 inversion, score 5
       - "tail rotation" (share P_ROTATE): the largest digit moved two places left -> 2 inversions, score 4"""
     digits = sorted(parse_prompt(prompt))
-    style = rng.choices(STYLES, weights=TEACHER_STYLE_P)[0]
+    style = rng.choices(STYLES, weights=styles)[0]
     if len(digits) >= LONG and digits[-2] < digits[-1] and rng.random() < P_TAIL:
         if rng.random() < P_ROTATE:
             digits[-3:] = [digits[-1], digits[-3], digits[-2]]
@@ -187,23 +192,8 @@ def demo_rps(prompt, candidates):
     return {"P": pref_table(pref_rps, prompt, candidates)}
 
 
-def demo_bt(prompt, candidates):
-    """The Bradley-Terry baseline's judge: the table P[i][j] = sigmoid(r(y_i) - r(y_j)) of the BT reward
-    r(x, y) = w . features(y) that compare_bt fitted on a pairwise demo run's annotations (weights read from the
-    JSON file named by $DEMO_BT_REWARD). Driving train.py with it gives the baseline the same loop, prompts,
-    budget and win-rate pair rule as DNO; only the preference model differs (a transitive one)."""
-    path = os.environ.get("DEMO_BT_REWARD", "")
-    if not path or not os.path.exists(path):
-        raise ValueError("judge demo_bt needs DEMO_BT_REWARD=RUN/bt_reward.json (written by python demo_task.py "
-                         "--out RUN on a finished demo_rps or demo_cyclic run)")
-    with open(path) as f:
-        w = json.load(f)["w"]
-    r = [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]
-    return {"P": [[1.0 / (1.0 + math.exp(rj - ri)) for rj in r] for ri in r]}
-
-
-JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps, "demo_bt": demo_bt}
-PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}  # the pairwise judges compare_bt can build its table with
+JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps}  # compare_bt:demo_bt is the BT one
+PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}  # the pairwise judges, P(a > b | x) of two answers
 
 
 # ----------------------------------------------------------------------------- tokenizer, model, SFT
@@ -291,8 +281,8 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
 
 @dataclass
 class Config:
-    out: str = ""                 # compare_bt: the folder of `python train.py --judge demo_rps|demo_cyclic --out DIR`
     seed: int = 0                 # seeds the prompts, the teacher and the SFT
+    teacher_styles: str = ",".join(map(str, TEACHER_STYLE_P))  # the teacher's style mix (departure 3)
     n_prompts: int = 1000         # prompts.jsonl rows (train.py cuts them into T slices + validation)
     n_demos: int = 4000           # teacher demonstrations for SFT (prompts disjoint from prompts.jsonl's)
     dim: int = 64                 # tiny Llama: hidden size
@@ -302,21 +292,18 @@ class Config:
     sft_steps: int = 600
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    bt_n: int = 5                 # compare_bt: best-of-n under the fitted BT reward
-    bt_prompts: int = 200         # compare_bt: held-out prompts for the policy-vs-policy table
-    bt_run: str = ""              # compare_bt: also the folder of a train.py run driven by --judge demo_bt
-    bt_temperature: float = 0.7   # compare_bt: sampling temperature of every policy (1 = the policy itself)
-    threads: str = "auto"         # CPU threads: auto = what the model size warrants (model_io.pick_threads) | N
+    threads: str = "auto"         # CPU threads: auto = what the model size warrants | N
 
 
-def prompt_rows(n, seed, salt, exclude=()):
-    """n rows {"id", "prompt", "gold"} with distinct prompts not in exclude; gold = the teacher's response."""
+def prompt_rows(n, seed, salt, exclude=(), styles=TEACHER_STYLE_P):
+    """n rows {"id", "prompt", "gold"} with distinct prompts not in exclude; gold = the teacher's response
+    (its style drawn from `styles`)."""
     rng, seen, rows = random.Random(f"{salt}-{seed}"), set(exclude), []
     while len(rows) < n:
         p = make_prompt(rng)
         if p not in seen:
             seen.add(p)
-            rows.append({"id": f"{salt}-{len(rows)}", "prompt": p, "gold": teacher(p, rng)})
+            rows.append({"id": f"{salt}-{len(rows)}", "prompt": p, "gold": teacher(p, rng, styles)})
     return rows
 
 
@@ -340,8 +327,9 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
-    stamp = {k: v for k, v in asdict(cfg).items() if not k.startswith("bt_") and k not in ("out", "threads")}
-    stamp["task"] = [TEACHER_STYLE_P, P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
+    styles = parse_styles(cfg.teacher_styles)                   # a bad mix: one line, before the SFT
+    stamp = {k: v for k, v in asdict(cfg).items() if k != "threads"}   # threads: no artifact
+    stamp["task"] = [P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
     stamp_path = os.path.join(model_dir, "demo_task.json")
     if os.path.exists(stamp_path) and os.path.exists(prompts_path):
         with open(stamp_path) as f:
@@ -353,8 +341,9 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
         os.remove(stamp_path)  # stale: rebuilding
     t0 = time.time()
     tok = make_tokenizer()
-    rows = prompt_rows(cfg.n_prompts, cfg.seed, "p")
-    demos = [(r["prompt"], r["gold"]) for r in prompt_rows(cfg.n_demos, cfg.seed, "sft", {r["prompt"] for r in rows})]
+    rows = prompt_rows(cfg.n_prompts, cfg.seed, "p", styles=styles)
+    demos = prompt_rows(cfg.n_demos, cfg.seed, "sft", {r["prompt"] for r in rows}, styles)
+    demos = [(r["prompt"], r["gold"]) for r in demos]
     with torch.random.fork_rng():  # leaves the caller's torch RNG as it was
         model = build_model(cfg, len(tok), cfg.seed)
         n_params = sum(p.numel() for p in model.parameters())
@@ -373,167 +362,15 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     return model_dir, prompts_path
 
 
-# ----------------------------------------------------------------------------- DNO vs a Bradley-Terry reward
-
-def features(prompt, response):
-    """What the BT reward sees of a response: [rubric score, style " ", style ",", style "|"] (broken = none)."""
-    s = style_of(response)
-    return [float(rubric(prompt, response))] + [float(s == x) for x in STYLES]
-
-
-def fit_bt(annotations, steps=500, lr=0.5, l2=1e-3):
-    """Bradley-Terry reward r(x, y) = w . features(x, y), fitted by logistic regression on the soft labels
-    P(y_i > y_j | x) of every judged pair: the best a scalar reward can do with these annotations."""
-    import torch
-
-    X, Y = [], []
-    for prompt, cands, P in annotations:
-        f = [features(prompt, c) for c in cands]
-        for i in range(len(cands)):
-            for j in range(i + 1, len(cands)):
-                if P[i][j] is not None:
-                    X.append([a - b for a, b in zip(f[i], f[j])])
-                    Y.append(P[i][j])
-    if not X:
-        raise ValueError("no judged pairs to fit a Bradley-Terry reward on")
-    X, Y = torch.tensor(X), torch.tensor(Y)  # (N, F), (N,)
-    w = torch.zeros(X.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=lr, max_iter=steps)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w, Y) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return w.detach().tolist()
-
-
-def read_annotations(out):
-    """(prompt, candidates, P) of every training prompt judged in a train.py run (K samples + gold)."""
-    def jsonl(p):
-        with open(p) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    prompts = {r["id"]: r for r in jsonl(os.path.join(out, "demo", "prompts.jsonl"))}
-    got, t = [], 1
-    while os.path.exists(os.path.join(out, f"iter_{t}", "judgments", "done")):
-        samples = {s["id"]: s for s in jsonl(os.path.join(out, f"iter_{t}", "samples", "samples.jsonl"))}
-        for res in jsonl(os.path.join(out, f"iter_{t}", "judgments", "judgments.jsonl")):
-            key = res["id"].split(":", 1)[-1]  # "train{t}:<id>" or "<id>": joined by id, never by position
-            s, row = samples[key], prompts[key]
-            if res["ok"] and res.get("P"):
-                got.append((row["prompt"], [x["text"] for x in s["samples"]] + [row["gold"]], res["P"]))
-        t += 1
-    return got, t - 1
-
-
-def run_judge(out):
-    """The --judge of a train.py run (from its manifests), and its pairwise P(a > b | x) function."""
-    path = os.path.join(out, "iter_1", "judgments", "manifest.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{out}: no finished demo run (first: python train.py --judge demo_rps --out {out})")
-    with open(path) as f:
-        name = json.load(f)["config"]["judge"]
-    if name not in PREFS:
-        raise ValueError(f"{out} was judged by {name!r}; compare_bt needs a pairwise demo judge: {sorted(PREFS)}")
-    return name, PREFS[name]
-
-
-def compare_bt(out, n=5, n_prompts=200, seed=0, log=print, bt_run="", temperature=0.7):
-    """DNO (train.py --judge demo_cyclic | demo_rps) vs best-of-n under a BT reward fitted on the same annotations:
-    the policy-vs-policy win-rate table under the run's own judge and each policy's worst case. -> dict, also
-    written to OUT/compare_bt.json."""
-    from transformers import AutoTokenizer
-    from model import Transformer
-    from sample import generate
-
-    judge, pref_fn = run_judge(out)
-    if not os.path.exists(os.path.join(out, "best.json")) or not os.path.isdir(os.path.join(out, "demo")):
-        raise FileNotFoundError(f"{out}: no finished demo run (first: python train.py --judge {judge} --out {out})")
-    annotations, T = read_annotations(out)
-    w = fit_bt(annotations)
-    with open(os.path.join(out, "bt_reward.json"), "w") as f:  # for train.py --judge demo_bt (the BT-loop baseline)
-        json.dump({"w": w, "features": ["score", " ", ",", "|"], "annotated_prompts": len(annotations),
-                   "judge": judge}, f)
-    log(f"BT reward fitted on {len(annotations)} prompts judged by {judge} over {T} iterations: "
-        f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')")
-    with open(os.path.join(out, "best.json")) as f:
-        best = json.load(f)["model"]
-    with open(os.path.join(out, "demo", "prompts.jsonl")) as f:
-        known = {json.loads(line)["prompt"] for line in f if line.strip()}
-    rows = prompt_rows(n_prompts, seed, "bt", known)  # held out from every prompt the run saw
-    prompts = [r["prompt"] for r in rows]
-
-    def sample(path, k):
-        model, tok = Transformer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        outs = generate(model, tok, prompts, num_samples=k, max_new_tokens=24, temperature=temperature, top_p=0.95,
-                        seed=seed + 7, ids=[r["id"] for r in rows])
-        return [[s["text"] for s in o] for o in outs]
-
-    def mixture(run):
-        """The uniform mixture unif(pi_1..pi_{T+1}) (as train.py's "mix" row): prompt k answered by iterate k mod
-        (T + 1); the average of iterates is what converges on a cyclic game (Sec. 3 / docs/paper.md)."""
-        its = [os.path.join(run, f"iter_{t}", "checkpoint") for t in range(1, T + 1)]
-        its = [sample(p, 1) for p in its if os.path.exists(os.path.join(p, "config.json"))]
-        its = [[o[:1] for o in init]] + its  # pi_1's first sample per prompt
-        return [its[k % len(its)][k][0] for k in range(len(rows))] if len(its) > 1 else None
-
-    def last(run):
-        path = os.path.join(run, f"iter_{T}", "checkpoint")
-        return [o[0] for o in sample(path, 1)] if os.path.exists(os.path.join(path, "config.json")) else None
-    init = sample(os.path.join(out, "demo", "init"), n)
-    reward = lambda p, y: sum(a * b for a, b in zip(w, features(p, y)))
-    policies = {"init (pi_1)": [o[0] for o in init],
-                f"DNO ({best})": [o[0] for o in sample(best if os.path.isabs(best) else os.path.join(out, best), 1)],
-                f"DNO last (iter_{T})": last(out),
-                "DNO mixture": mixture(out),
-                f"BT best-of-{n}": [max(o, key=lambda y: reward(p, y)) for p, o in zip(prompts, init)],
-                "teacher": [r["gold"] for r in rows]}
-    if bt_run:  # the same DNO loop driven by the fitted BT reward: its best iterate and the mixture of its iterates
-        with open(os.path.join(bt_run, "best.json")) as f:
-            bt_best = json.load(f)["model"]
-        policies[f"BT-loop ({bt_best})"] = [o[0] for o in sample(
-            bt_best if os.path.isabs(bt_best) else os.path.join(bt_run, bt_best), 1)]
-        policies[f"BT-loop last (iter_{T})"] = last(bt_run)
-        policies["BT-loop mixture"] = mixture(bt_run)
-    for s in STYLES:  # exploiters: the teacher's answer always in one style
-        policies[f"teacher {s!r}"] = [restyle(r["gold"], s) for r in rows]
-    # the teacher's answers with styles rotated over the prompts: uniform styles, a Nash policy under demo_rps
-    policies["teacher uniform"] = [restyle(r["gold"], STYLES[k % 3]) for k, r in enumerate(rows)]
-    policies = {k: v for k, v in policies.items() if v is not None}
-    names = list(policies)
-    table = {a: {b: sum(pref_fn(p, x, y) for p, x, y in zip(prompts, policies[a], policies[b])) / len(prompts)
-                 for b in names if b != a} for a in names}
-    report = {}
-    log(f"table judged by {judge} (the run's judge), {len(prompts)} held-out prompts, temperature {temperature}")
-    log(f"{'policy':24s} | mean score | styles ' ' ',' '|' | worst-case win-rate (vs)")
-    for a in names:
-        worst = min(table[a], key=table[a].get)
-        sc = [rubric(p, y) for p, y in zip(prompts, policies[a])]
-        st = [sum(style_of(y) == s for y in policies[a]) / len(prompts) for s in STYLES]
-        report[a] = {"mean_score": sum(sc) / len(sc), "styles": st, "worst": table[a][worst], "worst_vs": worst}
-        log(f"{a:24s} |   {sum(sc) / len(sc):5.2f}    | {st[0]:.2f} {st[1]:.2f} {st[2]:.2f} | "
-            f"{table[a][worst]:.3f} ({worst})")
-    result = {"judge": judge, "temperature": temperature, "w": w, "table": table, "policies": report}
-    with open(os.path.join(out, "compare_bt.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    return result
-
-
-def restyle(response, style):
-    """The same digits joined by another separator (a broken-format response is re-joined as well)."""
-    return style.join(c for c in response if c.isdigit())
-
-
 # ----------------------------------------------------------------------------- command line
 
 
-def show(n=6, seed=0):
+def show(n=6, seed=0, styles=TEACHER_STYLE_P):
     """A few prompts, the teacher's answers and both judges' view of them."""
     rng = random.Random(seed)
     for _ in range(n):
         p = make_prompt(rng)
-        y = teacher(p, rng)
+        y = teacher(p, rng, styles)
         print(f"{p.strip():24s} -> teacher {y!r:18s} score {rubric(p, y)}/6   "
               f"(P(teacher err) = {teacher_error_rate(p):.2f})")
     p = "sort: 4 1 3 0\n"
@@ -548,13 +385,6 @@ def show(n=6, seed=0):
 if __name__ == "__main__":
     cfg = cli(Config)
     try:
-        if cfg.out:
-            import torch
-            from model_io import pick_threads
-            torch.set_num_threads(pick_threads(cfg.threads, 0))   # the demo's tiny models: auto = 1 thread
-            compare_bt(cfg.out, n=cfg.bt_n, n_prompts=cfg.bt_prompts, seed=cfg.seed, bt_run=cfg.bt_run,
-                       temperature=cfg.bt_temperature)
-        else:
-            show(seed=cfg.seed)
-    except (ValueError, OSError) as e:
+        show(seed=cfg.seed, styles=parse_styles(cfg.teacher_styles))
+    except ValueError as e:
         sys.exit(f"error: {e}")

@@ -12,7 +12,7 @@ Usage:
 
 What lives here: per-sequence log-probs, the one loss behind both of the paper's objectives, win-rate
 tables, the authors' pair rule and Alg. 1's all pairs, replay, diagnostics of general (possibly cyclic)
-preferences, and Alg. 1 run exactly on a tabular game (the demo). Alg. 2's loop is train.py. "Alg. 1, step
+preferences, and Alg. 1's exact update on a tabular game (the demo; departure 8). Alg. 2's loop is train.py. "Alg. 1, step
 k" (1: r_t, 2: the ideal update Eq. 9, 3: the regression Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
 
 Glossary (the paper's notation):
@@ -60,6 +60,16 @@ Departures from the paper (deliberate, numbered):
        candidate as r = 0 (it loses to every other).
     7. The diagnostics (has_cycle, copeland, ranking_disagrees: BT vs Copeland, diagnostics) are ours; the paper
        reports none.
+    8. The tabular demo starts from a non-uniform pi_1 (cyclic_game's "SFT" policy, 0.1 / 0.1 / 0.1 / 0.4 / 0.3,
+       which favours the dull actions); Alg. 1, line 1 starts from the uniform policy. Every later step is
+       Alg. 1's exactly (r_t = P pi_t, pi_{t+1} = pi_t exp(r_t / eta) / Z).
+    9. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 / --top_p 0.95
+       (the tempered, truncated pi_t, as the paper samples), while the loss's reference is pi_t itself;
+       --temperature 1 --top_p 1 makes the two the same policy.
+    10. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without saying
+       what it weights (our guesses: a label-smoothing epsilon, dno_loss's target 1 - alpha, or the weight of
+       an NLL term on y+). It is not implemented.
+    Extension 1 (ours, after the paper's Appendix A): geometric_reference, train.py --ref_mix.
 Not a departure: sequence log-probs are sums over response tokens, as in the paper (never means).
 """
 from cli import early_help
@@ -356,6 +366,23 @@ def replay(current, previous, seed, shares=None):
     return out
 
 
+# ----------------------------------------------------------------------------- extension 1: a regularised reference
+# The paper's Appendix A (Algorithm 3, after Nash-MD, Munos et al. 2023, arXiv 2312.00886) regularises the game
+# towards a reference policy mu with weight tau: the update of Alg. 1, step 2 starts from the smoothed policy
+#   pi_t^mu(y|x) = pi_t(y|x)^(1 - beta) * mu(y|x)^beta / Z(x),   beta = tau / eta,
+#   pi_{t+1}     = pi_t^mu exp(r_t / eta) / Z',
+# so the loss (dno_loss) keeps its form with pi_t^mu in place of pi_t as the reference; Z(x) is the same for
+# both answers of a pair and cancels in h. Its last iterate converges (to the regularised equilibrium) where
+# plain multiplicative weights cycle. With mu = pi_1 (train.py --ref_mix beta):
+#   log ref(y|x) = (1 - beta) * log pi_t(y|x) + beta * log pi_1(y|x)        (up to log Z(x))
+# Departure (ours): r_t is still estimated from pi_t's samples; Nash-MD samples the opponent from pi_t^mu.
+def geometric_reference(logp_t, logp_1, beta):
+    """log pi_t^mu(y|x) + log Z(x) of the smoothed reference above: (N,) from (N,) log pi_t and log pi_1."""
+    if not 0 <= beta <= 1:
+        raise ValueError(f"geometric_reference: beta must be in [0, 1], got {beta}")
+    return (1 - beta) * logp_t + beta * logp_1                 # (N,)
+
+
 # ----------------------------------------------------------------------------- tabular theory
 
 ACTIONS = ["rock", "paper", "scissors", "bland", "rambling"]
@@ -409,7 +436,7 @@ def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
 
 
 def run_tabular(P, pi_1, eta, iters):
-    """Alg. 1 exactly, beside the same update driven by a Bradley-Terry fit of P. Returns a history.
+    """Alg. 1's exact update from pi_1 (departure 8), beside the same update driven by a Bradley-Terry fit of P. Returns a history.
 
     What it shows on cyclic_game(): the average iterate converges to the Nash policy (exploitability
     < 0.01 within ~500 iterations at eta = 0.1), the last iterate of these multiplicative weights does not:

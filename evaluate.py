@@ -20,6 +20,9 @@ Departures from the paper (numbered):
        drawn uniformly (seeded by the prompt id); its outcomes are those of the drawn iterate (no judge call).
     4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
        the paper saw lengths grow each iteration and a raw win-rate rewards that.
+    5. Table 2's columns only in part: the student's mean length (mean_len), the teacher's win-rate and
+       score (teacher_r, teacher_score) and the pairs' provenance (sample>gold: a student answer beat the
+       gold) are reported; the best-of-n win-rate and the student's mean judge score are not.
 """
 from cli import early_help
 if __name__ == "__main__":

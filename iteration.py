@@ -51,10 +51,10 @@ TRAINING = ("target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size
 STAGES = {
     "samples": Reads(("policy", "prompts"),
                      ("prompts_per_iter", "num_val", "num_samples", "temperature") + SAMPLING),
-    "judgments": Reads(("prompts", "samples"), JUDGE + ("position_audit",)),
+    "judgments": Reads(("prompts", "samples"), JUDGE + ("position_audit", "gold")),
     "pairs": Reads(("prompts", "samples", "judgments", "earlier_pairs"),
                    ("pairs", "replay", "seed")),
-    "reference": Reads(("policy", "pairs"), ("precision",)),
+    "reference": Reads(("policy", "pairs"), ("precision", "ref_mix")),
     "checkpoint": Reads(("policy", "pairs"), ("precision",) + TRAINING),
     "eval": Reads(("policy", "val", "init"), ("num_val", "eval_temperature") + SAMPLING + JUDGE),
 }
@@ -257,7 +257,8 @@ def prompt_pairs(run, t, row, s, res, r_t):
 
 def reference_step(run, t, pairs):
     """Line 7's reference log pi_t(y+|x), log pi_t(y-|x), once, stored with the pairs (so training
-    holds one model)."""
+    holds one model). --ref_mix beta > 0: the smoothed reference (1 - beta) log pi_t + beta log pi_1
+    (extension 1, dno.geometric_reference)."""
     policy = policy_dir(run, t)
     path, want = todo(run, t, "reference", policy=policy, pairs=pairs)
     if want is None:
@@ -273,14 +274,20 @@ def reference_step(run, t, pairs):
 
 @torch.no_grad()
 def reference_logps(run, policy, P):
-    """This rank's share of the pairs -> [(index, log pi_t(y+|x), log pi_t(y-|x))]."""
+    """This rank's share of the pairs -> [(index, log ref(y+|x), log ref(y-|x))], ref = pi_t or the
+    geometric mixture of pi_t and pi_1 (--ref_mix)."""
     model, _ = load_policy(policy, run.device)
+    init = load_policy(run.pi_1, run.device)[0] if run.cfg.ref_mix > 0 else None
     mine = sorted(range(len(P))[rank()::world()], key=lambda i: pair_len(P[i]))   # little padding
     mb = run.cfg.micro_batch
     got = []
     for k in range(0, len(mine), mb):
         idx = mine[k:k + mb]
         c, r, _ = dno.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
+        if init is not None:                            # (m,) log pi_1, then the geometric mixture
+            c1, r1, _ = dno.pair_logps(init, [P[i] for i in idx], run.device, run.amp)
+            c = dno.geometric_reference(c, c1, run.cfg.ref_mix)
+            r = dno.geometric_reference(r, r1, run.cfg.ref_mix)
         got += list(zip(idx, c.tolist(), r.tolist()))
     return got
 

@@ -275,7 +275,7 @@ cyclic_judge.score_kind = "winrate"
 ALIASES = {"length": "judges:length_judge", "overlap": "judges:overlap_judge",
            "cyclic": "judges:cyclic_judge", "demo": "demo_task:demo",
            "demo_cyclic": "demo_task:demo_cyclic", "demo_rps": "demo_task:demo_rps",
-           "demo_bt": "demo_task:demo_bt"}
+           "demo_bt": "compare_bt:demo_bt"}
 API_JUDGES = ("rubric", "pairwise", "local")  # asked over HTTP or run on a local model
 SCORE_RANGE = {"rubric": (0.0, 6.0), "winrate": (0.0, 1.0)}
 

@@ -86,6 +86,9 @@ class Config:
     eval_temperature: float = 0.0  # temperature of the one validation answer per prompt (0: greedy)
     target: str = "hard"          # hard: Alg. 2, line 7 | soft: Alg. 1's sigmoid(r(y+) - r(y-))
     pairs: str = "margin"         # margin: large-margin pairs (line 6) | all: every candidate pair
+    gold: bool = True             # the gold joins the K samples as a candidate (Alg. 1: off-policy mu)
+    ref_mix: float = 0.0          # extension 1: log ref = (1-ref_mix) log pi_t + ref_mix log pi_1
+    teacher_styles: str = ""      # built-in demo: the teacher's style mix, e.g. 0.8,0.15,0.05
     eta: float = 0.1              # eta of the contrastive loss (line 7; DPO's beta); see dno.py
     lr: float = 4e-5              # peak lr of iteration 1 (demo-sized; the paper: 5e-5 for 7B)
     lr_decay: float = 1.0         # lr_t = lr * lr_decay**(t-1) (departure 5; 1 = one lr)
@@ -136,13 +139,14 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
     "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"),
     "concurrency": GE1, "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT,
     "position_audit": UNIT, "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
-    "stage_pause": GE0, "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS}
+    "stage_pause": GE0, "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS,
+    "ref_mix": UNIT}
 # Every field is a flag some stage records (iteration.STAGES), a file read by content through the
 # stage input that hashes it (INPUT_FIELDS), or a field that changes no stage's files (NO_ARTIFACT;
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
-INPUT_FIELDS = {"model": "policy", "prompts": "prompts"}
-NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ckpt", "select_by", "sample_rows",
-               "api_key_env", "concurrency", "max_usd", "max_calls", "max_failure_rate", "rollback",
+INPUT_FIELDS = {"model": "policy", "prompts": "prompts", "teacher_styles": "policy"}   # demo: pi_1
+NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ckpt", "select_by",
+               "sample_rows", "api_key_env", "concurrency", "max_usd", "max_calls", "max_failure_rate", "rollback",
                "stage_pause")
 
 
@@ -248,6 +252,8 @@ def prepare(cfg):
         import demo_task
         demo = os.path.join(cfg.out, "demo")
         demo_cfg = demo_task.Config(threads=cfg.threads)    # its SFT picks its own threads
+        if cfg.teacher_styles:                          # another teacher: another pi_1 and gold
+            demo_cfg.teacher_styles = cfg.teacher_styles
         on_rank0(demo_task.prepare, demo, cfg.seed, demo_cfg)
         m, p = demo_task.prepare(demo, cfg.seed, demo_cfg, log=lambda *a: None)   # then reused
         model = model or m
@@ -272,6 +278,8 @@ def prepare(cfg):
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.prompts_per_iter = slice_size(cfg, len(rows) - cfg.num_val)
     val, slices = split(rows, cfg)
+    if not cfg.gold:                                    # pi_t's samples only (validation keeps gold)
+        slices = [[{**r, "gold": None} for r in D_t] for D_t in slices]
     print0("config:\n" + show(cfg))
     if rank() == 0:                                     # the resolved flags, beside the stages
         stages.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(vars(cfg), indent=1))

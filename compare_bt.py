@@ -1,0 +1,335 @@
+"""compare_bt.py: DNO vs a Bradley-Terry-reward loop, like for like, on the intransitive demo.
+
+    python compare_bt.py --out runs/cmp      # DNO, the BT loop (same flags and seed), the table
+    python compare_bt.py --out runs/cmp --seeds 0,1,2 --teacher_styles 0.8,0.15,0.05 \
+        --train "--iterations 8 --prompts_per_iter 100 --lr 3e-4 --epochs 2 --target soft"
+    python compare_bt.py --out runs/cmp --eval_only true   # the table again, from finished runs
+    python train.py --judge compare_bt:demo_bt ...  # a loop on a fitted BT reward, $DEMO_BT_REWARD
+
+Per seed s, in OUT/s<s>/:
+  1. dno/            python train.py --judge J --seed s TRAIN: DNO on the demo task (or on --init).
+  2. bt_reward.json  a Bradley-Terry reward r(x, y) = w . features(x, y), fitted by logistic
+                     regression on the soft labels of every pair that run 1's judge annotated (its
+                     own annotations, every iteration).
+  3. bt/             python train.py --judge compare_bt:demo_bt --seed s TRAIN from run 1's pi_1
+                     and prompts: the same loop, flags, prompts and pair rule; only the preference
+                     is the fitted, transitive one.
+  4. evaluation      every policy answers the same held-out prompts, one sample each at temperature
+                     1 / top-p 1 (the policy itself), scored by its worst-case win-rate under J
+                     against the exact best responses. Under demo_rps and demo_cyclic P(y > y')
+                     depends on y's rubric score and style only and rises with the score, so the
+                     best responses to any policy are the perfect answers in one of the 3 styles:
+                     worst case = min over styles s of mean_x P(pi(x) > perfect_s(x)) (the
+                     responder knows the policy, not its samples: one style for all prompts).
+                     Standard errors are over prompts; differences are paired by prompt.
+  OUT/compare.json, OUT/compare.md: every seed's report and the table.
+Policies: pi_1; per run its best iterate (Alg. 2, line 9), its last one and the uniform mixture
+unif(pi_1..pi_{T+1}) (Alg. 1, line 6: each prompt answered by one iterate drawn by a seeded RNG,
+the same draw for both runs); the teacher in each style, and in the three styles in turn (a Nash
+policy under demo_rps). "Acceptable": well-formed with rubric >= 4 (demo_rps's "correct").
+
+Departures from the paper (numbered):
+  1. The baseline is ours: the paper argues the BT limitation in theory but runs no such
+     baseline. Its reward sees [rubric score, style ' ', style ',', style '|'] of a response.
+  2. The worst case is over the 3 style-fixed perfect answerers (exact for these judges, see 4),
+     on held-out prompts with one sample per prompt and policy; not AlpacaEval / MT-Bench.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import demo_task
+from cli import cli
+from demo_task import STYLES, prompt_rows, rubric, style_of
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Config:
+    out: str = "runs/compare_bt"    # one OUT/s<seed>/{dno,bt} pair of train.py runs per seed
+    judge: str = "demo_rps"         # demo_rps | demo_cyclic: DNO's preference (BT is fitted on it)
+    seeds: str = "0"                # comma-separated seeds; each seeds one pair of runs
+    train: str = "--iterations 8 --target soft --pairs all --replay 0"  # train.py flags of both
+    teacher_styles: str = ""        # the demo teacher's style mix, e.g. 0.8,0.15,0.05
+    init: str = ""                  # a demo_task.prepare folder (init/, prompts.jsonl) to start at
+    n_prompts: int = 600            # held-out prompts every policy answers
+    temperature: float = 1.0        # sampling temperature of every evaluated policy (1: itself)
+    top_p: float = 1.0              # nucleus of every evaluated policy (1: the policy itself)
+    eval_only: bool = False         # only evaluate finished runs (no training)
+
+
+# ------------------------------------------------------------ the Bradley-Terry reward
+def features(prompt, response):
+    """What the BT reward sees of a response: [rubric score, 3 style indicators] (broken: none)."""
+    s = style_of(response)
+    return [float(rubric(prompt, response))] + [float(s == x) for x in STYLES]
+
+
+def fit_bt(annotations, steps=500, lr=0.5, l2=1e-3):
+    """Bradley-Terry reward r(x, y) = w . features(x, y), fitted by logistic regression on the soft
+    labels P(y_i > y_j | x) of every judged pair: what a scalar reward makes of them. -> w (4,)"""
+    import torch
+
+    X, Y = [], []
+    for prompt, cands, P in annotations:
+        f = [features(prompt, c) for c in cands]
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                if P[i][j] is not None:
+                    X.append([a - b for a, b in zip(f[i], f[j])])
+                    Y.append(P[i][j])
+    if not X:
+        raise ValueError("no judged pairs to fit a Bradley-Terry reward on")
+    X, Y = torch.tensor(X), torch.tensor(Y)  # (N, F), (N,)
+    w = torch.zeros(X.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=lr, max_iter=steps)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w, Y)
+        loss = loss + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().tolist()
+
+
+def demo_bt(prompt, candidates):
+    """The BT loop's judge (train.py --judge compare_bt:demo_bt): P[i][j] = sigmoid(r_i - r_j)
+    under the reward of fit_bt, its weights read from the JSON file named by $DEMO_BT_REWARD
+    (compare writes it and sets it for the BT run). DNO's loop; only the preference differs."""
+    path = os.environ.get("DEMO_BT_REWARD", "")
+    if not path or not os.path.exists(path):
+        raise ValueError("judge compare_bt:demo_bt needs DEMO_BT_REWARD=FILE.json "
+                         "(written by compare_bt.py)")
+    with open(path) as f:
+        w = json.load(f)["w"]
+    r = [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]
+    return {"P": [[1.0 / (1.0 + math.exp(rj - ri)) for rj in r] for ri in r]}
+
+
+def jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_annotations(out):
+    """(prompt, candidates, P) of every training prompt judged in a train.py run (K samples, then
+    the gold if it was a candidate), all its iterations. -> (annotations, T)"""
+    prompts = {r["id"]: r for r in jsonl(run_config(out)["prompts"])}
+    got, t = [], 1
+    while os.path.exists(os.path.join(out, f"iter_{t}", "judgments", "done")):
+        samples = jsonl(os.path.join(out, f"iter_{t}", "samples", "samples.jsonl"))
+        samples = {s["id"]: s for s in samples}
+        for res in jsonl(os.path.join(out, f"iter_{t}", "judgments", "judgments.jsonl")):
+            key = res["id"].split(":", 1)[-1]       # "train{t}:<id>" or "<id>": joined by id
+            s, row = samples[key], prompts[key]
+            if res["ok"] and res.get("P"):
+                texts = [x["text"] for x in s["samples"]]
+                gold = [row["gold"]] if len(res["P"]) == len(texts) + 1 else []   # --gold false
+                got.append((row["prompt"], texts + gold, res["P"]))
+        t += 1
+    return got, t - 1
+
+
+def restyle(response, style):
+    """The same digits joined by another separator (a broken response is re-joined as well)."""
+    return style.join(c for c in response if c.isdigit())
+
+
+# ------------------------------------------------------------ the two runs
+def train(argv, env=None):
+    """python train.py ARGV in a child process (flags, errors and resumption are train.py's)."""
+    cmd = [sys.executable, os.path.join(HERE, "train.py")] + argv
+    print("$ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
+        raise ValueError(f"train.py failed: {' '.join(argv)}")
+
+
+def run_pair(cfg, seed, flags):
+    """OUT/s<seed>/: dno (DNO), bt_reward.json (fitted on its annotations), bt (the BT loop)."""
+    root = os.path.join(cfg.out, f"s{seed}")
+    dno_dir, bt_dir, reward = (os.path.join(root, n) for n in ("dno", "bt", "bt_reward.json"))
+    styles = ["--teacher_styles", cfg.teacher_styles] if cfg.teacher_styles else []
+    common = ["--seed", str(seed)] + flags
+    demo = cfg.init or os.path.join(dno_dir, "demo")    # "": the DNO run prepares the demo task
+    start = ["--model", os.path.join(demo, "init"),
+             "--prompts", os.path.join(demo, "prompts.jsonl")]
+    train(["--judge", cfg.judge, "--out", dno_dir] + (start if cfg.init else styles) + common)
+    annotations, T = read_annotations(dno_dir)
+    w = fit_bt(annotations)
+    with open(reward, "w") as f:
+        json.dump({"w": w, "features": ["score", " ", ",", "|"], "judge": cfg.judge,
+                   "annotated_prompts": len(annotations), "iterations": T}, f)
+    print(f"BT reward on {len(annotations)} prompts judged by {cfg.judge} over {T} iterations: "
+          f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')", flush=True)
+    train(["--judge", "compare_bt:demo_bt", "--out", bt_dir] + start + common,
+          env={"DEMO_BT_REWARD": reward})
+
+
+# ------------------------------------------------------------ evaluation
+def run_config(run):
+    """The flags of a train.py run (its first stage's manifest; the demo fills in --prompts)."""
+    path = os.path.join(run, "iter_1", "samples", "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run}: no train.py run there (no iter_1/samples)")
+    with open(path) as f:
+        return json.load(f)["config"]
+
+
+def iterates(run):
+    """[pi_1, ..., pi_{T+1}] folders of a finished train.py run, and its best iterate's index."""
+    pi_1 = run_config(run)["model"] or os.path.join(run, "demo", "init")
+    paths, t = [pi_1], 1
+    while os.path.exists(os.path.join(run, f"iter_{t}", "checkpoint", "done")):
+        paths.append(os.path.join(run, f"iter_{t}", "checkpoint"))
+        t += 1
+    with open(os.path.join(run, "best.json")) as f:
+        best = json.load(f)["iter"]                             # 0 = pi_1, t = pi_{t+1}
+    return paths, best
+
+
+def answers(path, rows, temperature, top_p, seed, cache):
+    """One sample per row from the policy at path (cached by (path, row id))."""
+    from model import Transformer, load_tokenizer
+    from sample import generate
+
+    todo = [r for r in rows if (path, r["id"]) not in cache]
+    if todo:
+        model, tok = Transformer.from_pretrained(path), load_tokenizer(path)
+        outs = generate(model, tok, [r["prompt"] for r in todo], num_samples=1,
+                        max_new_tokens=24, temperature=temperature, top_p=top_p, seed=seed,
+                        ids=[r["id"] for r in todo])
+        cache.update({(path, r["id"]): o[0]["text"] for r, o in zip(todo, outs)})
+    return [cache[(path, r["id"])] for r in rows]
+
+
+def run_policies(run, rows, cfg, seed, cache):
+    """{best, last, mixture} answers of one run (the mixture answers prompt k with iterate
+    pick[k]), which iterates they are, and pi_1's folder."""
+    paths, best = iterates(run)
+    pick = random.Random(seed).choices(range(len(paths)), k=len(rows))
+    mix = [None] * len(rows)
+    for i, p in enumerate(paths):
+        mine = [k for k in range(len(rows)) if pick[k] == i]
+        got = answers(p, [rows[k] for k in mine], cfg.temperature, cfg.top_p, seed, cache)
+        for k, y in zip(mine, got):
+            mix[k] = y
+    full = lambda p: answers(p, rows, cfg.temperature, cfg.top_p, seed, cache)
+    which = {"best": f"pi_{best + 1}", "last": f"pi_{len(paths)}",
+             "mixture": f"unif(pi_1..pi_{len(paths)})"}
+    return {"best": full(paths[best]), "last": full(paths[-1]), "mixture": mix}, which, paths[0]
+
+
+def score(pref_fn, rows, ys):
+    """Per-prompt win-rates (3, n) against the perfect answer in each style; the worst style."""
+    perfect = [sorted(demo_task.parse_prompt(r["prompt"])) for r in rows]
+    W = np.array([[pref_fn(r["prompt"], y, s.join(map(str, p)))
+                   for r, y, p in zip(rows, ys, perfect)] for s in STYLES])       # (3, n)
+    return W, int(W.mean(1).argmin())
+
+
+def evaluate_seed(cfg, seed):
+    """Every policy of OUT/s<seed>: worst case, SE, paired differences, styles, acceptable."""
+    root = os.path.join(cfg.out, f"s{seed}")
+    pref_fn = demo_task.PREFS[cfg.judge]
+    known = {r["prompt"] for r in jsonl(run_config(os.path.join(root, "dno"))["prompts"])}
+    styles = demo_task.parse_styles(cfg.teacher_styles) if cfg.teacher_styles else None
+    styles = styles or demo_task.TEACHER_STYLE_P
+    rows = prompt_rows(cfg.n_prompts, seed, "heldout", known, styles)   # no prompt the runs saw
+    cache, policies, which = {}, {}, {}
+    dno_pols, dno_which, pi_1 = run_policies(os.path.join(root, "dno"), rows, cfg, seed, cache)
+    policies["pi_1"] = answers(pi_1, rows, cfg.temperature, cfg.top_p, seed, cache)
+    policies.update({f"DNO {k}": v for k, v in dno_pols.items()})
+    which.update({f"DNO {k}": v for k, v in dno_which.items()})
+    if os.path.exists(os.path.join(root, "bt", "best.json")):
+        bt_pols, bt_which, _ = run_policies(os.path.join(root, "bt"), rows, cfg, seed, cache)
+        policies.update({f"BT loop {k}": v for k, v in bt_pols.items()})
+        which.update({f"BT loop {k}": v for k, v in bt_which.items()})
+    for s in STYLES:                                    # the exploiters a cycle rewards
+        policies[f"teacher {s!r}"] = [restyle(r["gold"], s) for r in rows]
+    turn = [restyle(r["gold"], STYLES[k % 3]) for k, r in enumerate(rows)]
+    policies["teacher, styles in turn"] = turn
+    n, per, report = len(rows), {}, {}
+    for name, ys in policies.items():
+        W, worst = score(pref_fn, rows, ys)
+        per[name] = W[worst]                                    # (n,) vs the best response
+        sc = [rubric(r["prompt"], y) for r, y in zip(rows, ys)]
+        ok = [style_of(y) is not None and s >= demo_task.RPS_CAP for y, s in zip(ys, sc)]
+        report[name] = {"which": which.get(name, ""), "worst": float(W[worst].mean()),
+                        "se": float(W[worst].std(ddof=1) / math.sqrt(n)),
+                        "best_response": STYLES[worst], "acceptable": float(np.mean(ok)),
+                        "styles": [sum(style_of(y) == s for y in ys) / n for s in STYLES],
+                        "mean_rubric": float(np.mean(sc))}
+    for name in report:                                         # paired by prompt
+        twin = name.replace("DNO", "BT loop") if name.startswith("DNO") else None
+        for key, ref in (("vs pi_1", "pi_1"), ("vs BT loop", twin)):
+            if ref in per and ref != name:
+                d = per[name] - per[ref]                        # (n,) paired differences
+                report[name][key] = [float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))]
+    return report
+
+
+def markdown(reports):
+    """One table: a row per policy, a 'worst case +- SE' cell per seed, the paired differences,
+    the style shares and the acceptable share (means over seeds)."""
+    names = list(next(iter(reports.values())))
+    cols = ["policy"] + [f"seed {s}: worst case" for s in reports]
+    cols += ["vs pi_1", "vs BT loop", "styles ' ' / ',' / '\\|'", "acceptable"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for a in names:
+        rs = [rep[a] for rep in reports.values()]
+        cells = [f"{r['worst']:.3f} ± {r['se']:.3f}" for r in rs]
+        diffs = [", ".join(f"{r[k][0]:+.3f} ± {r[k][1]:.3f}" for r in rs if k in r) or "-"
+                 for k in ("vs pi_1", "vs BT loop")]
+        st = " / ".join(f"{np.mean([r['styles'][i] for r in rs]):.2f}" for i in range(3))
+        ok = f"{np.mean([r['acceptable'] for r in rs]):.2f}"
+        lines.append("| " + " | ".join([a.replace("|", "\\|")] + cells + diffs + [st, ok]) + " |")
+    return "\n".join(lines)
+
+
+def compare(cfg):
+    """Train (unless --eval_only) and evaluate every seed; OUT/compare.{json,md}. -> reports"""
+    if cfg.judge not in demo_task.PREFS:
+        raise ValueError(f"--judge must be a pairwise demo judge: {', '.join(demo_task.PREFS)}")
+    if cfg.teacher_styles:
+        demo_task.parse_styles(cfg.teacher_styles)     # a bad mix: one line, before any run
+    if cfg.n_prompts < 2 or not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
+        raise ValueError("need --n_prompts >= 2, --top_p in (0, 1], --temperature > 0")
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {cfg.seeds!r}") from None
+    flags = cfg.train.split()
+    taken = {"--judge", "--out", "--seed", "--model", "--prompts", "--teacher_styles"} & set(flags)
+    if taken:
+        raise ValueError(f"--train may not set {', '.join(sorted(taken))} (compare_bt sets it)")
+    if cfg.init and not os.path.exists(os.path.join(cfg.init, "prompts.jsonl")):
+        raise FileNotFoundError(f"--init {cfg.init}: no prompts.jsonl (demo_task.prepare's)")
+    reports = {}
+    for seed in seeds:
+        if not cfg.eval_only:
+            run_pair(cfg, seed, flags)
+        reports[seed] = evaluate_seed(cfg, seed)
+    table = markdown(reports)
+    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
+        json.dump({"config": vars(cfg), "reports": reports}, f, indent=1)
+    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"judge {cfg.judge}, {cfg.n_prompts} held-out prompts, temperature {cfg.temperature}, "
+          f"top-p {cfg.top_p}, train flags: {cfg.train}\n{table}")
+    return reports
+
+
+if __name__ == "__main__":
+    try:
+        compare(cli(Config))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")
