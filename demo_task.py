@@ -9,37 +9,42 @@
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
   prompt   "sort: 7 2 9 2\n"      (3..7 digits)
   response "2 2 7 9"               (separated by " ", "," or "|": the response's *style*)
-A programmatic, imperfect teacher plays GPT-4-Turbo: it writes both the SFT demonstrations and the gold
-responses. On lists of 4+ digits it usually botches the tail (swaps the last two digits: score 5, or moves the
-largest one two places left: score 4), one late decision that a student imitates faithfully. The student is a
-tiny Llama (model.py) fine-tuned on the teacher's demonstrations, mistakes included, so it starts level with the
-teacher; DNO's own samples + the judge then find the answers that beat the teacher's and move the policy there.
+A programmatic, imperfect teacher plays GPT-4-Turbo: it writes both the SFT demonstrations and the
+gold responses. On lists of 4+ digits it usually botches the tail (swaps the last two digits: score
+5, or moves the largest one two places left: score 4), one late decision that a student imitates
+faithfully. The student is a tiny Llama (model.py) fine-tuned on the teacher's demonstrations,
+mistakes included, so it starts level with the teacher; DNO's own samples + the judge then find the
+answers that beat the teacher's and move the policy there.
 
 Judges (signature `fn(prompt, candidates)` of oracle.py):
-  demo         additive 6-point rubric per candidate (as the paper's listwise GPT-4 judge): {"scores": [...]}
+  demo         additive 6-point rubric per candidate (as the paper's listwise GPT-4 judge):
+               {"scores": [...]}
     +1 format   digits joined by one consistent separator
     +1 count    as many digits as the prompt
     +1 multiset the same digits as the prompt
     +3 order    3 - min(3, #inversions), only when the count is right
-  demo_cyclic  pairwise P(y > y') = sigmoid(2 * (rubric(y) - rubric(y')) + 1.5 * cycle(style(y), style(y')))
-               where the styles beat each other in a cycle: " " > "," > "|" > " ". It is intransitive
-               (A > B > C > A among equally correct answers), so no Bradley-Terry reward can express it.
-  demo_rps     pairwise P(y > y') = sigmoid(6 * (q(y) - q(y')) + 3 * cycle(style(y), style(y'))), the cycle
-               dominating: q = min(rubric, 4) for a well-formed answer, 0 for a broken one, so every answer scoring
-               4+ (the teacher's and the student's) is equally correct and the style cycle alone decides between
-               them, 0.95 to 0.05; a missing point below 4 outweighs the cycle (1 point short, winning style: 0.05).
-               Its Nash policy answers correctly in the three styles uniformly (worst-case win-rate 1/2); a policy
-               in one style loses 0.95 of the time to the style that beats it.
+  demo_cyclic  pairwise P(y > y') = sigmoid(2 * (rubric(y) - rubric(y')) + 1.5 * cycle(style(y),
+               style(y'))) where the styles beat each other in a cycle: " " > "," > "|" > " ". It is
+               intransitive (A > B > C > A among equally correct answers), so no Bradley-Terry
+               reward can express it.
+  demo_rps     pairwise P(y > y') = sigmoid(6 * (q(y) - q(y')) + 3 * cycle(style(y), style(y'))),
+               the cycle dominating: q = min(rubric, 4) for a well-formed answer, 0 for a broken
+               one, so every answer scoring 4+ (the teacher's and the student's) is equally correct
+               and the style cycle alone decides between them, 0.95 to 0.05; a missing point below 4
+               outweighs the cycle (1 point short, winning style: 0.05). Its Nash policy answers
+               correctly in the three styles uniformly (worst-case win-rate 1/2); a policy in one
+               style loses 0.95 of the time to the style that beats it.
 
 Departures from the paper (numbered):
   1. The task, the teacher and the judges are programs, not UltraFeedback / GPT-4-Turbo.
-  2. The policy is a ~0.14M-parameter char-level Llama pretrained here by SFT on teacher demonstrations,
-     not Orca-2.5 (7B).
-  3. The teacher's style mix (--teacher_styles, default 0.55 / 0.30 / 0.15) is a setting of ours; an uneven
-     mix gives a fitted BT reward a favourite, a lopsided one (0.8 / 0.15 / 0.05) leaves pi_1 exploitable.
-     The Bradley-Terry baseline lives in compare_bt.py.
-  4. demo_rps is ours: a preference where the cycle dominates, so the paper's claim (DNO targets the Nash
-     equilibrium of a general preference; a BT reward's optimum is exploitable) can be tested on a language model.
+  2. The policy is a ~0.14M-parameter char-level Llama pretrained here by SFT on teacher
+     demonstrations, not Orca-2.5 (7B).
+  3. The teacher's style mix (--teacher_styles, default 0.55 / 0.30 / 0.15) is a setting of ours; an
+     uneven mix gives a fitted BT reward a favourite, a lopsided one (0.8 / 0.15 / 0.05) leaves pi_1
+     exploitable. The Bradley-Terry baseline lives in compare_bt.py.
+  4. demo_rps is ours: a preference where the cycle dominates, so the paper's claim (DNO targets the
+     Nash equilibrium of a general preference; a BT reward's optimum is exploitable) can be tested
+     on a language model.
 """
 import json
 import math
@@ -52,14 +57,20 @@ from dataclasses import asdict, dataclass, replace
 from cli import cli
 
 STYLES = (" ", ",", "|")  # the three response styles; cycle: STYLES[i] beats STYLES[i + 1 (mod 3)]
-TEACHER_STYLE_P = (0.55, 0.30, 0.15)  # the teacher's default style mix (uneven: a BT fit has a favourite)
+# the teacher's default style mix (uneven: a BT fit has a favourite)
+TEACHER_STYLE_P = (0.55, 0.30, 0.15)
 P_TAIL = 0.85   # teacher: P(botches the tail | >= LONG digits, the largest one unique)
-P_ROTATE = 0.4  # ... of which this share is a rotation (score 4), the rest an adjacent swap (score 5)
+# ... of which this share is a rotation (score 4), the rest an adjacent swap (score 5)
+P_ROTATE = 0.4
 LONG = 4
 MIN_LEN, MAX_LEN = 3, 7
-RPS_CAP = 4      # demo_rps: rubric points above this do not count (the teacher's 4..6 answers are equally correct)
-RPS_CYCLE = 3.0  # demo_rps: the cycle's weight; the winning style of two equally correct answers wins sigmoid(3) = 0.95
-RPS_POINT = 6.0  # demo_rps: the weight of a rubric point below the cap (twice the cycle: correctness comes first)
+# demo_rps: rubric points above this do not count (the teacher's 4..6 answers are equally correct)
+RPS_CAP = 4
+# demo_rps: the cycle's weight; the winning style of two equally correct answers wins sigmoid(3) =
+# 0.95
+RPS_CYCLE = 3.0
+# demo_rps: the weight of a rubric point below the cap (twice the cycle: correctness comes first)
+RPS_POINT = 6.0
 PROMPT_RE = re.compile(r"sort: ([0-9](?: [0-9])*)\n?$")
 
 
@@ -79,7 +90,8 @@ def parse_prompt(prompt):
 
 
 def parse_styles(text):
-    """'0.8,0.15,0.05' -> (0.8, 0.15, 0.05): the teacher's probabilities of the styles ' ', ',', '|'."""
+    """'0.8,0.15,0.05' -> (0.8, 0.15, 0.05): the teacher's probabilities of the styles ' ', ',',
+    '|'."""
     try:
         p = tuple(float(x) for x in text.split(","))
     except ValueError:
@@ -91,10 +103,13 @@ def parse_styles(text):
 
 
 def teacher(prompt, rng, styles=TEACHER_STYLE_P):
-    """The imperfect teacher: the sorted digits in a style drawn from `styles`, except that on lists of >= LONG digits it
-    botches the tail with probability P_TAIL (one decision late in the answer, which a student imitates):
-      - "tail swap"     (share 1 - P_ROTATE): the last two digits swapped          -> 1 inversion, score 5
-      - "tail rotation" (share P_ROTATE): the largest digit moved two places left -> 2 inversions, score 4"""
+    """The imperfect teacher: the sorted digits in a style drawn from `styles`, except that on lists
+    of >= LONG digits it botches the tail with probability P_TAIL (one decision late in the answer,
+    which a student imitates):
+      - "tail swap"     (share 1 - P_ROTATE): the last two digits swapped          -> 1 inversion,
+        score 5
+      - "tail rotation" (share P_ROTATE): the largest digit moved two places left -> 2 inversions,
+        score 4"""
     digits = sorted(parse_prompt(prompt))
     style = rng.choices(STYLES, weights=styles)[0]
     if len(digits) >= LONG and digits[-2] < digits[-1] and rng.random() < P_TAIL:
@@ -112,7 +127,8 @@ def teacher_error_rate(prompt):
 
 
 def parse_response(text):
-    """(digits, style) of a well-formed response, or (digits found, None) if the format is broken."""
+    """(digits, style) of a well-formed response, or (digits found, None) if the format is
+    broken."""
     text = text.strip()
     digits = [int(c) for c in text if c.isdigit()]
     for s in STYLES:
@@ -141,7 +157,8 @@ def style_of(response):
 
 
 def cycle(a, b):
-    """+1 if style a beats style b in the cycle " " > "," > "|" > " ", -1 if it loses, 0 otherwise."""
+    """+1 if style a beats style b in the cycle " " > "," > "|" > " ", -1 if it loses, 0
+    otherwise."""
     if a is None or b is None or a == b:
         return 0
     return 1 if (STYLES.index(a) + 1) % 3 == STYLES.index(b) else -1
@@ -156,14 +173,16 @@ def pref(prompt, a, b, score_a=None, score_b=None):
 
 
 def quality_rps(prompt, response, score=None):
-    """demo_rps's correctness: the rubric capped at RPS_CAP, so every well-formed answer scoring 4+ (the teacher's,
-    botched tails included) is equally correct; a broken format is worth 0 (no neutral, style-less escape)."""
+    """demo_rps's correctness: the rubric capped at RPS_CAP, so every well-formed answer scoring 4+
+    (the teacher's, botched tails included) is equally correct; a broken format is worth 0 (no
+    neutral, style-less escape)."""
     score = rubric(prompt, response) if score is None else score
     return min(score, RPS_CAP) if style_of(response) is not None else 0
 
 
 def pref_rps(prompt, a, b, score_a=None, score_b=None):
-    """P(a > b | prompt) of the rock-paper-scissors judge: the style cycle decides among equally correct answers."""
+    """P(a > b | prompt) of the rock-paper-scissors judge: the style cycle decides among equally
+    correct answers."""
     z = RPS_POINT * (quality_rps(prompt, a, score_a) - quality_rps(prompt, b, score_b))
     z += RPS_CYCLE * cycle(style_of(a), style_of(b))
     return 1.0 / (1.0 + math.exp(-z))
@@ -188,15 +207,19 @@ def demo_cyclic(prompt, candidates):
 
 
 def demo_rps(prompt, candidates):
-    """The rock-paper-scissors judge: the same table under pref_rps, where the style cycle dominates."""
+    """The rock-paper-scissors judge: the same table under pref_rps, where the style cycle
+    dominates."""
     return {"P": pref_table(pref_rps, prompt, candidates)}
 
 
-JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps}  # compare_bt:demo_bt is the BT one
-PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}  # the pairwise judges, P(a > b | x) of two answers
+# compare_bt:demo_bt is the BT one
+JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps}
+# the pairwise judges, P(a > b | x) of two answers
+PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}
 
 
-# ----------------------------------------------------------------------------- tokenizer, model, SFT
+# ----------------------------------------------------------------------------- tokenizer, model,
+# SFT
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHARS = list(" \n0123456789,|:") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -207,12 +230,14 @@ CHAT_TEMPLATE = (
 
 
 def make_tokenizer(path=None, chars=CHARS):
-    """A char-level PreTrainedTokenizerFast: 5 specials, then one id per character (the demo's 41: space, newline,
-    digits, ',|:', a-z), with a ChatML template; saved to `path` if given. The tests build theirs with it too."""
+    """A char-level PreTrainedTokenizerFast: 5 specials, then one id per character (the demo's 41:
+    space, newline, digits, ',|:', a-z), with a ChatML template; saved to `path` if given. The tests
+    build theirs with it too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + list(chars))}, unk_token="<pad>"))
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + list(chars))},
+                                      unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is one token
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -233,7 +258,8 @@ def hf_config(vocab_size, dim, n_layers, n_heads, ffn):
 
 
 def sft_batch(tok, rows):
-    """Right-padded (idx, targets, mask): next-token targets, loss on the response and its </s> only."""
+    """Right-padded (idx, targets, mask): next-token targets, loss on the response and its </s>
+    only."""
     import torch
 
     seqs, masks = [], []
@@ -249,8 +275,8 @@ def sft_batch(tok, rows):
 
 
 def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
-    """Supervised fine-tuning on (prompt, teacher response) rows with AdamW and a cosine schedule; a progress bar
-    (with ETA) on stderr when log is print, and the loss every 50 steps through log."""
+    """Supervised fine-tuning on (prompt, teacher response) rows with AdamW and a cosine schedule; a
+    progress bar (with ETA) on stderr when log is print, and the loss every 50 steps through log."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -258,10 +284,12 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
-    bar = tqdm(range(steps), desc="demo SFT", unit="step", file=sys.stderr, disable=log is not print)
+    bar = tqdm(range(steps), desc="demo SFT", unit="step", file=sys.stderr,
+               disable=log is not print)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr * (min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = lr * (min(1.0,
+                                (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx, tgt, mask = sft_batch(tok, rng.sample(rows, batch_size))
         logits = model(idx)  # (B, T, V)
         logits = getattr(logits, "logits", logits)
@@ -277,7 +305,8 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
     return model
 
 
-# ----------------------------------------------------------------------------- prepare: tokenizer + SFT'd init
+# ----------------------------------------------------------------------------- prepare: tokenizer +
+# SFT'd init
 
 @dataclass
 class Config:
@@ -296,8 +325,8 @@ class Config:
 
 
 def prompt_rows(n, seed, salt, exclude=(), styles=TEACHER_STYLE_P):
-    """n rows {"id", "prompt", "gold"} with distinct prompts not in exclude; gold = the teacher's response
-    (its style drawn from `styles`)."""
+    """n rows {"id", "prompt", "gold"} with distinct prompts not in exclude; gold = the teacher's
+    response (its style drawn from `styles`)."""
     rng, seen, rows = random.Random(f"{salt}-{seed}"), set(exclude), []
     while len(rows) < n:
         p = make_prompt(rng)
@@ -312,22 +341,26 @@ def build_model(cfg, vocab_size, seed):
     from model import ModelArgs, Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_hf_config(hf_config(vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn)))
-    for name, p in model.named_parameters():  # GPT-2 / transformers-style init: N(0, 0.02), norms at 1
+    model = Transformer(ModelArgs.from_hf_config(hf_config(vocab_size, cfg.dim, cfg.n_layers,
+                                                           cfg.n_heads, cfg.ffn)))
+    # GPT-2 / transformers-style init: N(0, 0.02), norms at 1
+    for name, p in model.named_parameters():
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.02)
     return model
 
 
 def prepare(out_dir, seed=0, cfg=None, log=print):
-    """Build the tokenizer and the tiny Llama, SFT it on teacher demonstrations, save it in the HF layout to
-    out_dir/init, and write out_dir/prompts.jsonl. Cached: reruns with the same settings do nothing."""
+    """Build the tokenizer and the tiny Llama, SFT it on teacher demonstrations, save it in the HF
+    layout to out_dir/init, and write out_dir/prompts.jsonl. Cached: reruns with the same settings
+    do nothing."""
     import torch
     from model_io import pick_threads
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
-    styles = parse_styles(cfg.teacher_styles)                   # a bad mix: one line, before the SFT
+    # a bad mix: one line, before the SFT
+    styles = parse_styles(cfg.teacher_styles)
     stamp = {k: v for k, v in asdict(cfg).items() if k != "threads"}   # threads: no artifact
     stamp["task"] = [P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
     stamp_path = os.path.join(model_dir, "demo_task.json")
@@ -347,7 +380,8 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     with torch.random.fork_rng():  # leaves the caller's torch RNG as it was
         model = build_model(cfg, len(tok), cfg.seed)
         n_params = sum(p.numel() for p in model.parameters())
-        torch.set_num_threads(pick_threads(cfg.threads, n_params))   # the demo's 0.14M parameters: 1 thread
+        # the demo's 0.14M parameters: 1 thread
+        torch.set_num_threads(pick_threads(cfg.threads, n_params))
         log(f"demo_task: SFT of a {n_params / 1e6:.2f}M-param Llama on {len(demos)} teacher demonstrations")
         sft(model, tok, demos, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.seed, log=log)
     model.save_pretrained(model_dir, tokenizer=tok)
@@ -356,7 +390,8 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, prompts_path)
-    with open(stamp_path, "w") as f:  # written last: its presence means everything above is complete
+    # written last: its presence means everything above is complete
+    with open(stamp_path, "w") as f:
         json.dump(stamp, f)
     log(f"demo_task: wrote {model_dir} and {prompts_path} in {time.time() - t0:.0f}s")
     return model_dir, prompts_path

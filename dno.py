@@ -10,71 +10,81 @@ Usage:
     losses, stats = dno_loss(logp_pos, logp_neg, ref_logp_pos, ref_logp_neg, target=1.0, eta=0.1)
     r = winrates(table_from_scores(scores)); pairs = all_pairs(r)   # Alg. 1: target soft_target(r_a, r_b)
 
-What lives here: per-sequence log-probs, the one loss behind both of the paper's objectives, win-rate
-tables, the authors' pair rule and Alg. 1's all pairs, replay, diagnostics of general (possibly cyclic)
-preferences, and Alg. 1's exact update on a tabular game (the demo; departure 8). Alg. 2's loop is train.py. "Alg. 1, step
-k" (1: r_t, 2: the ideal update Eq. 9, 3: the regression Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
+What lives here: per-sequence log-probs, the one loss behind both of the paper's objectives,
+win-rate tables, the authors' pair rule and Alg. 1's all pairs, replay, diagnostics of general
+(possibly cyclic) preferences, and Alg. 1's exact update on a tabular game (the demo; departure 8).
+Alg. 2's loop is train.py. "Alg. 1, step k" (1: r_t, 2: the ideal update Eq. 9, 3: the regression
+Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
 
 Glossary (the paper's notation):
     x, y, y'       a prompt and two responses to it.
-    P(y > y' | x)  the general preference: probability that y is preferred to y' (P(y>y') + P(y'>y) = 1).
-                   It need not come from any scalar score, so it may be cyclic (A > B > C > A).
-    P(pi > pi')    E_{y ~ pi, y' ~ pi'} P(y > y' | x); the Nash policy pi* maximises min_pi' P(pi > pi').
+    P(y > y' | x)  the general preference: probability that y is preferred to y' (P(y>y') + P(y'>y)
+                   = 1). It need not come from any scalar score, so it may be cyclic (A > B > C >
+                   A).
+    P(pi > pi')    E_{y ~ pi, y' ~ pi'} P(y > y' | x); the Nash policy pi* maximises min_pi' P(pi >
+                   pi').
     pi_t           the policy at iteration t. It is also the REFERENCE of iteration t's loss:
                    the previous iterate, not the SFT model (pi_1 is the SFT model).
-    r_t(x, y)      P(y > pi_t | x) = E_{y' ~ pi_t} P(y > y' | x) in [0, 1] (Alg. 1, step 1). Alg. 2 (line 5)
-                   estimates it by y's win-rate among the K+1 judged candidates (winrates).
-    eta            Alg. 1: the learning rate of the ideal update pi_{t+1} ~ pi_t exp(r_t / eta) (Eq. 9); in the
-                   loss it scales the log-ratio like DPO's beta; the soft-target optimum is eta * dlog(pi/pi_t)
-                   = dr_t. Alg. 2 (Eq. 13) reuses the symbol for a rescaled value: r_t -> c r_t, eta -> c eta
-                   leaves Eq. 9 unchanged and lets the hard target 1 stand for sigmoid(c dr_t) ~ 1, so DNO-Prct's
-                   proper eta is larger than Alg. 1's (Sec. 4). The authors ran 0.1 or 0.05 (TRL's DPO beta);
-                   our default 0.1 is that DPO-beta-like value, in the tabular demo too (1/eta = 10: big steps).
+    r_t(x, y)      P(y > pi_t | x) = E_{y' ~ pi_t} P(y > y' | x) in [0, 1] (Alg. 1, step 1). Alg. 2
+                   (line 5) estimates it by y's win-rate among the K+1 judged candidates (winrates).
+    eta            Alg. 1: the learning rate of the ideal update pi_{t+1} ~ pi_t exp(r_t / eta) (Eq.
+                   9); in the loss it scales the log-ratio like DPO's beta; the soft-target optimum
+                   is eta * dlog(pi/pi_t) = dr_t. Alg. 2 (Eq. 13) reuses the symbol for a rescaled
+                   value: r_t -> c r_t, eta -> c eta leaves Eq. 9 unchanged and lets the hard target
+                   1 stand for sigmoid(c dr_t) ~ 1, so DNO-Prct's proper eta is larger than Alg. 1's
+                   (Sec. 4). The authors ran 0.1 or 0.05 (TRL's DPO beta); our default 0.1 is that
+                   DPO-beta-like value, in the tabular demo too (1/eta = 10: big steps).
     y+ / y-        the chosen (positive) and rejected (negative) response of a training pair.
-    mu_1, mu_2     where Alg. 1's pairs (y_1, y_2) come from; DNO-Prct: both pi_t (its K samples) plus the gold.
-    exploitability max_pi' P(pi' > pi) - 1/2 (= max over single responses y of P(y > pi) - 1/2); 0 at Nash.
+    mu_1, mu_2     where Alg. 1's pairs (y_1, y_2) come from; DNO-Prct: both pi_t (its K samples)
+                   plus the gold.
+    exploitability max_pi' P(pi' > pi) - 1/2 (= max over single responses y of P(y > pi) - 1/2); 0
+    at Nash.
 
 Departures from the paper (deliberate, numbered):
-    1. select_pairs(kind="winrate") is ours. The paper states its rule for a 6-point rubric (positive
-       >= 5, negative >= 2 lower, >= 1 lower if the positive is a policy sample). For win-rates among
-       K+1 = 6 candidates, where one rank is 1/5 = 0.2, we use: positive win-rate >= 0.6 (it beats most
-       of the others), negative >= 0.4 lower (two ranks) behind the gold, >= 0.2 lower (one rank)
-       behind a policy sample. Comparisons use a 1e-9 tolerance so 0.8 - 0.6 counts as 0.2.
-    2. The repeated n-gram detector is ours (the paper gives no definition): a text is defective when
-       more than half of its word 4-grams, or of its character 10-grams, are repeats of earlier ones.
-       A defective candidate is never a positive, and is the negative of every qualifying positive
-       whatever its judge score (provenance "defect"); our reading of "used as negatives".
-    3. Replay: "30% from t-1, 15% from t-2, and so on" is read as shares of the final training set, halving
-       with no cut-off (replay_shares(first=0.3)), sampled without replacement, capped by what an iteration
-       has ("at most"). The replayed pairs follow the current ones; the trainer shuffles.
-    4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective), and
-       its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
+    1. select_pairs(kind="winrate") is ours. The paper states its rule for a 6-point rubric
+       (positive >= 5, negative >= 2 lower, >= 1 lower if the positive is a policy sample). For
+       win-rates among K+1 = 6 candidates, where one rank is 1/5 = 0.2, we use: positive win-rate >=
+       0.6 (it beats most of the others), negative >= 0.4 lower (two ranks) behind the gold, >= 0.2
+       lower (one rank) behind a policy sample. Comparisons use a 1e-9 tolerance so 0.8 - 0.6 counts
+       as 0.2.
+    2. The repeated n-gram detector is ours (the paper gives no definition): a text is defective
+       when more than half of its word 4-grams, or of its character 10-grams, are repeats of earlier
+       ones. A defective candidate is never a positive, and is the negative of every qualifying
+       positive whatever its judge score (provenance "defect"); our reading of "used as negatives".
+    3. Replay: "30% from t-1, 15% from t-2, and so on" is read as shares of the final training set,
+       halving with no cut-off (replay_shares(first=0.3)), sampled without replacement, capped by
+       what an iteration has ("at most"). The replayed pairs follow the current ones; the trainer
+       shuffles.
+    4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective),
+       and its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
     5. Tabular demo: the Bradley-Terry baseline fits its scalar reward by maximum likelihood on all
        action pairs weighted equally, with a 1e-3 L2 penalty so the fit is finite; it is then run
-       through the same exact update (Alg. 1 with the BT model's preferences). The average iterate is
-       the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass rounds to 0.
-    6. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among the K+1
-       candidates (for rubric judges over table_from_scores), gold included. train.py's pair distributions:
-       "all" (all_pairs, closest to Alg. 1 with mu_1 = mu_2 = pi_t plus the gold) and "margin" (Alg. 2
-       line 6's large-margin rule, with target sigmoid(dr_t) instead of 1). all_pairs counts a defective
-       candidate as r = 0 (it loses to every other).
-    7. The diagnostics (has_cycle, copeland, ranking_disagrees: BT vs Copeland, diagnostics) are ours; the paper
-       reports none.
-    8. The tabular demo starts from a non-uniform pi_1 (cyclic_game's "SFT" policy, 0.1 / 0.1 / 0.1 / 0.4 / 0.3,
-       which favours the dull actions); Alg. 1, line 1 starts from the uniform policy. Every later step is
-       Alg. 1's exactly (r_t = P pi_t, pi_{t+1} = pi_t exp(r_t / eta) / Z).
-    9. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 / --top_p 0.95
-       (the tempered, truncated pi_t, as the paper samples), while the loss's reference is pi_t itself;
-       --temperature 1 --top_p 1 makes the two the same policy.
-    10. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without saying
-       what it weights (our guesses: a label-smoothing epsilon, dno_loss's target 1 - alpha, or the weight of
-       an NLL term on y+). It is not implemented.
+       through the same exact update (Alg. 1 with the BT model's preferences). The average iterate
+       is the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass
+       rounds to 0.
+    6. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among
+       the K+1 candidates (for rubric judges over table_from_scores), gold included. train.py's pair
+       distributions: "all" (all_pairs, closest to Alg. 1 with mu_1 = mu_2 = pi_t plus the gold) and
+       "margin" (Alg. 2 line 6's large-margin rule, with target sigmoid(dr_t) instead of 1).
+       all_pairs counts a defective candidate as r = 0 (it loses to every other).
+    7. The diagnostics (has_cycle, copeland, ranking_disagrees: BT vs Copeland, diagnostics) are
+       ours; the paper reports none.
+    8. The tabular demo starts from a non-uniform pi_1 (cyclic_game's "SFT" policy, 0.1 / 0.1 / 0.1
+       / 0.4 / 0.3, which favours the dull actions); Alg. 1, line 1 starts from the uniform policy.
+       Every later step is Alg. 1's exactly (r_t = P pi_t, pi_{t+1} = pi_t exp(r_t / eta) / Z).
+    9. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 /
+       --top_p 0.95 (the tempered, truncated pi_t, as the paper samples), while the loss's reference
+       is pi_t itself; --temperature 1 --top_p 1 makes the two the same policy.
+    10. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without
+       saying what it weights (our guesses: a label-smoothing epsilon, dno_loss's target 1 - alpha,
+       or the weight of an NLL term on y+). It is not implemented.
     Extension 1 (ours, after the paper's Appendix A): geometric_reference, train.py --ref_mix.
 Not a departure: sequence log-probs are sums over response tokens, as in the paper (never means).
 """
 from cli import early_help
 if __name__ == "__main__":
-    early_help(__file__)                                        # --help before the heavy imports: under a second
+    # --help before the heavy imports: under a second
+    early_help(__file__)
 
 import math
 import random
@@ -94,23 +104,27 @@ def sequence_logps(logits, targets, mask):
     """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over positions where mask == 1 (the response).
 
     The slow, obviously-correct reference (and batch_logps' test oracle): full (B, T, V) logits.
-    logits (B, T, V) already aligned with targets (B, T): logits[:, t] predicts targets[:, t] (callers
-    pass model(idx)[:, :-1] and idx[:, 1:]). mask (B, T) is 0 on prompt and padding. Returns (B,) float32.
-    Only the target's log-prob is formed: logit - logsumexp, no (B, T, V) log-softmax is kept.
+    logits (B, T, V) already aligned with targets (B, T): logits[:, t] predicts targets[:, t]
+    (callers pass model(idx)[:, :-1] and idx[:, 1:]). mask (B, T) is 0 on prompt and padding.
+    Returns (B,) float32. Only the target's log-prob is formed: logit - logsumexp, no (B, T, V)
+    log-softmax is kept.
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
         raise ValueError(f"sequence_logps: want logits (B,T,V), targets/mask (B,T); got "
                          f"{tuple(logits.shape)}, {tuple(targets.shape)}, {tuple(mask.shape)}")
     keep = mask.bool()                                                  # (B, T)
-    targets = torch.where(keep, targets, torch.zeros_like(targets))    # pad / -100 ids -> a safe index
-    logits = logits.float()                                            # no copy when already float32
+    # pad / -100 ids -> a safe index
+    targets = torch.where(keep, targets, torch.zeros_like(targets))
+    # no copy when already float32
+    logits = logits.float()
     tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)         # (B, T) logit of the target
     tok = tok - torch.logsumexp(logits, dim=-1)                        # (B, T) log pi(y_t | ...)
     return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1)       # (B,) sum, as the paper
 
 
 def autocast(device, dtype=None):
-    """dtype None: bf16 autocast on CUDA, none elsewhere; False: none; a dtype autocasts on any device (CPU too)."""
+    """dtype None: bf16 autocast on CUDA, none elsewhere; False: none; a dtype autocasts on any
+    device (CPU too)."""
     device = torch.device(device)
     if dtype is False:
         return nullcontext()
@@ -120,44 +134,52 @@ def autocast(device, dtype=None):
 
 
 def batch_logps(model, seqs, device, autocast_dtype=None):
-    """log pi(y | x) summed over response tokens for [(prompt_ids, response_ids)] -> (logp (B,), n_tokens).
-    The fast twin of sequence_logps, tested against it (tests/test_fast_logps.py): one right-padded batch; the
-    vocab projection + log-softmax run on the N response positions only, fused (model.HeadLogp), so no
-    (B, T, V) logits exist. n_tokens counts prompt and response tokens (for throughput logs)."""
+    """log pi(y | x) summed over response tokens for [(prompt_ids, response_ids)] -> (logp (B,),
+    n_tokens). The fast twin of sequence_logps, tested against it (tests/test_fast_logps.py): one
+    right-padded batch; the vocab projection + log-softmax run on the N response positions only,
+    fused (model.HeadLogp), so no (B, T, V) logits exist. n_tokens counts prompt and response tokens
+    (for throughput logs)."""
     if not seqs or any(len(p) < 1 for p, _ in seqs):
         raise ValueError("batch_logps: need at least one sequence, each with a non-empty prompt")
     T = max(len(p) + len(r) for p, r in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)                  # (B, T), pad id 0 is masked out
-    mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)             # (B, T-1) over next-token targets
+    # (B, T), pad id 0 is masked out
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    # (B, T-1) over next-token targets
+    mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)
     for i, (p, r) in enumerate(seqs):
         idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r))
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = True                 # targets that are response tokens
+        # targets that are response tokens
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = True
     idx, sel = idx.to(device), mask.to(device)
     with autocast(device, autocast_dtype):
-        tok = model(idx[:, :-1], select=sel, targets=idx[:, 1:][sel])  # (N,) log pi(y_t | x, y_<t), float32
-    logp = tok.new_zeros(sel.shape).masked_scatter(sel, tok).sum(-1)   # (B, T-1) -> (B,) sum, as the paper
+        # (N,) log pi(y_t | x, y_<t), float32
+        tok = model(idx[:, :-1], select=sel, targets=idx[:, 1:][sel])
+    # (B, T-1) -> (B,) sum, as the paper
+    logp = tok.new_zeros(sel.shape).masked_scatter(sel, tok).sum(-1)
     return logp, sum(len(p) + len(r) for p, r in seqs)
 
 
 def pair_logps(model, pairs, device, autocast_dtype=None):
-    """Stored pairs {"prompt_tokens", "chosen_tokens", "rejected_tokens"} -> (log pi(y+|x) (m,), log pi(y-|x) (m,),
-    n_tokens): both sides in one batch_logps call (one right-padded forward)."""
-    seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected") for p in pairs]
+    """Stored pairs {"prompt_tokens", "chosen_tokens", "rejected_tokens"} -> (log pi(y+|x) (m,), log
+    pi(y-|x) (m,), n_tokens): both sides in one batch_logps call (one right-padded forward)."""
+    seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected")
+            for p in pairs]
     logp, n = batch_logps(model, seqs, device, autocast_dtype)                 # (2m,)
     return logp[:len(pairs)], logp[len(pairs):], n
 
 
 # ----------------------------------------------------------------------------- the loss
 
-# Alg. 1, step 3 (regression form, Eq. 8) and Alg. 2, line 7 (DNO-Prct, Eq. 13) are one binary cross-entropy:
-#   h(a, b) = eta * [ log pi(y_a|x)/pi_t(y_a|x) - log pi(y_b|x)/pi_t(y_b|x) ]
+# Alg. 1, step 3 (regression form, Eq. 8) and Alg. 2, line 7 (DNO-Prct, Eq. 13) are one binary
+#   cross-entropy: h(a, b) = eta * [ log pi(y_a|x)/pi_t(y_a|x) - log pi(y_b|x)/pi_t(y_b|x) ]
 #   loss    = - [ p * log sigmoid(h) + (1 - p) * log sigmoid(-h) ]
-#   Alg. 1: p = soft_target(r_t(x, y_a), r_t(x, y_b))  (= sigmoid(dr_t); optimum eta * dlogratio = dr_t,
-#           i.e. pi = pi_t exp(r_t / eta) / Z, the ideal update of Alg. 1, step 2)
+#   Alg. 1: p = soft_target(r_t(x, y_a), r_t(x, y_b))  (= sigmoid(dr_t); optimum eta * dlogratio =
+#           dr_t, i.e. pi = pi_t exp(r_t / eta) / Z, the ideal update of Alg. 1, step 2)
 #   Alg. 2: p = 1 on (y_a, y_b) = (y+, y-)            (hard target; DPO with reference pi_t)
 # With p = 1 - eps this is label-smoothed DPO with smoothing eps. pi_t is the previous iterate.
 def dno_loss(pi_logp_a, pi_logp_b, ref_logp_a, ref_logp_b, target, eta):
-    """Per-pair losses (N,) and detached mean diagnostics. target: float or (N,) = P(y_a preferred)."""
+    """Per-pair losses (N,) and detached mean diagnostics. target: float or (N,) = P(y_a
+    preferred)."""
     chosen = pi_logp_a - ref_logp_a.detach()                   # (N,) log pi/pi_t (y_a)
     rejected = pi_logp_b - ref_logp_b.detach()                 # (N,) log pi/pi_t (y_b)
     h = eta * (chosen - rejected)                              # (N,) implicit margin
@@ -192,8 +214,8 @@ def winrates(P):
 
 
 def table_from_scores(scores):
-    """Listwise scores (the paper's 6-point rubric) -> P[i, j] = 1 if s_i > s_j, 1/2 on ties, 0 else.
-    The diagonal is 1/2; a failed (None / NaN) score gives a NaN row and column."""
+    """Listwise scores (the paper's 6-point rubric) -> P[i, j] = 1 if s_i > s_j, 1/2 on ties, 0
+    else. The diagonal is 1/2; a failed (None / NaN) score gives a NaN row and column."""
     s = np.array([np.nan if v is None else float(v) for v in scores], dtype=np.float64)
     P = 0.5 * (np.sign(s[:, None] - s[None, :]) + 1.0)          # (n, n), NaN where either is NaN
     return P
@@ -201,23 +223,24 @@ def table_from_scores(scores):
 
 # ----------------------------------------------------------------------------- pair selection
 
-# The authors' rule (Section 5): positive >= 5 of 6; negative >= 2 lower, >= 1 lower when the positive is
-# a policy sample. "winrate" thresholds are ours (departure 1).
+# The authors' rule (Section 5): positive >= 5 of 6; negative >= 2 lower, >= 1 lower when the
+# positive is a policy sample. "winrate" thresholds are ours (departure 1).
 PAIR_RULES = {"rubric": {"min_positive": 5.0, "margin": 2.0, "sample_margin": 1.0},
               "winrate": {"min_positive": 0.6, "margin": 0.4, "sample_margin": 0.2}}
 EPS = 1e-9
 
 
 def is_defective(text, n=4, n_chars=10, max_repeat=0.5, min_ngrams=4):
-    """True if more than max_repeat of the word n-grams, or of the character n_chars-grams, repeat an
-    earlier one (degenerate loops such as "the the the ..." or "7777777..."). Departure 2."""
+    """True if more than max_repeat of the word n-grams, or of the character n_chars-grams, repeat
+    an earlier one (degenerate loops such as "the the the ..." or "7777777..."). Departure 2."""
     def repeated(units, k):
         grams = [tuple(units[i:i + k]) for i in range(len(units) - k + 1)]
         return len(grams) >= min_ngrams and 1 - len(set(grams)) / len(grams) > max_repeat
     return repeated(text.split(), n) or repeated(text, n_chars)
 
 
-PROVENANCE = ("gold>sample", "sample>gold", "sample>sample", "defect")   # where a pair's y+ and y- come from
+# where a pair's y+ and y- come from
+PROVENANCE = ("gold>sample", "sample>gold", "sample>sample", "defect")
 
 
 def _provenance(i, j, gold_index):
@@ -232,13 +255,14 @@ def select_pairs(scores, gold_index, defective=None, *, kind="rubric", min_posit
 
     scores: rubric scores 0..6 (kind="rubric") or win-rates in [0, 1] (kind="winrate"); None/NaN =
     judge failed, never paired. gold_index: the teacher's column (None if there is none). defective:
-    per-candidate flags (is_defective). Returns [{"chosen", "rejected", "provenance", "margin"}] sorted
-    by (chosen, rejected); margin = score(y+) - score(y-).
+    per-candidate flags (is_defective). Returns [{"chosen", "rejected", "provenance", "margin"}]
+    sorted by (chosen, rejected); margin = score(y+) - score(y-).
     """
     if kind not in PAIR_RULES:
         raise ValueError(f"select_pairs: kind must be one of {sorted(PAIR_RULES)}, got {kind!r}")
     rule = dict(PAIR_RULES[kind])
-    for name, v in (("min_positive", min_positive), ("margin", margin), ("sample_margin", sample_margin)):
+    for name, v in (("min_positive", min_positive), ("margin", margin),
+                    ("sample_margin", sample_margin)):
         if v is not None:
             rule[name] = float(v)
     s = [None if v is None or math.isnan(float(v)) else float(v) for v in scores]
@@ -260,7 +284,8 @@ def select_pairs(scores, gold_index, defective=None, *, kind="rubric", min_posit
             gap = s[i] - s[j]
             if defective[j]:
                 provenance = "defect"                           # automatic negative, any score
-            elif gap > EPS and gap >= need - EPS:               # ties never pair, even with margin 0
+            elif gap > EPS and gap >= need - EPS:
+                # ties never pair, even with margin 0
                 provenance = _provenance(i, j, gold_index)
             else:
                 continue
@@ -269,16 +294,18 @@ def select_pairs(scores, gold_index, defective=None, *, kind="rubric", min_posit
 
 
 def soft_target(r_a, r_b):
-    """sigmoid(r_t(x, y_a) - r_t(x, y_b)): Alg. 1 step 3's regression target (Eq. 8), P(y_a preferred)."""
+    """sigmoid(r_t(x, y_a) - r_t(x, y_b)): Alg. 1 step 3's regression target (Eq. 8), P(y_a
+    preferred)."""
     p = 1 / (1 + np.exp(-(np.asarray(r_a, dtype=np.float64) - np.asarray(r_b, dtype=np.float64))))
     return float(p) if p.ndim == 0 else p
 
 
 def all_pairs(r, defective=None, gold_index=None):
-    """Every unordered pair of judged candidates (r_t not None/NaN), for Alg. 1's soft targets (departure 6):
-    [{"chosen", "rejected", "provenance", "margin"}] in index order, r(chosen) >= r(rejected) (ties: lower
-    index chosen), margin = r(chosen) - r(rejected) >= 0, so the target is sigmoid(margin). A defective
-    candidate counts as r = 0 (provenance "defect"); two defective candidates are not paired."""
+    """Every unordered pair of judged candidates (r_t not None/NaN), for Alg. 1's soft targets
+    (departure 6): [{"chosen", "rejected", "provenance", "margin"}] in index order, r(chosen) >=
+    r(rejected) (ties: lower index chosen), margin = r(chosen) - r(rejected) >= 0, so the target is
+    sigmoid(margin). A defective candidate counts as r = 0 (provenance "defect"); two defective
+    candidates are not paired."""
     s = [None if v is None or math.isnan(float(v)) else float(v) for v in r]
     defective = [False] * len(s) if defective is None else [bool(d) for d in defective]
     if len(defective) != len(s):
@@ -295,33 +322,38 @@ def all_pairs(r, defective=None, gold_index=None):
     return pairs
 
 
-# ----------------------------------------------------------------------------- diagnostics of general preferences
-# Over one prompt's (n, n) table P[i, j] = P(y_i > y_j | x), NaN = not judged: how far the judge's preferences
-# are from what a scalar reward (Bradley-Terry) can express (departure 7).
+# ----------------------------------------------------------------------------- diagnostics of
+# general preferences Over one prompt's (n, n) table P[i, j] = P(y_i > y_j | x), NaN = not judged:
+# how far the judge's preferences are from what a scalar reward (Bradley-Terry) can express
+# (departure 7).
 
 def has_cycle(P, tol=1e-9):
     """An intransitive triple i > j > k > i, each preference strictly above 1/2 (+ tol)."""
     W = (np.nan_to_num(_table(P), nan=0.5) > 0.5 + tol).astype(np.int64)    # (n, n) strict wins
-    return bool(np.trace(W @ W @ W) > 0)                        # a directed 3-cycle closes a walk of length 3
+    # a directed 3-cycle closes a walk of length 3
+    return bool(np.trace(W @ W @ W) > 0)
 
 
 def fit_bt_table(P):
-    """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged candidates."""
+    """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged
+    candidates."""
     return np.where(np.isnan(winrates(P)), np.nan, fit_bradley_terry(_table(P)))
 
 
 def copeland(P, tol=1e-9):
-    """Copeland scores (n,): pairwise majorities won + 1/2 per tie, over the judged pairs (NaN = not judged)."""
+    """Copeland scores (n,): pairwise majorities won + 1/2 per tie, over the judged pairs (NaN = not
+    judged)."""
     A = _table(P)
     known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)             # (n, n)
     return ((A > 0.5 + tol) & known).sum(1) + 0.5 * ((np.abs(A - 0.5) <= tol) & known).sum(1)
 
 
 def ranking_disagrees(P, tol=1e-9):
-    """True if the Bradley-Terry fit r and the Copeland ranking c (who wins the pairwise majorities) order some
-    pair strictly oppositely: c_i > c_j while r_i < r_j - tol. On a transitive table (e.g. rubric scores) they
-    agree; a lopsided loss or a cycle can split them. On a complete table BT's order is the win-rate (Borda)
-    order -- at the fit (m - 1) w_i = sum_j sigmoid(r_i - r_j) + l2 r_i rises in r_i -- so r = w there, no fit."""
+    """True if the Bradley-Terry fit r and the Copeland ranking c (who wins the pairwise majorities)
+    order some pair strictly oppositely: c_i > c_j while r_i < r_j - tol. On a transitive table
+    (e.g. rubric scores) they agree; a lopsided loss or a cycle can split them. On a complete table
+    BT's order is the win-rate (Borda) order -- at the fit (m - 1) w_i = sum_j sigmoid(r_i - r_j) +
+    l2 r_i rises in r_i -- so r = w there, no fit."""
     A = _table(P)
     w = winrates(A)
     ok = ~np.isnan(w)                                           # judged candidates
@@ -331,27 +363,31 @@ def ranking_disagrees(P, tol=1e-9):
 
 
 def diagnostics(tables):
-    """Shares over prompts: {"n", "cycle_share", "bt_disagreement_share"} (None when there are no tables)."""
+    """Shares over prompts: {"n", "cycle_share", "bt_disagreement_share"} (None when there are no
+    tables)."""
     n = len(tables)
     share = lambda f: sum(f(P) for P in tables) / n if n else None
-    return {"n": n, "cycle_share": share(has_cycle), "bt_disagreement_share": share(ranking_disagrees)}
+    return {"n": n, "cycle_share": share(has_cycle),
+            "bt_disagreement_share": share(ranking_disagrees)}
 
 
 # ----------------------------------------------------------------------------- replay
 
 def replay_shares(first, n_previous):
-    """The paper's replay shares, "30% from t-1, 15% from t-2, and so on": [first / 2**k for k < n_previous].
-    They sum to less than 2 * first, so first in [0, 0.5) keeps the current pairs a positive share."""
+    """The paper's replay shares, "30% from t-1, 15% from t-2, and so on": [first / 2**k for k <
+    n_previous]. They sum to less than 2 * first, so first in [0, 0.5) keeps the current pairs a
+    positive share."""
     if not 0 <= first < 0.5:
         raise ValueError(f"replay share must be in [0, 0.5) (the halving series sums to < 2 * share), got {first}")
     return [first / 2 ** k for k in range(n_previous)]
 
 
 def replay(current, previous, seed, shares=None):
-    """current + up to shares[k] of the final set drawn from previous[k] (previous[0] is iteration t-1);
-    shares default: replay_shares(0.3, len(previous)) = 0.3, 0.15, ... (departure 3). With n = len(current) and
-    S the sum of the shares, iteration t-1-k gives min(len(previous[k]), round(shares[k] * n / (1 - S))) items,
-    so without caps the shares hold exactly in the final set. Deterministic given seed."""
+    """current + up to shares[k] of the final set drawn from previous[k] (previous[0] is iteration
+    t-1); shares default: replay_shares(0.3, len(previous)) = 0.3, 0.15, ... (departure 3). With n =
+    len(current) and S the sum of the shares, iteration t-1-k gives min(len(previous[k]),
+    round(shares[k] * n / (1 - S))) items, so without caps the shares hold exactly in the final set.
+    Deterministic given seed."""
     if shares is None:
         shares = replay_shares(0.3, len(previous))
     shares = [float(x) for x in shares][:len(previous)]
@@ -366,18 +402,20 @@ def replay(current, previous, seed, shares=None):
     return out
 
 
-# ----------------------------------------------------------------------------- extension 1: a regularised reference
-# The paper's Appendix A (Algorithm 3, after Nash-MD, Munos et al. 2023, arXiv 2312.00886) regularises the game
-# towards a reference policy mu with weight tau: the update of Alg. 1, step 2 starts from the smoothed policy
-#   pi_t^mu(y|x) = pi_t(y|x)^(1 - beta) * mu(y|x)^beta / Z(x),   beta = tau / eta,
-#   pi_{t+1}     = pi_t^mu exp(r_t / eta) / Z',
-# so the loss (dno_loss) keeps its form with pi_t^mu in place of pi_t as the reference; Z(x) is the same for
-# both answers of a pair and cancels in h. Its last iterate converges (to the regularised equilibrium) where
-# plain multiplicative weights cycle. With mu = pi_1 (train.py --ref_mix beta):
+# ----------------------------------------------------------------------------- extension 1: a
+# regularised reference The paper's Appendix A (Algorithm 3, after Nash-MD, Munos et al. 2023, arXiv
+# 2312.00886) regularises the game towards a reference policy mu with weight tau: the update of Alg.
+#   1, step 2 starts from the smoothed policy pi_t^mu(y|x) = pi_t(y|x)^(1 - beta) * mu(y|x)^beta /
+#   Z(x),   beta = tau / eta, pi_{t+1}     = pi_t^mu exp(r_t / eta) / Z',
+# so the loss (dno_loss) keeps its form with pi_t^mu in place of pi_t as the reference; Z(x) is the
+# same for both answers of a pair and cancels in h. Its last iterate converges (to the regularised
+# equilibrium) where plain multiplicative weights cycle. With mu = pi_1 (train.py --ref_mix beta):
 #   log ref(y|x) = (1 - beta) * log pi_t(y|x) + beta * log pi_1(y|x)        (up to log Z(x))
-# Departure (ours): r_t is still estimated from pi_t's samples; Nash-MD samples the opponent from pi_t^mu.
+# Departure (ours): r_t is still estimated from pi_t's samples; Nash-MD samples the opponent from
+# pi_t^mu.
 def geometric_reference(logp_t, logp_1, beta):
-    """log pi_t^mu(y|x) + log Z(x) of the smoothed reference above: (N,) from (N,) log pi_t and log pi_1."""
+    """log pi_t^mu(y|x) + log Z(x) of the smoothed reference above: (N,) from (N,) log pi_t and log
+    pi_1."""
     if not 0 <= beta <= 1:
         raise ValueError(f"geometric_reference: beta must be in [0, 1], got {beta}")
     return (1 - beta) * logp_t + beta * logp_1                 # (N,)
@@ -390,8 +428,8 @@ ACTIONS = ["rock", "paper", "scissors", "bland", "rambling"]
 
 def cyclic_game():
     """P[i, j] = P(action i > action j): weighted rock-paper-scissors plus two dominated actions.
-    In 2P - 1 units: paper > rock by 0.4, rock > scissors by 0.8, scissors > paper by 1.0, so the Nash policy
-    is (1, 0.8, 0.4, 0, 0) / 2.2. Scissors crushes the two dull actions, which makes it
+    In 2P - 1 units: paper > rock by 0.4, rock > scissors by 0.8, scissors > paper by 1.0, so the
+    Nash policy is (1, 0.8, 0.4, 0, 0) / 2.2. Scissors crushes the two dull actions, which makes it
     the Bradley-Terry favourite, yet rock exploits it by 0.4."""
     P = np.array([[0.50, 0.30, 0.90, 0.75, 0.70],
                   [0.70, 0.50, 0.00, 0.75, 0.70],
@@ -405,16 +443,20 @@ CYCLIC_NASH = np.array([1.0, 0.8, 0.4, 0.0, 0.0]) / 2.2        # the equilibrium
 
 
 def random_game(n, rng):
-    """A random general preference matrix: P = 1/2 + A/2 with A antisymmetric, entries in [-1, 1]."""
+    """A random general preference matrix: P = 1/2 + A/2 with A antisymmetric, entries in [-1,
+    1]."""
     A = np.triu(rng.uniform(-1, 1, (n, n)), 1)
     return 0.5 + (A - A.T) / 2
 
 
 def alg1_exact_step(P, log_pi, eta):
-    """One exact iteration of Alg. 1 on a tabular game, in log space. Returns (log pi_{t+1}, r_t)."""
+    """One exact iteration of Alg. 1 on a tabular game, in log space. Returns (log pi_{t+1},
+    r_t)."""
     pi = np.exp(log_pi)
-    r = P @ pi                                                  # Alg. 1, step 1: r_t(y) = P(y > pi_t)
-    z = log_pi + r / eta                                        # Alg. 1, step 2: pi_t exp(r_t / eta)
+    # Alg. 1, step 1: r_t(y) = P(y > pi_t)
+    r = P @ pi
+    # Alg. 1, step 2: pi_t exp(r_t / eta)
+    z = log_pi + r / eta
     return z - (z.max() + np.log(np.exp(z - z.max()).sum())), r  # ... / Z
 
 
@@ -424,24 +466,27 @@ def exploitability(P, pi):
 
 
 def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
-    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2 (departure 5);
-    NaN entries (not judged) are left out of the sum."""
+    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2
+    (departure 5); NaN entries (not judged) are left out of the sum."""
     n = len(P)
     off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
     r, P = np.zeros(n), np.nan_to_num(P)
-    for _ in range(steps):                                      # concave: plain gradient ascent suffices
+    # concave: plain gradient ascent suffices
+    for _ in range(steps):
         s = 1 / (1 + np.exp(r[None, :] - r[:, None]))           # (n, n) sigmoid(r_i - r_j)
         r += lr / n * (((P - s) * off).sum(1) - l2 * r)
     return r - r.mean()
 
 
 def run_tabular(P, pi_1, eta, iters):
-    """Alg. 1's exact update from pi_1 (departure 8), beside the same update driven by a Bradley-Terry fit of P. Returns a history.
+    """Alg. 1's exact update from pi_1 (departure 8), beside the same update driven by a
+    Bradley-Terry fit of P. Returns a history.
 
     What it shows on cyclic_game(): the average iterate converges to the Nash policy (exploitability
-    < 0.01 within ~500 iterations at eta = 0.1), the last iterate of these multiplicative weights does not:
-    it spirals out and cycles between near-pure policies (exploitability 0.2-0.5). The BT run converges
-    to the argmax of a scalar reward, a pure policy, which the cycle always exploits."""
+    < 0.01 within ~500 iterations at eta = 0.1), the last iterate of these multiplicative weights
+    does not: it spirals out and cycles between near-pure policies (exploitability 0.2-0.5). The BT
+    run converges to the argmax of a scalar reward, a pure policy, which the cycle always
+    exploits."""
     r_bt = fit_bradley_terry(P)
     P_bt = 1 / (1 + np.exp(r_bt[None, :] - r_bt[:, None]))     # the transitive model BT can express
     log_pi = log_bt = np.log(pi_1)
@@ -482,7 +527,8 @@ def main(cfg):
     for h in hist:
         if h["t"] % cfg.log_every == 0 or h["t"] in (1, 2, 5, 10):
             print(f"{h['t']:6d} {h['last']:13.4f} {h['avg']:10.4f} {h['bt']:10.4f} {h['improve']:17.4f}")
-    print("last iterate pi_T+1:", np.round(pi_last, 3).tolist(), "| Nash:", np.round(CYCLIC_NASH, 3).tolist())
+    print("last iterate pi_T+1:", np.round(pi_last, 3).tolist(), "| Nash:",
+          np.round(CYCLIC_NASH, 3).tolist())
     f = hist[-1]
     print(f"final exploitability after {cfg.iters} iterations: average iterate {f['avg']:.4f}, "
           f"last iterate {f['last']:.4f}, BT-reward baseline {f['bt']:.4f}")

@@ -1,32 +1,36 @@
-"""evaluate.py: how good is each DNO iterate? Validation win-rates (vs pi_1 and vs the gold teacher, both candidate
-orders, with standard errors), the length-controlled win-rate, the judge audit, the diagnostics of general
-preferences (preference cycles, Bradley-Terry vs win-rate rankings, the teacher's drift), Algorithm 1's output (the
-uniform mixture of iterates) and Algorithm 2's (the best iterate). train.py calls it; it never trains.
+"""evaluate.py: how good is each DNO iterate? Validation win-rates (vs pi_1 and vs the gold teacher,
+both candidate orders, with standard errors), the length-controlled win-rate, the judge audit, the
+diagnostics of general preferences (preference cycles, Bradley-Terry vs win-rate rankings, the
+teacher's drift), Algorithm 1's output (the uniform mixture of iterates) and Algorithm 2's (the best
+iterate). train.py calls it; it never trains.
 
     python evaluate.py --out runs/demo                     # re-render metrics.jsonl, best.json, table, plot of a run
     python evaluate.py --out runs/demo --select_by vs_gold # choose the best iterate by another measure
 
-Files: OUT/iter_t/eval/{samples,judgments,outcomes}.jsonl + metrics.json (written by train.py through judge_eval);
-OUT/metrics.jsonl (one line per evaluated iterate, then the mixture), OUT/best.json, OUT/metrics.png (matplotlib is
-optional: without it the run warns once and finishes).
+Files: OUT/iter_t/eval/{samples,judgments,outcomes}.jsonl + metrics.json (written by train.py
+through judge_eval); OUT/metrics.jsonl (one line per evaluated iterate, then the mixture),
+OUT/best.json, OUT/metrics.png (matplotlib is optional: without it the run warns once and finishes).
 
 Departures from the paper (numbered):
-    1. The evaluation judge is the training oracle on held-out prompts (the paper: AlpacaEval 2.0 and MT-Bench with
-       GPT-4-Turbo), each comparison asked in both orders and averaged.
-    2. Length-controlled win-rate: logistic regression of the judgment on tanh(length difference / its std), read
-       at zero difference (AlpacaEval 2's idea, not its exact model).
-    3. The mixture of iterates: Alg. 1 (line 6) returns unif(pi_1..pi_T); we mix every evaluated iterate,
-       unif(pi_1..pi_{T+1}), so the last trained one counts too. It answers each validation prompt with one iterate
-       drawn uniformly (seeded by the prompt id); its outcomes are those of the drawn iterate (no judge call).
-    4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs gold, because
-       the paper saw lengths grow each iteration and a raw win-rate rewards that.
-    5. Table 2's columns only in part: the student's mean length (mean_len), the teacher's win-rate and
-       score (teacher_r, teacher_score) and the pairs' provenance (sample>gold: a student answer beat the
-       gold) are reported; the best-of-n win-rate and the student's mean judge score are not.
+    1. The evaluation judge is the training oracle on held-out prompts (the paper: AlpacaEval 2.0
+       and MT-Bench with GPT-4-Turbo), each comparison asked in both orders and averaged.
+    2. Length-controlled win-rate: logistic regression of the judgment on tanh(length difference /
+       its std), read at zero difference (AlpacaEval 2's idea, not its exact model).
+    3. The mixture of iterates: Alg. 1 (line 6) returns unif(pi_1..pi_T); we mix every evaluated
+       iterate, unif(pi_1..pi_{T+1}), so the last trained one counts too. It answers each validation
+       prompt with one iterate drawn uniformly (seeded by the prompt id); its outcomes are those of
+       the drawn iterate (no judge call).
+    4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs
+       gold, because the paper saw lengths grow each iteration and a raw win-rate rewards that.
+    5. Table 2's columns only in part: the student's mean length (mean_len), the teacher's win-rate
+       and score (teacher_r, teacher_score) and the pairs' provenance (sample>gold: a student answer
+       beat the gold) are reported; the best-of-n win-rate and the student's mean judge score are
+       not.
 """
 from cli import early_help
 if __name__ == "__main__":
-    early_help(__file__)                                        # --help before the heavy imports: under a second
+    # --help before the heavy imports: under a second
+    early_help(__file__)
 
 import json
 import os
@@ -48,12 +52,14 @@ SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_
 
 # ----------------------------------------------------------------------------- the run's judge
 def ask(run, items, what, audit=True):
-    """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the whole run).
-    More failures than --max_failure_rate: a one-line ValueError, nothing committed (a rerun re-asks only them).
-    audit=False: no position audit (the evaluation already asks both orders)."""
+    """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the
+    whole run). More failures than --max_failure_rate: a one-line ValueError, nothing committed (a
+    rerun re-asks only them). audit=False: no position audit (the evaluation already asks both
+    orders)."""
     judge = run.judge if audit else replace(run.judge, position_audit=0.0)
     results, s = oracle.judge_items(items, judge, fn=run.fn, progress=True)
-    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise one; identical
+    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise one;
+    # identical
     # requests of one batch share one answer); sent requests include the retries
     print0(f"judge: {s['items']} items ({s['ok']} ok) from {s['cache_hits'] + s['calls']} requests: "
            f"{s['cache_hits']} answered by the cache, {s['calls']} sent ({s['retries']} of them retries), "
@@ -69,13 +75,15 @@ def ask(run, items, what, audit=True):
 
 # ----------------------------------------------------------------------------- statistics
 def lc_winrate(y, d):
-    """Length-controlled win-rate (departure 2): fit y ~ sigmoid(a + b * tanh(d / std d)), report sigmoid(a)."""
+    """Length-controlled win-rate (departure 2): fit y ~ sigmoid(a + b * tanh(d / std d)), report
+    sigmoid(a)."""
     y, d = np.asarray(y, float), np.asarray(d, float)
     if len(y) == 0:
         return None
     X = np.stack([np.ones_like(d), np.tanh(d / (d.std() or 1.0))], 1)   # (N, 2)
     w = np.zeros(2)
-    for _ in range(50):                                         # Newton steps on the (soft-label) log-loss
+    # Newton steps on the (soft-label) log-loss
+    for _ in range(50):
         p = 1 / (1 + np.exp(-X @ w))
         H = (X * (p * (1 - p))[:, None]).T @ X + 1e-3 * np.eye(2)
         w -= np.linalg.solve(H, X.T @ (p - y) + 1e-3 * w)
@@ -83,8 +91,9 @@ def lc_winrate(y, d):
 
 
 def summarize(outcomes, key):
-    """Per-prompt outcomes {key: [P(new > other) per order, None = failed], "d_" + key: length difference} ->
-    (win-rate, its standard error, LC win-rate); win-rate = mean over prompts of the mean over orders."""
+    """Per-prompt outcomes {key: [P(new > other) per order, None = failed], "d_" + key: length
+    difference} -> (win-rate, its standard error, LC win-rate); win-rate = mean over prompts of the
+    mean over orders."""
     wins, ys, ds = [], [], []
     for o in outcomes:
         ok = [p for p in o.get(key) or [] if p is not None]
@@ -98,7 +107,8 @@ def summarize(outcomes, key):
 
 
 def audit(outcomes, keys):
-    """Judge audit over both-order judgments: failures, ties, and how often the two orders disagree."""
+    """Judge audit over both-order judgments: failures, ties, and how often the two orders
+    disagree."""
     n = failed = ties = both = disagree = 0
     for o in outcomes:
         for k in keys:
@@ -118,9 +128,11 @@ def judge_eval(run, t, outs):
     new, run_rows = {o["id"]: o["samples"][0] for o in outs}, {r["id"]: r for r in run.val}
     tok = lambda text: len(run.tok.encode(text, add_special_tokens=False))
     opponents = {"gold": {r["id"]: (r["gold"], tok(r["gold"])) for r in run.val if r["gold"]}}
-    if t > 0:                                                   # pi_1's answers, joined by prompt id
+    # pi_1's answers, joined by prompt id
+    if t > 0:
         init = read_jsonl(os.path.join(run.out, "iter_0", "eval", "samples.jsonl"))
-        opponents["init"] = {o["id"]: (o["samples"][0]["text"], len(o["samples"][0]["tokens"])) for o in init}
+        opponents["init"] = {o["id"]: (o["samples"][0]["text"], len(o["samples"][0]["tokens"]))
+                             for o in init}
     meta = [(r["id"], k, order) for k, opp in opponents.items() for r in run.val if r["id"] in opp
             for order in ("ab", "ba")]
     items = [{"id": f"eval{t}:{rid}:{k}:{order}", "prompt": run_rows[rid]["prompt"], "shuffle": False,
@@ -133,12 +145,14 @@ def judge_eval(run, t, outs):
         outcomes[rid].setdefault(k, []).append(p)
         outcomes[rid]["d_" + k] = outcomes[rid]["length"] - opponents[k][rid][1]
     outcomes = list(outcomes.values())
-    if t == 0:                                                  # pi_1 against itself: 1/2 by definition
+    # pi_1 against itself: 1/2 by definition
+    if t == 0:
         for o in outcomes:
             o["init"], o["d_init"] = [0.5, 0.5], 0
     m = {"iter": t, "model": "pi_1" if t == 0 else f"iter_{t}/checkpoint", **metrics(outcomes),
          "judge_audit": audit(outcomes, ["gold"] + (["init"] if t else []))}
-    files = {"samples.jsonl": outs, "judgments.jsonl": judged, "outcomes.jsonl": outcomes, "metrics.json": m}
+    files = {"samples.jsonl": outs, "judgments.jsonl": judged, "outcomes.jsonl": outcomes,
+             "metrics.json": m}
     return files, {"prompts": len(run.val)}
 
 
@@ -151,7 +165,8 @@ def metrics(outcomes):
 
 # ----------------------------------------------------------------------------- the report
 def iteration_facts(out, t):
-    """What iteration t's training stages recorded: pairs, provenance, preference diagnostics, teacher, judge."""
+    """What iteration t's training stages recorded: pairs, provenance, preference diagnostics,
+    teacher, judge."""
     if t == 0:
         return {"num_pairs": 0, "provenance": {}}
     pairs = read_json(os.path.join(out, f"iter_{t}", "pairs", "manifest.json"))["counts"]
@@ -165,26 +180,31 @@ def iteration_facts(out, t):
 
 
 def mixture(out, ts, seed=0):
-    """Alg. 1's output, the mixture unif(pi_1..pi_{T+1}) (departure 3): each validation prompt answered by one
-    iterate drawn uniformly."""
-    per = {t: {o["id"]: o for o in read_jsonl(os.path.join(out, f"iter_{t}", "eval", "outcomes.jsonl"))} for t in ts}
+    """Alg. 1's output, the mixture unif(pi_1..pi_{T+1}) (departure 3): each validation prompt
+    answered by one iterate drawn uniformly."""
+    per = {t: {o["id"]: o for o in read_jsonl(os.path.join(out, f"iter_{t}", "eval",
+                                                           "outcomes.jsonl"))} for t in ts}
     ids = sorted(per[ts[0]])
     drawn = [per[ts[random.Random(f"{seed}:{i}").randrange(len(ts))]][i] for i in ids]
     return {"iter": "mix", "model": f"unif(pi_1..pi_{len(ts)})", **metrics(drawn)}
 
 
 def report(out, select_by="lc_vs_gold", final=False, last=999):
-    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; iterations 0..last; the table when final."""
-    ts = [t for t in range(last + 1) if os.path.exists(os.path.join(out, f"iter_{t}", "eval", "done"))]
+    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; iterations 0..last; the table when
+    final."""
+    ts = [t for t in range(last + 1) if os.path.exists(os.path.join(out, f"iter_{t}", "eval",
+                                                                    "done"))]
     if not ts:
         raise FileNotFoundError(f"{out}: no evaluated iterate yet (no iter_0/eval/done); first: python train.py "
                                 f"--out {out}")
     rows = [{**read_json(os.path.join(out, f"iter_{t}", "eval", "metrics.json")), **iteration_facts(out, t)}
             for t in ts]
     mix = mixture(out, ts) if len(ts) > 1 else None
-    write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows + [mix] * bool(mix)))
+    write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n"
+                                                             for r in rows + [mix] * bool(mix)))
     key = SELECT[select_by]
-    if all(r[key] is None for r in rows):                       # no gold in the prompts: fall back to vs pi_1
+    # no gold in the prompts: fall back to vs pi_1
+    if all(r[key] is None for r in rows):
         key = key.replace("gold", "init")
     best = max(rows, key=lambda r: -1 if r[key] is None else r[key])
     write_atomic(os.path.join(out, "best.json"), json.dumps(
@@ -212,19 +232,22 @@ def table(rows, mix, best, key):
 
 
 def plot(out, rows, best=None, key=None):
-    """OUT/metrics.png: the win-rates with +-1 standard-error bars (the LC win-rate has none), the best iterate
-    ringed on its selection measure, and the mean length on an axis from 0 (a 0.02-token change stays flat)."""
+    """OUT/metrics.png: the win-rates with +-1 standard-error bars (the LC win-rate has none), the
+    best iterate ringed on its selection measure, and the mean length on an axis from 0 (a
+    0.02-token change stays flat)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("matplotlib is not installed: no metrics.png (pip install matplotlib)", stacklevel=2)
+        warnings.warn("matplotlib is not installed: no metrics.png (pip install matplotlib)",
+                      stacklevel=2)
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     x = [r["iter"] for r in rows]
     nan = lambda v: np.nan if v is None else v                  # noqa: E731
-    for k, se in (("winrate_vs_init", "se_vs_init"), ("winrate_vs_gold", "se_vs_gold"), ("lc_winrate_vs_gold", None)):
+    for k, se in (("winrate_vs_init", "se_vs_init"), ("winrate_vs_gold", "se_vs_gold"),
+                  ("lc_winrate_vs_gold", None)):
         a.errorbar(x, [nan(r[k]) for r in rows], yerr=[nan(r[se]) for r in rows] if se else None, marker="o",
                    capsize=3, label=k)
     if best is not None and best.get(key) is not None:

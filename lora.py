@@ -1,17 +1,19 @@
-"""LoRA from scratch: low-rank adapters on the attention and MLP projections, merged into the weights on save.
+"""LoRA from scratch: low-rank adapters on the attention and MLP projections, merged into the
+weights on save.
 
     python lora.py                                    # CPU demo: adapters, a few steps, merged == adapted
     from lora import add_lora, merged_state_dict
     add_lora(model, rank=16, alpha=32)                # every weight frozen; q/k/v/o, gate/up/down get A, B
     model.save_pretrained(d, state_dict=merged_state_dict(model))   # a plain Hugging Face folder again
 
-Each adapted projection computes y = x W^T + b + (alpha / r) (x A^T) B^T with W frozen, A (r, in) random and
-B (out, r) zero, so a fresh adapter changes nothing (Hu et al. 2021). Only A and B train: no gradients and no
-AdamW state for the frozen weights (model_io.memory_estimate(lora_rank=r) counts it). The reference log-probs
-are precomputed from pi_t without adapters (train.py's reference stage), so they are unchanged. Saving merges
-W + (alpha / r) B A and drops A, B: every iterate stays a standard checkpoint that transformers and sample.py
-load as is, and the next iteration starts fresh adapters on it. Parameter names are kept (q_proj.weight, ...;
-the adapters add q_proj.lora_A / lora_B), so FSDP2 shards the adapted blocks like the others.
+Each adapted projection computes y = x W^T + b + (alpha / r) (x A^T) B^T with W frozen, A (r, in)
+random and B (out, r) zero, so a fresh adapter changes nothing (Hu et al. 2021). Only A and B train:
+no gradients and no AdamW state for the frozen weights (model_io.memory_estimate(lora_rank=r) counts
+it). The reference log-probs are precomputed from pi_t without adapters (train.py's reference
+stage), so they are unchanged. Saving merges W + (alpha / r) B A and drops A, B: every iterate stays
+a standard checkpoint that transformers and sample.py load as is, and the next iteration starts
+fresh adapters on it. Parameter names are kept (q_proj.weight, ...; the adapters add q_proj.lora_A /
+lora_B), so FSDP2 shards the adapted blocks like the others.
 
 Departures (from the paper, which trains all weights of Mistral-7B):
  1. Low-rank updates only, when --lora_rank > 0; no dropout on the adapter input.
@@ -26,24 +28,30 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear (its weight and bias, shared, frozen) plus a trainable rank-r update (alpha / r) B A."""
+    """An nn.Linear (its weight and bias, shared, frozen) plus a trainable rank-r update (alpha / r)
+    B A."""
 
     def __init__(self, base: nn.Linear, rank, alpha):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: names and sharding unchanged
+        # the same Parameters: names and sharding unchanged
+        self.weight, self.bias = base.weight, base.bias
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype,
+                                               device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype,
+                                               device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
         self.scale = alpha / rank
 
     def forward(self, x):  # x (..., in) -> (..., out)
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A),
+                                                              self.lora_B) * self.scale
 
 
 def add_lora(model, rank, alpha):
-    """Freeze every parameter of model; replace its TARGETS projections by LoRALinear. -> the trainable ones."""
+    """Freeze every parameter of model; replace its TARGETS projections by LoRALinear. -> the
+    trainable ones."""
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):
@@ -56,8 +64,8 @@ def add_lora(model, rank, alpha):
 
 @torch.no_grad()
 def merged_state_dict(model, state=None):
-    """model's state dict (or `state`, the same names gathered in full, e.g. under FSDP2) with every adapter
-    merged, W + scale B A computed in float32 and cast back, and lora_A / lora_B dropped."""
+    """model's state dict (or `state`, the same names gathered in full, e.g. under FSDP2) with every
+    adapter merged, W + scale B A computed in float32 and cast back, and lora_A / lora_B dropped."""
     state = dict(model.state_dict() if state is None else state)
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):

@@ -1,4 +1,4 @@
-"""A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with Hugging Face checkpoint I/O.
+"""A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), Hugging Face checkpoint I/O.
 
     python model.py                                   # CPU demo: tiny random model, save -> load
     from model import Transformer
@@ -11,27 +11,30 @@
     m.save_pretrained("out/", tokenizer=tok)          # transformers.AutoModelForCausalLM loads this folder
     check_memory(m.args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError if a step cannot fit
 
-Covers what transformers saves for LlamaForCausalLM (grouped-query attention, rope_theta, "llama3" and "linear"
-rope scaling, optional attention/mlp bias), MistralForCausalLM (sliding window), Qwen2ForCausalLM (q/k/v bias,
-tied embeddings) and Qwen3ForCausalLM (RMSNorm on q and k per head). Checkpoints: safetensors only (one file or a
-sharded index), never pickle. Our parameter names are transformers' names without the "model." prefix, so the
-whole checkpoint mapping is model_io.HF_PREFIX.
+Covers what transformers saves for LlamaForCausalLM (grouped-query attention, rope_theta, "llama3"
+and "linear" rope scaling, optional attention/mlp bias), MistralForCausalLM (sliding window),
+Qwen2ForCausalLM (q/k/v bias, tied embeddings) and Qwen3ForCausalLM (RMSNorm on q and k per head).
+Checkpoints: safetensors only (one file or a sharded index), never pickle. Our parameter names are
+transformers' names without the "model." prefix, so the whole checkpoint mapping is
+model_io.HF_PREFIX.
 
-KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per layer. Each row
-holds one sequence from slot 0 with no padding; its next slot (next_pos, also its rope position) and a (N, S)
-key-validity mask are per row, so rows start and end at different steps (continuous batching). `prefill` runs
-RIGHT-padded prompts once and writes each into the rows named for it (a prompt's K samples); `copy_rows` starts
-a row from a prompt already in another row; `decode` writes every row's own next slot; `keep_rows` drops idle
-rows in place.
+KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per
+layer. Each row holds one sequence from slot 0 with no padding; its next slot (next_pos, also its
+rope position) and a (N, S) key-validity mask are per row, so rows start and end at different steps
+(continuous batching). `prefill` runs RIGHT-padded prompts once and writes each into the rows named
+for it (a prompt's K samples); `copy_rows` starts a row from a prompt already in another row;
+`decode` writes every row's own next slot; `keep_rows` drops idle rows in place.
 
-Folders, hub ids, tokenizers and memory budgets live in model_io.py (import them from there). A folder's mistakes are
-one-line `ModelError`s (a ValueError) naming the file: config.json lacking a key or describing an unsupported
-model; tensors missing, unexpected or mis-shaped; custom code ("auto_map"), which is refused, never run.
+Folders, hub ids, tokenizers and memory budgets live in model_io.py (import them from there). A
+folder's mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json lacking a
+key or describing an unsupported model; tensors missing, unexpected or mis-shaped; custom code
+("auto_map"), which is refused, never run.
 
 Departures (this file is infrastructure; the paper's model is Orca-2.5 = Mistral-7B):
- 1. Rope types other than default/llama3/linear (yarn, dynamic, longrope) and per-layer sliding windows
-    (Qwen use_sliding_window) are rejected with a ModelError rather than approximated.
- 2. Padded query positions attend to themselves (finite garbage instead of NaN); their outputs are never used.
+ 1. Rope types other than default/llama3/linear (yarn, dynamic, longrope) and per-layer sliding
+    windows (Qwen use_sliding_window) are rejected with a ModelError rather than approximated.
+ 2. Padded query positions attend to themselves (finite garbage instead of NaN); their outputs are
+    never used.
 """
 import math
 from dataclasses import dataclass, field
@@ -76,7 +79,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source="config.json") -> "ModelArgs":
-        """transformers' config.json dict -> ModelArgs; ModelError naming `source` when it cannot describe a model."""
+        """transformers' config.json dict -> ModelArgs; ModelError naming `source` when it cannot
+        describe a model."""
         if not isinstance(cfg, dict):
             raise ModelError(f"{source}: expected a JSON object, got a JSON {type(cfg).__name__}")
         names = cfg.get("architectures") or []
@@ -89,7 +93,8 @@ class ModelArgs:
             raise ModelError(f"{source}: {', '.join(bad)} missing or not a positive integer")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})  # transformers v5 | v4 layout
+        # transformers v5 | v4 layout
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3", "linear"):
@@ -135,12 +140,14 @@ class ModelArgs:
 
 
 def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
-    """(head_dim / 2,) float32 rotary frequencies, with the llama3 / linear context-extension rescaling."""
-    inv = 1.0 / a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32, device="cpu") / a.head_dim)
+    """(head_dim / 2,) float32 rotary frequencies, with llama3 / linear context-extension rescaling."""
+    inv = 1.0 / a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32,
+                                              device="cpu") / a.head_dim)
     r = a.rope_scaling
     if r.get("rope_type", r.get("type")) == "linear":
         return inv / r["factor"]
-    if r.get("rope_type", r.get("type")) == "llama3":  # long wavelengths slowed by `factor`, short kept, blend between
+    # long wavelengths slowed by `factor`, short kept, blend between
+    if r.get("rope_type", r.get("type")) == "llama3":
         old, lo, hi = r["original_max_position_embeddings"], r["low_freq_factor"], r["high_freq_factor"]
         wavelen = 2 * math.pi / inv
         smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
@@ -150,7 +157,8 @@ def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
     return inv
 
 
-def rotate(x, cos, sin):  # x (B, H, T, D); cos/sin (B, 1, T, D); transformers' half-split rotation layout
+# x (B, H, T, D); cos/sin (B, 1, T, D); transformers' half-split rotation layout
+def rotate(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -171,11 +179,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def fill(self, rows, src, k, v):  # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j]
+    # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j]
+    def fill(self, rows, src, k, v):
         self.k[rows, :, :k.shape[2]] = k[src]
         self.v[rows, :, :k.shape[2]] = v[src]
 
-    def write(self, pos, k, v):  # decode: row r writes its slot pos[r]; pos (N,), k/v (N, H_kv, 1, D)
+    # decode: row r writes its slot pos[r]; pos (N,), k/v (N, H_kv, 1, D)
+    def write(self, pos, k, v):
         r = torch.arange(len(pos), device=pos.device)
         self.k[r, :, pos] = k[:, :, 0]
         self.v[r, :, pos] = v[:, :, 0]
@@ -190,30 +200,37 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
         if a.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.norm_eps), RMSNorm(a.head_dim, a.norm_eps)
+            self.q_norm = RMSNorm(a.head_dim, a.norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.cache = None
 
     def forward(self, x, cos, sin, mask, fill=None, step=None):
-        """fill (rows, src): prefill, write k/v into those cache rows; step (pos, kv_len): decode, write slot
-        pos (N,) of every row, then attend over cache slots [0, kv_len)."""
+        """fill (rows, src): prefill, write k/v into those cache rows; step (pos, kv_len): decode,
+        write slot pos (N,) of every row, then attend over cache slots [0, kv_len)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, H_kv, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        # (B, H, T, D)
+        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         if fill is not None:        # prefill attends its own k/v
             self.cache.fill(*fill, k, v)
         if step is not None:
             self.cache.write(step[0], k, v)
             k, v = self.cache.k[:, :, :step[1]], self.cache.v[:, :, :step[1]]
-        if mask is None:            # training / unpadded: causal, fused kernel, GQA without copying k/v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        else:                       # fold the G query heads sharing a kv head into the time axis: no k/v repeat
+        # training / unpadded: causal, fused kernel, GQA without copying k/v
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        else:
+            # fold the G query heads sharing a kv head into the time axis: no k/v repeat
             G = self.n_heads // self.n_kv
             qg = q.reshape(B, self.n_kv, G * T, self.hd)  # head h = kv * G + g
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, G, 1) if T > 1 else mask)
+            if T > 1:
+                mask = mask.repeat(1, 1, G, 1)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -243,8 +260,9 @@ class Block(nn.Module):
 
 
 def make_mask(key_valid, q_slots, window=0):
-    """(B, 1, T, S) bool attention mask: key s visible from query slot q if valid, s <= q (causal) and inside the
-    sliding window; every query also sees itself so fully padded rows stay finite. key_valid (B, S), q_slots (T,)."""
+    """(B, 1, T, S) bool attention mask: key s visible from query slot q if valid, s <= q (causal)
+    and inside the sliding window; every query also sees itself so fully padded rows stay finite.
+    key_valid (B, S), q_slots (T,)."""
     k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
     m = key_valid[:, None, None, :] & (k_slots <= q_slots[:, None])
     if window:
@@ -253,21 +271,24 @@ def make_mask(key_valid, q_slots, window=0):
 
 
 class HeadLogp(torch.autograd.Function):
-    """log softmax(h W^T)[target] per row with a single (N, V) buffer. Forward: logits -> exp(logits - rowmax) in
-    place, kept for backward; backward scales it in place into the logits' gradient, g (onehot - softmax), then
-    two matmuls. (Autograd through lm_head, logsumexp and gather would hold two or three (N, V) tensors and make
-    several more passes over them.) One backward only. Under autocast the matmuls run in the autocast dtype and
-    the exp/sums in float32."""
+    """log softmax(h W^T)[target] per row with a single (N, V) buffer. Forward: logits -> exp(logits
+    - rowmax) in place, kept for backward; backward scales it in place into the logits' gradient, g
+      (onehot - softmax), then
+    two matmuls. (Autograd through lm_head, logsumexp and gather would hold two or three (N, V)
+    tensors and make several more passes over them.) One backward only. Under autocast the matmuls
+    run in the autocast dtype and the exp/sums in float32."""
     @staticmethod
     def forward(ctx, h, w, targets):  # h (N, C), w (V, C), targets (N,) long
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        acc = torch.promote_types(dt, torch.float32)                       # softmax math in >= float32
+        # softmax math in >= float32
+        acc = torch.promote_types(dt, torch.float32)
         hc, wc = h.to(dt), w.to(dt)
         logits = hc @ wc.t()                                               # (N, V)
         zt = logits.gather(-1, targets[:, None]).squeeze(-1).to(acc)      # (N,) target logit
         m = logits.amax(-1, keepdim=True).to(acc)                          # (N, 1)
         s = torch.empty(len(h), dtype=acc, device=h.device)                # (N,) sum exp(z - m)
-        for r in range(0, len(h), 1024):                                   # row chunks bound the temporaries
+        # row chunks bound the temporaries
+        for r in range(0, len(h), 1024):
             e = logits[r:r + 1024].to(acc).sub_(m[r:r + 1024]).exp_()     # in place when float32
             s[r:r + 1024] = e.sum(-1)
             logits[r:r + 1024].copy_(e)
@@ -280,8 +301,10 @@ class HeadLogp(torch.autograd.Function):
         hc, wc, targets, e, s = ctx.saved_tensors
         scale = -g.to(s.dtype) / s                                         # (N,) softmax = e / s
         for r in range(0, len(e), 1024):
-            e[r:r + 1024].copy_(e[r:r + 1024].to(s.dtype).mul_(scale[r:r + 1024, None]))   # -g softmax
-        e.scatter_add_(1, targets[:, None], g[:, None].to(e.dtype))        # + g onehot: d loss / d logits
+            # -g softmax
+            e[r:r + 1024].copy_(e[r:r + 1024].to(s.dtype).mul_(scale[r:r + 1024, None]))
+        # + g onehot: d loss / d logits
+        e.scatter_add_(1, targets[:, None], g[:, None].to(e.dtype))
         gh = (e @ wc).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None    # (N, C)
         gw = (e.t() @ hc).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None  # (V, C)
         return gh, gw, None
@@ -290,19 +313,26 @@ class HeadLogp(torch.autograd.Function):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.args, self.config = args, args.to_hf_config()  # config: the HF config.json dict save_pretrained writes
+        # config: the HF config.json dict save_pretrained writes
+        self.args, self.config = args, args.to_hf_config()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))  # FSDP2 shards each Block
+        # FSDP2 shards each Block
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.inv_freq = rope_inv_freq(args)  # plain attribute, not a buffer: stays float32 when the model is cast
-        self.register_buffer("key_valid", None, persistent=False)  # (N, S) bool once setup_cache is called
-        self.register_buffer("next_pos", None, persistent=False)   # (N,) long: each row's next rope position
-        self._full_rows = []  # [(module, name, full-size tensor)] while keep_rows has shrunk them to views
+        # plain attribute, not a buffer: stays float32 when the model is cast
+        self.inv_freq = rope_inv_freq(args)
+        # (N, S) bool once setup_cache is called
+        self.register_buffer("key_valid", None, persistent=False)
+        # (N,) long: each row's next rope position
+        self.register_buffer("next_pos", None, persistent=False)
+        # [(module, name, full-size tensor)] while keep_rows has shrunk them to views
+        self._full_rows = []
 
-    def _rope(self, pos, dtype):  # pos (B, T) -> cos, sin (B, 1, T, D), computed in float32 like transformers
+    # pos (B, T) -> cos, sin (B, 1, T, D), computed in float32 like transformers
+    def _rope(self, pos, dtype):
         if self.inv_freq.device != pos.device:
             self.inv_freq = self.inv_freq.to(pos.device)
         f = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
@@ -314,18 +344,21 @@ class Transformer(nn.Module):
         cos, sin = self._rope(pos, x.dtype) if rope is None else rope
         for layer in self.layers:
             x = layer(x, cos, sin, mask, fill, step)
-        if select is not None:      # only the rows that are scored go through the norm and the vocab projection
+        # only the rows that are scored go through the norm and the vocab projection
+        if select is not None:
             x = x[select]           # (N, C)
             if targets is not None:
-                return HeadLogp.apply(self.norm(x), self.lm_head.weight, targets)  # (N,) log p(target)
+                # (N,) log p(target)
+                return HeadLogp.apply(self.norm(x), self.lm_head.weight, targets)
         return self.lm_head(self.norm(x)).float()  # (B, T, V), or (N, V) with select
 
     def forward(self, idx, attention_mask=None, select=None, targets=None):
-        """idx (B, T) -> logits (B, T, V) float32, no cache. attention_mask (B, T) {0,1} for LEFT-padded batches;
-        training uses right padding and passes none (fused causal attention).
-        select (B, T) bool: return only the selected positions' logits (N, V), N = select.sum(), row-major order
-        (training scores response tokens only; the vocab projection is a large share of a small model's FLOPs).
-        targets (N,) long, with select: return log p(targets) (N,) float32 through HeadLogp (no (N, V) grad graph)."""
+        """idx (B, T) -> logits (B, T, V) float32, no cache. attention_mask (B, T) {0,1} for
+        LEFT-padded batches; training uses right padding and passes none (fused causal attention).
+        select (B, T) bool: return only the selected positions' logits (N, V), N = select.sum(),
+        row-major order (training scores response tokens only; the vocab projection is a large share
+        of a small model's FLOPs). targets (N,) long, with select: return log p(targets) (N,)
+        float32 through HeadLogp (no (N, V) grad graph)."""
         B, T = idx.shape
         q_slots = torch.arange(T, device=idx.device)
         if attention_mask is None:
@@ -333,17 +366,20 @@ class Transformer(nn.Module):
             w = self.args.sliding_window
             mask = make_mask(torch.ones_like(idx, dtype=torch.bool), q_slots, w) if w and T > w else None
         else:
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # per-row positions under left padding
+            # per-row positions under left padding
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             mask = make_mask(attention_mask.bool(), q_slots, self.args.sliding_window)
         return self._trunk(idx, pos, mask, select=select, targets=targets)
 
     # ---- KV cache (sample.py) ----
     def setup_cache(self, n_rows, max_seq_len, dtype=None, device=None):
-        """Preallocate a static (N, H_kv, S, D) cache per layer; same-shaped caches are reused (torch.compile)."""
+        """Preallocate a static (N, H_kv, S, D) cache per layer; same-shaped caches are reused
+        (torch.compile)."""
         w = self.embed_tokens.weight
         dtype, device = dtype or w.dtype, torch.device(device or w.device)
         shape = (n_rows, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
-        for m, name, x in self._full_rows:  # undo keep_rows: the full-size tensors (compiled graphs point at them)
+        # undo keep_rows: the full-size tensors (compiled graphs point at them)
+        for m, name, x in self._full_rows:
             setattr(m, name, x)
         self._full_rows = []
         for layer in self.layers:
@@ -352,8 +388,10 @@ class Transformer(nn.Module):
                 layer.self_attn.cache = KVCache(*shape[:3], self.args.head_dim, dtype, device)
         kv = self.key_valid
         if kv is None or kv.shape != (n_rows, max_seq_len) or kv.device != device:
-            self.key_valid = torch.zeros(n_rows, max_seq_len, dtype=torch.bool, device=device)  # buffers:
-            self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # CUDA graphs mutate them
+            # buffers:
+            self.key_valid = torch.zeros(n_rows, max_seq_len, dtype=torch.bool, device=device)
+            # CUDA graphs mutate them
+            self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)
         cos, sin = self._rope(torch.arange(max_seq_len, device=device)[None], dtype)  # (1, 1, S, D)
         self.rope_table = cos[0, 0], sin[0, 0]  # (S, D): decode looks its positions up
 
@@ -363,16 +401,18 @@ class Transformer(nn.Module):
             layer.self_attn.cache = None
         self.key_valid, self.next_pos, self._full_rows, self.rope_table = None, None, [], None
 
-    def _start_rows(self, rows, lens):  # rows (n,) now hold prompts of lens (n,) tokens in slots [0, len)
+    # rows (n,) now hold prompts of lens (n,) tokens in slots [0, len)
+    def _start_rows(self, rows, lens):
         slots = torch.arange(self.key_valid.shape[1], device=rows.device)
         self.key_valid[rows] = slots < lens[:, None]
         self.next_pos[rows] = lens
 
     @torch.no_grad()
     def prefill(self, idx, lens, rows, src):
-        """Run B RIGHT-padded prompts idx (B, T) of lens (B,) tokens once; prompt src[j] fills cache row rows[j]
-        (slots [0, T), the padding masked), so one prompt can start several samples. Causal attention never
-        sees the padding on the right. Returns each prompt's last-token logits (B, V)."""
+        """Run B RIGHT-padded prompts idx (B, T) of lens (B,) tokens once; prompt src[j] fills cache
+        row rows[j] (slots [0, T), the padding masked), so one prompt can start several samples.
+        Causal attention never sees the padding on the right. Returns each prompt's last-token
+        logits (B, V)."""
         B, T = idx.shape
         slots = torch.arange(T, device=idx.device)
         w = self.args.sliding_window
@@ -384,7 +424,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def copy_rows(self, src, dst, lens):
-        """Cache rows dst (n,) start from the prompts already in rows src (n,): their first lens (n,) slots."""
+        """Cache rows dst (n,) start from the prompts already in rows src (n,): their first lens
+        (n,) slots."""
         n = int(lens.max())
         for layer in self.layers:
             c = layer.self_attn.cache
@@ -393,9 +434,10 @@ class Transformer(nn.Module):
         self._start_rows(dst, lens)
 
     def keep_rows(self, keep, n_slots):
-        """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted, to rows 0..n-1
-        in place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid (N, S), next_pos (N,) -- to a
-        view of its first n rows (same storage; nothing allocated but the gather). Slots [0, n_slots) hold keys."""
+        """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted,
+        to rows 0..n-1 in place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid
+        (N, S), next_pos (N,) -- to a view of its first n rows (same storage; nothing allocated but
+        the gather). Slots [0, n_slots) hold keys."""
         rows = [(layer.self_attn.cache, n) for layer in self.layers for n in ("k", "v")]
         rows += [(self, "key_valid"), (self, "next_pos")]
         if not self._full_rows:  # the first shrink of this batch: setup_cache gives these back
@@ -410,10 +452,10 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tok, kv_len):
-        """One step for all N rows: tok (N,) long is written at each row's own slot next_pos (N,), which is also
-        its rope position; kv_len: slots attended (the longest row's + 1 eager; the full cache length when
-        compiled, so shapes stay static). Returns logits (N, V). A row at the cache's end stays there (idle
-        rows decode garbage until they are refilled or dropped)."""
+        """One step for all N rows: tok (N,) long is written at each row's own slot next_pos (N,),
+        which is also its rope position; kv_len: slots attended (the longest row's + 1 eager; the
+        full cache length when compiled, so shapes stay static). Returns logits (N, V). A row at the
+        cache's end stays there (idle rows decode garbage until they are refilled or dropped)."""
         pos = self.next_pos
         self.key_valid.scatter_(1, pos[:, None], True)
         mask = self.key_valid[:, :kv_len]  # (N, kv_len)
@@ -429,12 +471,14 @@ class Transformer(nn.Module):
     # ---- Hugging Face checkpoint I/O ----
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load a local Hugging Face folder (see resolve_model for hub ids). User mistakes (bad config.json, a
-        model too large for `device`, garbage / truncated / mis-shaped / missing tensors) raise a one-line error."""
+        """Load a local Hugging Face folder (see resolve_model for hub ids). User mistakes (bad
+        config.json, a model too large for `device`, garbage / truncated / mis-shaped / missing
+        tensors) raise a one-line error."""
         path = Path(path)
         cfg = read_config(path)
         args = ModelArgs.from_hf_config(cfg, source=path / "config.json")
-        check_fits(args, device, dtype, path / "config.json")  # before reading or allocating anything
+        # before reading or allocating anything
+        check_fits(args, device, dtype, path / "config.json")
         state = read_weights(path, device, dtype, args.tie_embeddings)  # {our name: tensor}
         with torch.device("meta"):
             model = cls(args)
@@ -442,7 +486,8 @@ class Transformer(nn.Module):
         missing = sorted(set(want) - set(state))
         if missing:
             raise ModelError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        bad = [(k, tuple(state[k].shape), tuple(want[k].shape)) for k in want if state[k].shape != want[k].shape]
+        bad = [(k, tuple(state[k].shape), tuple(want[k].shape)) for k in want
+               if state[k].shape != want[k].shape]
         if bad:
             raise ModelError(f"{path}: {len(bad)} tensors have the wrong shape for config.json, e.g. {bad[0][0]} "
                              f"is {bad[0][1]}, expected {bad[0][2]}")
@@ -450,16 +495,19 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.config = cfg  # keep every field of the original config.json for save_pretrained
-        model.source = path  # its generation_config.json (eos list, top_p, ...) is copied by save_pretrained
-        model.save_dtype = stored_dtype(path)  # save_pretrained writes this dtype back (bf16 stays bf16)
+        # its generation_config.json (eos list, top_p, ...) is copied by save_pretrained
+        model.source = path
+        # save_pretrained writes this dtype back (bf16 stays bf16)
+        model.save_dtype = stored_dtype(path)
         return model.eval()
 
     def save_pretrained(self, path, tokenizer=None, state_dict=None, dtype=None):
-        """Write config.json, generation_config.json, model.safetensors (+ tokenizer files). state_dict: a full
-        (gathered) state dict when the module itself is sharded, e.g. under FSDP2. generation_config.json is the
-        source folder's, unchanged, when the model was loaded from one that has it; else built from config.json.
-        dtype: the weights' dtype on disk; None = the dtype the loaded checkpoint was stored in (a bf16 folder
-        trained in float32 is saved bf16 again), or the tensors' own dtype for a model built in memory."""
+        """Write config.json, generation_config.json, model.safetensors (+ tokenizer files).
+        state_dict: a full (gathered) state dict when the module itself is sharded, e.g. under
+        FSDP2. generation_config.json is the source folder's, unchanged, when the model was loaded
+        from one that has it; else built from config.json. dtype: the weights' dtype on disk; None = the dtype the loaded checkpoint was stored in (a bf16 folder
+        trained in float32 is saved bf16 again), or the tensors' own dtype for a model built in
+        memory."""
         path = Path(path)
         dtype = dtype or getattr(self, "save_dtype", None)
         write_weights(path, state_dict if state_dict is not None else self.state_dict(), self.config,

@@ -1,4 +1,5 @@
-"""Model folders, hub ids, tokenizers and memory budgets: everything model.py needs from outside the network.
+"""Model folders, hub ids, tokenizers and memory budgets: everything model.py needs from outside the
+network.
 
     python model_io.py                                # memory estimates of the paper's Mistral-7B (no download)
     from model_io import resolve_model, load_tokenizer, check_memory, read_config
@@ -7,24 +8,28 @@
     check_memory(args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError if a step cannot fit
     torch.set_num_threads(pick_threads("auto", count_params(args)))  # CPU threads the model size warrants
 
-What lives here: reading and writing a Hugging Face folder (config.json, safetensors shards renamed by HF_PREFIX,
-generation_config.json, tokenizer), resolving an id ORG/NAME the way transformers does (HF_HUB_CACHE / HF_HOME,
-HF_HUB_OFFLINE), estimating a step's memory from a ModelArgs before anything is allocated, and the number of CPU
-threads a model's size warrants (pick_threads). model.py (the network) imports from here and re-exports
-resolve_model, load_tokenizer, read_config, check_memory and ModelError (train.py, sample.py and oracle.py's local
-judge load models through these); this file never imports model.py.
+What lives here: reading and writing a Hugging Face folder (config.json, safetensors shards renamed
+by HF_PREFIX, generation_config.json, tokenizer), resolving an id ORG/NAME the way transformers does
+(HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE), estimating a step's memory from a ModelArgs before
+anything is allocated, and the number of CPU threads a model's size warrants (pick_threads).
+model.py (the network) imports from here and re-exports resolve_model, load_tokenizer, read_config,
+check_memory and ModelError (train.py, sample.py and oracle.py's local judge load models through
+these); this file never imports model.py.
 
-User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json that is not JSON or not an
-object; weights garbage, truncated or unreadable; a config whose weights alone exceed the device's free memory
-(refused from a parameter count); a hub id that is neither cached nor downloadable; a step that cannot fit, with
-what to change. Nothing here runs code shipped with a model.
+User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json that is not
+JSON or not an object; weights garbage, truncated or unreadable; a config whose weights alone exceed
+the device's free memory (refused from a parameter count); a hub id that is neither cached nor
+downloadable; a step that cannot fit, with what to change. Nothing here runs code shipped with a
+model.
 
-Departures (none from the paper: this file is infrastructure; these are from transformers' own loading):
- 1. A config.json or tokenizer_config.json with "auto_map" (custom model code) is refused, and transformers is
-    always called with trust_remote_code=False; hub downloads fetch only HUB_FILES (never .py files).
+Departures (none from the paper: this file is infrastructure; these are from transformers' own
+loading):
+ 1. A config.json or tokenizer_config.json with "auto_map" (custom model code) is refused, and
+    transformers is always called with trust_remote_code=False; hub downloads fetch only HUB_FILES
+    (never .py files).
  2. Hub ids resolve to the "main" revision only; safetensors only, never pickle (.bin) checkpoints.
- 3. memory_estimate leaves out allocator fragmentation and the CUDA context, so check_memory can pass a step that
-    still runs out of memory by a few percent.
+ 3. memory_estimate leaves out allocator fragmentation and the CUDA context, so check_memory can
+    pass a step that still runs out of memory by a few percent.
 """
 import json
 import os
@@ -41,11 +46,13 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buf
 
 
 class ModelError(ValueError):
-    """A user mistake in a model folder, a model id or a memory budget; the message is one line naming the file."""
+    """A user mistake in a model folder, a model id or a memory budget; the message is one line
+    naming the file."""
 
 
 # ---- model folders, hub ids, tokenizers: one-line errors, never custom code ----
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]  # config, weights, tokenizer; no .py
+# config, weights, tokenizer; no .py
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
 def one_line(e) -> str:
@@ -60,7 +67,8 @@ def read_json(file):
 
 
 def refuse_custom_code(cfg, file):
-    """A folder whose config names its own Python classes (auto_map) is refused: we never run code from a model."""
+    """A folder whose config names its own Python classes (auto_map) is refused: we never run code
+    from a model."""
     if isinstance(cfg, dict) and "auto_map" in cfg:
         raise ModelError(f"{file}: has auto_map (custom model code); refused, this repo never runs code shipped "
                          "with a model (trust_remote_code=False)")
@@ -76,7 +84,8 @@ def read_config(path) -> dict:
 
 
 def weight_files(path) -> list:
-    """The safetensors files of a model folder: model.safetensors, or the shards named by its index."""
+    """The safetensors files of a model folder: model.safetensors, or the shards named by its
+    index."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         wm = read_json(index)
@@ -95,7 +104,8 @@ def weight_files(path) -> list:
 
 
 def load_tensors(file, device, dtype, tied) -> dict:
-    """{transformers name: tensor} of one safetensors file, cast to dtype; tied: skip a stored lm_head.weight."""
+    """{transformers name: tensor} of one safetensors file, cast to dtype; tied: skip a stored
+    lm_head.weight."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
@@ -107,7 +117,8 @@ def load_tensors(file, device, dtype, tied) -> dict:
 
 
 def read_weights(path, device, dtype, tied) -> dict:
-    """{our parameter name: tensor} of a folder's safetensors, renamed by HF_PREFIX; tied: lm_head = embed_tokens."""
+    """{our parameter name: tensor} of a folder's safetensors, renamed by HF_PREFIX; tied: lm_head =
+    embed_tokens."""
     to_ours = {hf: ours for ours, hf in HF_PREFIX.items()}
     state = {}
     for file in weight_files(path):
@@ -122,7 +133,8 @@ def read_weights(path, device, dtype, tied) -> dict:
 
 
 def stored_dtype(path):
-    """The dtype most of a folder's weights are stored in, read from the safetensors headers (None if unknown)."""
+    """The dtype most of a folder's weights are stored in, read from the safetensors headers (None
+    if unknown)."""
     count = {}
     try:
         for file in weight_files(Path(path)):
@@ -134,7 +146,8 @@ def stored_dtype(path):
                     for d in t["shape"]:
                         n *= d
                     count[t["dtype"]] = count.get(t["dtype"], 0) + n
-    except (OSError, ValueError, KeyError, TypeError):  # a header we cannot read: keep the tensors' own dtype
+    # a header we cannot read: keep the tensors' own dtype
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return SAFETENSORS_DTYPES[max(count, key=count.get)] if count else None
 
@@ -143,9 +156,10 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 
 def write_weights(path, state, config, tied, source=None, dtype=None):
-    """{our name: tensor} -> path/model.safetensors in transformers' names, config.json (config, dtype updated) and
-    generation_config.json: source's (a model folder) copied unchanged when it has one, else built from config.
-    dtype: cast the floating-point tensors to it (None: as they are)."""
+    """{our name: tensor} -> path/model.safetensors in transformers' names, config.json (config,
+    dtype updated) and generation_config.json: source's (a model folder) copied unchanged when it
+    has one, else built from config. dtype: cast the floating-point tensors to it (None: as they
+    are)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -167,20 +181,24 @@ def write_weights(path, state, config, tied, source=None, dtype=None):
         if gen.resolve() != (path / "generation_config.json").resolve():
             shutil.copyfile(gen, path / "generation_config.json")
     else:
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if cfg.get(k) is not None}
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 def hub_cache() -> str:
-    """The hub cache folder the way huggingface_hub finds it, read from the environment now (not at import)."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    """The hub cache folder the way huggingface_hub finds it, read from the environment now (not at
+    import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
+                                                     "huggingface")
     return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
                               or os.path.join(home, "hub"))
 
 
 def resolve_model(name_or_path, what="--model") -> str:
-    """A local model folder, or a hub id ORG/NAME -> its snapshot folder in the hub cache (downloading config,
-    safetensors and tokenizer files when online; never .py files). `what` names the flag in error messages."""
+    """A local model folder, or a hub id ORG/NAME -> its snapshot folder in the hub cache
+    (downloading config, safetensors and tokenizer files when online; never .py files). `what` names
+    the flag in error messages."""
     if not str(name_or_path):  # Path("") is the working directory
         raise ModelError(f"{what} is empty: pass a model folder or a Hugging Face id ORG/NAME")
     p = Path(name_or_path).expanduser()
@@ -201,7 +219,8 @@ def resolve_model(name_or_path, what="--model") -> str:
         raise ModelError(f"{what} {name_or_path}: not in the Hugging Face cache (HF_HUB_CACHE={cache}) and "
                          f"{'offline (HF_HUB_OFFLINE=1)' if offline else 'the hub is unreachable'}; download it once "
                          "online, or pass a local folder") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:  # unknown or gated repo, bad revision, disk full
+    # unknown or gated repo, bad revision, disk full
+    except (HfHubHTTPError, OSError, ValueError) as e:
         raise ModelError(f"{what} {name_or_path}: {type(e).__name__} from the hub ({one_line(e)})") from None
     if not (Path(folder) / "config.json").is_file():
         raise ModelError(f"{what} {name_or_path}: the hub snapshot {folder} has no config.json")
@@ -209,7 +228,8 @@ def resolve_model(name_or_path, what="--model") -> str:
 
 
 def load_tokenizer(path):
-    """AutoTokenizer of a local folder (trust_remote_code=False; an auto_map is refused) with one-line errors."""
+    """AutoTokenizer of a local folder (trust_remote_code=False; an auto_map is refused) with
+    one-line errors."""
     from transformers import AutoTokenizer
     path = Path(path)
     if not path.is_dir():
@@ -221,7 +241,8 @@ def load_tokenizer(path):
         raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' messages run 3-5 lines
+    # transformers' messages run 3-5 lines
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelError(f"{path}: cannot load a tokenizer ({one_line(e)})") from None
 
 
@@ -237,9 +258,11 @@ def check_vocab(tokenizer, vocab_size, path):
 
 # ---- memory: estimate before anything is allocated ----
 def count_params(args) -> int:
-    """Parameters of model.Transformer(args: model.ModelArgs), counted by hand from the shapes (no allocation)."""
+    """Parameters of model.Transformer(args: model.ModelArgs), counted by hand from the shapes (no
+    allocation)."""
     C, F, H, K, D = args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim
-    attn = 2 * C * H * D + 2 * C * K * D                                  # q, o (C x H D); k, v (C x K D)
+    # q, o (C x H D); k, v (C x K D)
+    attn = 2 * C * H * D + 2 * C * K * D
     attn += (H * D + 2 * K * D) * args.qkv_bias + C * args.o_bias + 2 * D * args.qk_norm
     mlp = 3 * C * F + (2 * F + C) * args.mlp_bias                         # gate, up, down
     layer = attn + mlp + 2 * C                                            # + two RMSNorms
@@ -247,15 +270,17 @@ def count_params(args) -> int:
 
 
 def count_lora_params(args, rank) -> int:
-    """Parameters lora.add_lora(rank) adds: r (in + out) per adapted projection (q, k, v, o, gate, up, down)."""
+    """Parameters lora.add_lora(rank) adds: r (in + out) per adapted projection (q, k, v, o, gate,
+    up, down)."""
     C, F, H, K, D = args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim
     per_layer = (C + H * D) * 2 + (C + K * D) * 2 + (C + F) * 3
     return rank * per_layer * args.n_layers
 
 
 def free_memory(device):
-    """Bytes free on device now: CUDA mem_get_info, CPU /proc/meminfo MemAvailable; None when unknown (then
-    nothing is checked). A container's cgroup limit is not read: its page cache would make it look full."""
+    """Bytes free on device now: CUDA mem_get_info, CPU /proc/meminfo MemAvailable; None when
+    unknown (then nothing is checked). A container's cgroup limit is not read: its page cache would
+    make it look full."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
@@ -263,13 +288,15 @@ def free_memory(device):
         return None
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):  # not Linux
         return None
 
 
 def check_fits(args, device, dtype, source):
-    """Refuse a config whose weights alone exceed the free memory, before the loader allocates (or loops) at all."""
+    """Refuse a config whose weights alone exceed the free memory, before the loader allocates (or
+    loops) at all."""
     n, free = count_params(args), free_memory(device)
     if free is not None and n * dtype.itemsize > free:
         raise ModelError(f"{source}: {n:,} parameters (num_hidden_layers={args.n_layers}, hidden_size={args.dim}) "
@@ -279,34 +306,43 @@ def check_fits(args, device, dtype, source):
 
 def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, param_bytes=4, optimizer="adamw",
                     act_bytes=2, seqs_per_item=1, shards=1, lora_rank=0) -> dict:
-    """Bytes one rank needs for a step on micro_batch items of seq_len tokens (seqs_per_item sequences each: 2 for
-    a DNO pair). Weights, gradients and the optimizer state (AdamW: exp_avg and exp_avg_sq in the parameter dtype,
-    fp32 in train.py; sgd: none) are split over `shards` FSDP ranks. Activations kept for backward, per token,
-    C = dim, H/K = query/kv heads, D = head_dim, F = hidden_dim, a = act_bytes (2 under bf16 autocast, 4 in fp32):
-        per layer   16 C + 4 H                 fp32 residual input and normalised output of both RMSNorms, the
-                  + a (2HD + 2KD + 4F)         attention's logsumexp; q, k, v, attention output, gate, up,
-                                               silu(gate), their product
-                  + a 2C, or a 5C (autocast)   the matmul inputs: both norm outputs, or under autocast the cast
-                                               copy each of the five q/k/v/gate/up matmuls keeps
-        grad_ckpt   4 C per layer (the block input), plus one layer's full set recomputed during backward
-        head        a (V + C) + 8 C            HeadLogp's (N, V) exp buffer and input, the final norm (N <= tokens)
-    weight_copies: a bytes per matmul weight, the cast weights kept for backward (autocast is assumed when a <
-    param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16 weights, no cast).
-    lora_rank r > 0 (lora.py): the frozen weights get no gradients and no optimizer state; only the adapters'
-    count_lora_params do (their activations, r per token per projection, are left out).
-    Not training (generation, sample.py): a KV cache of 2 K D a per token per layer, one layer's working set and
-    (B, V) float32 logits. The estimate leaves out allocator fragmentation and the CUDA context."""
+    """Bytes one rank needs for a step on micro_batch items of seq_len tokens (seqs_per_item
+    sequences each: 2 for a DNO pair). Weights, gradients and the optimizer state (AdamW: exp_avg
+    and exp_avg_sq in the parameter dtype, fp32 in train.py; sgd: none) are split over `shards` FSDP
+    ranks. Activations kept for backward, per token, C = dim, H/K = query/kv heads, D = head_dim, F
+        = hidden_dim, a = act_bytes (2 under bf16 autocast, 4 in fp32): per layer   16 C + 4 H
+                  fp32 residual input and normalised output of both RMSNorms, the + a (2HD + 2KD +
+                                               4F)         attention's logsumexp; q, k, v, attention
+                                                           output, gate, up, silu(gate), their
+                                                           product
+                  + a 2C, or a 5C (autocast)   the matmul inputs: both norm outputs, or under
+                                               autocast the cast copy each of the five q/k/v/gate/up
+                                               matmuls keeps
+        grad_ckpt   4 C per layer (the block input), plus one layer's full set recomputed during
+                    backward
+        head        a (V + C) + 8 C            HeadLogp's (N, V) exp buffer and input, the final
+                    norm (N <= tokens)
+    weight_copies: a bytes per matmul weight, the cast weights kept for backward (autocast is
+    assumed when a < param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16
+    weights, no cast). lora_rank r > 0 (lora.py): the frozen weights get no gradients and no
+    optimizer state; only the adapters' count_lora_params do (their activations, r per token per
+    projection, are left out). Not training (generation, sample.py): a KV cache of 2 K D a per token
+    per layer, one layer's working set and (B, V) float32 logits. The estimate leaves out allocator
+    fragmentation and the CUDA context."""
     if optimizer not in ("adamw", "sgd"):
         raise ModelError(f"optimizer must be adamw or sgd, got {optimizer!r}")
     C, F, H, K, D, V, L = (args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size,
                            args.n_layers)
     B = micro_batch * seqs_per_item
     tokens, n = B * seq_len, count_params(args)
-    cast = act_bytes < param_bytes  # autocast: matmuls keep cast copies of their inputs and weights for backward
-    layer = 16 * C + 4 * H + act_bytes * (2 * H * D + 2 * K * D + 4 * F + (5 if cast else 2) * C)  # per token
+    # autocast: matmuls keep cast copies of their inputs and weights for backward
+    cast = act_bytes < param_bytes
+    # per token
+    layer = 16 * C + 4 * H + act_bytes * (2 * H * D + 2 * K * D + 4 * F + (5 if cast else 2) * C)
     if train:
         kept = 4 * C * L + layer if grad_ckpt else layer * L
-        # the embedding is no matmul; under FSDP the weights arrive in bf16 already (MixedPrecisionPolicy)
+        # the embedding is no matmul; under FSDP the weights arrive in bf16 already
+        # (MixedPrecisionPolicy)
         copies = (n - V * C * (not args.tie_embeddings)) * act_bytes * cast * (shards == 1)
         act, kv = tokens * (kept + act_bytes * (V + C) + 8 * C), 0
     else:
@@ -324,17 +360,18 @@ PARAMS_PER_THREAD = 25_000_000  # pick_threads: a model gets one CPU thread per 
 
 
 def pick_threads(spec, n_params) -> int:
-    """--threads -> torch's intra-op threads: an integer as given, or "auto": one thread per PARAMS_PER_THREAD
-    parameters, at least 1 and at most the cores this process may run on (os.sched_getaffinity) shared among the
-    torchrun ranks of this machine (LOCAL_WORLD_SIZE), and at most OMP_NUM_THREADS when it is set.
-    Why: a thread pays off only when each matmul has enough work to share; torch's default (one thread per
-    core) makes a tiny model wait at every op for a core that another process holds. Measured on the shared
-    2-core machine, 30 SFT steps of the demo's 0.14M-parameter Llama (demo_task.sft), each in a fresh process:
-    beside a 2-job compile (load 3-4), 2 threads took 41-55 s wall and 32-46 CPU-s, 1 thread 10-18 s and 9-11
-    CPU-s; with two busy loops more (load 12-15), 2 threads 226-272 s and 53-55 CPU-s, 1 thread 58-62 s and 9-11
-    CPU-s. (The machine was never idle while this was measured, so PARAMS_PER_THREAD, where a second thread
-    starts to pay on an idle machine, is a judgment, not a measured crossover.) Callers apply it:
-    torch.set_num_threads(pick_threads(cfg.threads, n_params))."""
+    """--threads -> torch's intra-op threads: an integer as given, or "auto": one thread per
+    PARAMS_PER_THREAD parameters, at least 1 and at most the cores this process may run on
+    (os.sched_getaffinity) shared among the torchrun ranks of this machine (LOCAL_WORLD_SIZE), and
+    at most OMP_NUM_THREADS when it is set. Why: a thread pays off only when each matmul has enough
+    work to share; torch's default (one thread per core) makes a tiny model wait at every op for a
+    core that another process holds. Measured on the shared 2-core machine, 30 SFT steps of the
+    demo's 0.14M-parameter Llama (demo_task.sft), each in a fresh process: beside a 2-job compile
+    (load 3-4), 2 threads took 41-55 s wall and 32-46 CPU-s, 1 thread 10-18 s and 9-11 CPU-s; with
+    two busy loops more (load 12-15), 2 threads 226-272 s and 53-55 CPU-s, 1 thread 58-62 s and 9-11
+    CPU-s. (The machine was never idle while this was measured, so PARAMS_PER_THREAD, where a second
+    thread starts to pay on an idle machine, is a judgment, not a measured crossover.) Callers apply
+    it: torch.set_num_threads(pick_threads(cfg.threads, n_params))."""
     s = str(spec).strip().lower()
     if s != "auto":
         if not s.isdigit() or int(s) < 1:
@@ -347,20 +384,23 @@ def pick_threads(spec, n_params) -> int:
     return max(1, min(cap, n_params // PARAMS_PER_THREAD))
 
 
-PARTS = ("weights", "grads", "optimizer", "weight_copies", "activations", "kv_cache")  # memory_estimate's sums
+# memory_estimate's sums
+PARTS = ("weights", "grads", "optimizer", "weight_copies", "activations", "kv_cache")
 
 
 def check_memory(args, device, **kw) -> dict:
-    """memory_estimate(args, **kw) plus free=bytes free on device; a one-line ModelError with what to change when
-    the total does not fit. Call it before loading or training so a run fails in seconds, not at the first OOM.
-    act_bytes, unless given, follows train.py: bf16 autocast (2) on CUDA, float32 (4) elsewhere."""
+    """memory_estimate(args, **kw) plus free=bytes free on device; a one-line ModelError with what
+    to change when the total does not fit. Call it before loading or training so a run fails in
+    seconds, not at the first OOM. act_bytes, unless given, follows train.py: bf16 autocast (2) on
+    CUDA, float32 (4) elsewhere."""
     kw.setdefault("act_bytes", 2 if torch.device(device).type == "cuda" else 4)
     est = memory_estimate(args, **kw)
     est["free"] = free = free_memory(device)
     if free is None or est["total"] <= free:
         return est
     fixed = est["weights"] + est["grads"] + est["optimizer"] + est["weight_copies"]
-    per_item = (est["total"] - fixed) / kw["micro_batch"]  # activations and KV cache grow with the micro-batch
+    # activations and KV cache grow with the micro-batch
+    per_item = (est["total"] - fixed) / kw["micro_batch"]
     fit = int((free - fixed) // per_item) if free > fixed else 0
     hints = [f"lower --micro_batch to {fit}"] if fit >= 1 else []
     ckpt = dict(kw, grad_ckpt=True)
@@ -379,13 +419,16 @@ if __name__ == "__main__":
 
     mistral7b = ModelArgs(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                           head_dim=128, hidden_dim=14336)
-    for ckpt, r in ((False, 0), (True, 0), (True, 16)):  # the paper's model, one pair per micro-batch, 2048
+    # the paper's model, one pair per micro-batch, 2048
+    for ckpt, r in ((False, 0), (True, 0), (True, 16)):
         est = memory_estimate(mistral7b, micro_batch=1, seq_len=2048, seqs_per_item=2, grad_ckpt=ckpt,
                               lora_rank=r)  # tokens, bf16 autocast, one rank
         print(f"Mistral-7B train step, grad_ckpt={ckpt}, lora_rank={r}: " + ", ".join(f"{k} {v / 2**30:.1f} GiB"
               for k, v in est.items() if k != "params") + f" ({est['params']:,} params)")
-    est = memory_estimate(mistral7b, micro_batch=16, seq_len=2048, seqs_per_item=5, train=False, param_bytes=2)
+    est = memory_estimate(mistral7b, micro_batch=16, seq_len=2048, seqs_per_item=5, train=False,
+                          param_bytes=2)
     print(f"Mistral-7B sampling, 16 prompts x 5 samples x 2048 tokens, bf16: {est['total'] / 2**30:.1f} GiB "
           f"(KV cache {est['kv_cache'] / 2**30:.1f} GiB)")
     free = free_memory("cpu")
-    print(f"free on cpu now: {free / 2**30:.1f} GiB" if free is not None else "free on cpu: unknown")
+    print(f"free on cpu now: {free / 2**30:.1f} GiB" if free is not None
+          else "free on cpu: unknown")

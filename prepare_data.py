@@ -1,4 +1,5 @@
-"""prepare_data.py: UltraFeedback-style data -> the prompts JSONL that train.py reads (x ~ rho, with y_gold).
+"""prepare_data.py: UltraFeedback-style data -> the prompts JSONL that train.py reads (x ~ rho, with
+y_gold).
 
 Usage:
     python prepare_data.py                                  # demo: converts a few built-in rows and prints them
@@ -6,24 +7,27 @@ Usage:
     python prepare_data.py --source openbmb/UltraFeedback --out prompts.jsonl               # needs `pip install datasets`
     python prepare_data.py --source HuggingFaceH4/ultrafeedback_binarized --split train_prefs --out prompts.jsonl
 
-Output lines: {"id": str, "prompt": [{"role": "user", "content": str}], "gold": str}; train.py --prompts reads them.
---source: a .jsonl / .json / .parquet file (.parquet needs pyarrow), a folder of such files (with --split, only
-the files named <split>-* or <split>.*), or a Hugging Face dataset name owner/name (needs `datasets`).
-Layouts, detected per row:
-    openbmb/UltraFeedback                  {"instruction", "completions": [{"model", "response", "overall_score",
-                                            "fine-grained_score", ...}], ...}; id = "uf-" + sha1(instruction)[:16]
-    HuggingFaceH4/ultrafeedback_binarized  {"prompt", "prompt_id", "chosen" | "messages": [{"role", "content"}, ...],
-                                            ...}; id = prompt_id, gold = the last assistant turn of chosen / messages
+Output lines: {"id": str, "prompt": [{"role": "user", "content": str}], "gold": str}; train.py
+--prompts reads them. --source: a .jsonl / .json / .parquet file (.parquet needs pyarrow), a folder
+of such files (with --split, only the files named <split>-* or <split>.*), or a Hugging Face dataset
+name owner/name (needs `datasets`). Layouts, detected per row:
+    openbmb/UltraFeedback                  {"instruction", "completions": [{"model", "response",
+                                            "overall_score", "fine-grained_score", ...}], ...}; id =
+                                            "uf-" + sha1(instruction)[:16]
+    HuggingFaceH4/ultrafeedback_binarized  {"prompt", "prompt_id", "chosen" | "messages": [{"role",
+                                            "content"}, ...], ...}; id = prompt_id, gold = the last
+                                            assistant turn of chosen / messages
 
 Departures from the paper (numbered):
-    1. The gold response. The paper collected a fresh GPT-4-Turbo answer for every prompt (Sec. 5.1); UltraFeedback
-       holds no GPT-4-Turbo completions. We take the completion of --gold_model (default "gpt-4") when the row has
-       one, else (--gold_fallback best) the highest-rated completion by overall_score, then fine-grained_score
-       (first one on ties), or drop the prompt (--gold_fallback skip). The binarized layout keeps no model names:
-       its gold is always the chosen (highest-rated) response. To follow the paper, regenerate the gold with a
-       strong teacher and overwrite the "gold" field.
-    2. Prompts are compared after stripping whitespace; a repeated prompt keeps its first row. Empty prompts,
-       rows with no usable gold, and repeats are skipped and counted.
+    1. The gold response. The paper collected a fresh GPT-4-Turbo answer for every prompt (Sec.
+       5.1); UltraFeedback holds no GPT-4-Turbo completions. We take the completion of --gold_model
+       (default "gpt-4") when the row has one, else (--gold_fallback best) the highest-rated
+       completion by overall_score, then fine-grained_score (first one on ties), or drop the prompt
+       (--gold_fallback skip). The binarized layout keeps no model names: its gold is always the
+       chosen (highest-rated) response. To follow the paper, regenerate the gold with a strong
+       teacher and overwrite the "gold" field.
+    2. Prompts are compared after stripping whitespace; a repeated prompt keeps its first row. Empty
+       prompts, rows with no usable gold, and repeats are skipped and counted.
     3. --limit N keeps a seeded random N of the kept rows (--seed), written in source order.
 """
 import glob
@@ -96,7 +100,8 @@ def read_source(source, split=""):
         files = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
                        if p.endswith(EXTS) and (not split or re.match(rf"{re.escape(split)}[-.]", os.path.basename(p))))
         if not files:
-            raise DataError(f"{source}: no {'/'.join(EXTS)} files" + (f" for split {split!r}" if split else ""))
+            raise DataError(f"{source}: no {'/'.join(EXTS)} files" + (f" for split {split!r}"
+                                                                      if split else ""))
         return [row for p in files for row in read_file(p)]
     if source.endswith(EXTS) or source.startswith((".", "/", "~")) or not HF_NAME.match(source):
         raise DataError(f"{source}: no such file or folder")
@@ -110,7 +115,8 @@ def read_source(source, split=""):
 
 # ----------------------------------------------------------------------------- converting
 def rating(c):
-    """Sort key of an UltraFeedback completion: (overall_score, fine-grained_score); missing / NaN = lowest."""
+    """Sort key of an UltraFeedback completion: (overall_score, fine-grained_score); missing / NaN =
+    lowest."""
     def num(v):
         try:
             v = float(v)
@@ -133,7 +139,8 @@ def pick_gold(completions, gold_model, fallback):
 
 
 def last_assistant(messages):
-    turns = [m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "assistant"]
+    turns = [m.get("content") for m in messages or [] if isinstance(m, dict)
+             and m.get("role") == "assistant"]
     return turns[-1] if turns and isinstance(turns[-1], str) else None
 
 
@@ -147,14 +154,16 @@ def convert_row(row, cfg):
         return rid, text, pick_gold(row.get("completions") or [], cfg.gold_model, cfg.gold_fallback)
     if "chosen" in row or "messages" in row:  # HuggingFaceH4/ultrafeedback_binarized
         text = row.get("prompt") or ""
-        rid = str(row.get("prompt_id") or "uf-" + hashlib.sha1(text.strip().encode()).hexdigest()[:16])
+        rid = str(row.get("prompt_id")
+                  or "uf-" + hashlib.sha1(text.strip().encode()).hexdigest()[:16])
         return rid, text, last_assistant(row.get("chosen") or row.get("messages"))
     raise DataError(f"unknown row layout with keys {sorted(row)[:6]}: expected 'instruction' + 'completions' "
                     "(openbmb/UltraFeedback) or 'prompt' + 'chosen' / 'messages' (ultrafeedback_binarized)")
 
 
 def convert(rows, cfg):
-    """Rows -> (records, counts): records {"id", "prompt": [user message], "gold"}; counts of kept and skipped."""
+    """Rows -> (records, counts): records {"id", "prompt": [user message], "gold"}; counts of kept
+    and skipped."""
     if cfg.gold_fallback not in ("best", "skip"):
         raise DataError(f"--gold_fallback must be best or skip, got {cfg.gold_fallback!r}")
     out, seen = [], set()
@@ -217,7 +226,8 @@ def main(argv=None):
             write_jsonl(cfg.out, records)
     except (ValueError, OSError) as e:  # user mistakes: one line
         sys.exit(f"error: {e}")
-    print(" | ".join(f"{k} {v}" for k, v in counts.items()) + ("" if not cfg.source else f" -> {cfg.out}"))
+    print(" | ".join(f"{k} {v}" for k, v in counts.items()) + ("" if not cfg.source
+                                                               else f" -> {cfg.out}"))
 
 
 if __name__ == "__main__":

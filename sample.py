@@ -1,5 +1,5 @@
-"""KV-cached sampling with the batch always full: K samples per prompt (Alg. 2, line 4: K = 5, T = 0.7,
-top-p 0.95).
+"""KV-cached sampling with the batch always full: K samples per prompt (Alg. 2, line 4: K = 5, T =
+0.7, top-p 0.95).
 
     python sample.py                                  # CPU demo: cached greedy == naive greedy, tokens/s
     python sample.py --model DIR|ORG/NAME --prompts IN.jsonl --out OUT.jsonl --num_samples 5 \
@@ -11,33 +11,38 @@ top-p 0.95).
     outs[0][k] == {"tokens": [...], "text": "...", "finish_reason": "stop", "stop_token": 151645}
 
 IN.jsonl lines: {"id"?: any, "prompt": str | [{"role", "content"}, ...]}; OUT.jsonl lines:
-{"id", "prompt", "samples": [text] * K, "finish_reasons": ["stop" | "length"] * K, "stop_tokens": [id | null] * K}
-(the stop id that ended each sample; null when it ran out of tokens). Every flag, the device and the --out
-folder are checked before the model loads.
+{"id", "prompt", "samples": [text] * K, "finish_reasons": ["stop" | "length"] * K, "stop_tokens":
+[id | null] * K} (the stop id that ended each sample; null when it ran out of tokens). Every flag,
+the device and the --out folder are checked before the model loads.
 
-How it runs (continuous batching): every (prompt, sample) is a job; `rows` jobs decode at once, one per KV cache
-row. A prompt is prefilled once, RIGHT-padded with the other prompts entering at the same step, into the rows of
-its samples; a later sample of it copies those slots from a row still holding them (model.copy_rows). Each row
-writes its own next slot (its length so far, also its rope position) at every decode step (model.decode). When
-a row's job ends (a stop id, or max_new_tokens), the row takes the next waiting job at once, so the batch stays
-full until the queue is empty; then idle rows are dropped (model.keep_rows) once >= 25% of them are idle. A run
-costs about the sum of its samples' lengths / rows steps (bench/bench_eos.py). generate(refill=False) admits new
-jobs only when every row is idle (lock-step batches); compact=False keeps idle rows to the end (the old
-lock-step baseline). Sampling is exact top-p by inverse CDF with three uniforms per (job, step), drawn from a
-torch.Generator seeded by hash(seed, prompt id, sample index): a sample does not depend on which other jobs
-share the rows, on `rows`, on prompt order, or on when rows were refilled or dropped (the uniforms follow the
-job, and greedy stays equal to naive recomputation).
+How it runs (continuous batching): every (prompt, sample) is a job; `rows` jobs decode at once, one
+per KV cache row. A prompt is prefilled once, RIGHT-padded with the other prompts entering at the
+same step, into the rows of its samples; a later sample of it copies those slots from a row still
+holding them (model.copy_rows). Each row writes its own next slot (its length so far, also its rope
+position) at every decode step (model.decode). When a row's job ends (a stop id, or max_new_tokens),
+the row takes the next waiting job at once, so the batch stays full until the queue is empty; then
+idle rows are dropped (model.keep_rows) once >= 25% of them are idle. A run costs about the sum of
+its samples' lengths / rows steps (bench/bench_eos.py). generate(refill=False) admits new jobs only
+when every row is idle (lock-step batches); compact=False keeps idle rows to the end (the old
+lock-step baseline). Sampling is exact top-p by inverse CDF with three uniforms per (job, step),
+drawn from a torch.Generator seeded by hash(seed, prompt id, sample index): a sample does not depend
+on which other jobs share the rows, on `rows`, on prompt order, or on when rows were refilled or
+dropped (the uniforms follow the job, and greedy stays equal to naive recomputation).
 
 Departures:
- 1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching top_p), as the
-    paper's samplers do; ties at the boundary may resolve differently from transformers' warper.
- 2. Once the queue is empty, idle rows keep decoding (their tokens discarded) until 25% of the rows are idle,
-    to amortise the copy that drops them. Under --compile the batch only halves (idle rows pad it to N / 2^j)
-    so the compiled step sees few shapes. Finished rows are found by a host sync every step (also on CUDA).
- 3. CPU draws top-p samples by rejection (no vocabulary sort), CUDA by sorting: both exact, but the same seed
-    gives different samples on the two devices (as does any change of dtype or hardware). sample_tokens(sort=True)
-    forces the CUDA path on CPU (the tests check both against the exact nucleus distribution).
- 4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line number).
+ 1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching
+    top_p), as the paper's samplers do; ties at the boundary may resolve differently from
+    transformers' warper.
+ 2. Once the queue is empty, idle rows keep decoding (their tokens discarded) until 25% of the rows
+    are idle, to amortise the copy that drops them. Under --compile the batch only halves (idle rows
+    pad it to N / 2^j) so the compiled step sees few shapes. Finished rows are found by a host sync
+    every step (also on CUDA).
+ 3. CPU draws top-p samples by rejection (no vocabulary sort), CUDA by sorting: both exact, but the
+    same seed gives different samples on the two devices (as does any change of dtype or hardware).
+    sample_tokens(sort=True) forces the CUDA path on CPU (the tests check both against the exact
+    nucleus distribution).
+ 4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line
+    number).
 """
 import hashlib
 import json
@@ -76,9 +81,11 @@ class Config:
 
 
 def encode_prompt(tokenizer, prompt) -> list:
-    """Prompt -> token ids. str: tokenized as-is (tokenizer's default special tokens); list of {"role",
-    "content"} messages: the tokenizer's chat template with the generation prompt; list of ints: taken as ids."""
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+    """Prompt -> token ids. str: tokenized as-is (tokenizer's default special tokens); list of
+    {"role", "content"} messages: the tokenizer's chat template with the generation prompt; list of
+    ints: taken as ids."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and isinstance(prompt[0], dict)):
         if tokenizer is None:
             raise ValueError("text and chat prompts need a tokenizer (pass token-id lists without one)")
     if isinstance(prompt, str):
@@ -117,11 +124,12 @@ def row_seed(seed, prompt_id, k) -> int:
 
 def sample_tokens(logits, u, temperature, top_p, sort=None):
     """logits (N, V) float32, u (N, 3) uniforms in [0, 1) -> (N,) token ids; temperature 0 = argmax.
-    Top-p nucleus = the tokens whose more-probable mass is < top_p. On CPU, sorting the vocabulary every step
-    dominates decode time, so we draw 2 candidates from the full softmax by inverse CDF and take the first that
-    lies in the nucleus (rejection sampling: exact, accepted with probability >= top_p); rows where both miss
-    fall back to the sorted nucleus with the third uniform. On CUDA the sort is cheap and sync-free: always sort.
-    sort: None = sort on CUDA only; True / False force either path (tests run the CUDA path on CPU)."""
+    Top-p nucleus = the tokens whose more-probable mass is < top_p. On CPU, sorting the vocabulary
+    every step dominates decode time, so we draw 2 candidates from the full softmax by inverse CDF
+    and take the first that lies in the nucleus (rejection sampling: exact, accepted with
+    probability >= top_p); rows where both miss fall back to the sorted nucleus with the third
+    uniform. On CUDA the sort is cheap and sync-free: always sort. sort: None = sort on CUDA only;
+    True / False force either path (tests run the CUDA path on CPU)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # (N, V)
@@ -131,30 +139,36 @@ def sample_tokens(logits, u, temperature, top_p, sort=None):
     tok = cand[:, 0]
     if top_p >= 1:
         return tok
-    miss = (~_in_nucleus(probs, tok, top_p)).nonzero()[:, 0]  # rows whose first candidate is rejected
+    # rows whose first candidate is rejected
+    miss = (~_in_nucleus(probs, tok, top_p)).nonzero()[:, 0]
     if len(miss):
         p, second = probs[miss], cand[miss, 1]
-        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second, _sample_top(p, u[miss, 2], top_p))
+        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second,
+                                _sample_top(p, u[miss, 2], top_p))
     return tok
 
 
-def _in_nucleus(probs, tok, top_p):  # (N, V), (N,) -> (N,) bool: mass of strictly more likely tokens < top_p
+# (N, V), (N,) -> (N,) bool: mass of strictly more likely tokens < top_p
+def _in_nucleus(probs, tok, top_p):
     p_tok = probs.gather(1, tok[:, None])  # (N, 1)
     return torch.where(probs > p_tok, probs, 0).sum(-1) < top_p
 
 
-def _inverse_cdf(probs, u):  # probs (N, V) (unnormalised ok), u (N, M) -> (N, M) ids with P(id) = prob / sum
+# probs (N, V) (unnormalised ok), u (N, M) -> (N, M) ids with P(id) = prob / sum
+def _inverse_cdf(probs, u):
     cdf = probs.cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
 
 
-def _sample_sorted(probs, u, top_p):  # probs (N, V), u (N,) -> (N,): inverse CDF over the sorted nucleus
+# probs (N, V), u (N,) -> (N,): inverse CDF over the sorted nucleus
+def _sample_sorted(probs, u, top_p):
     probs, order = probs.sort(dim=-1, descending=True)
     probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # keep while the mass above is < top_p
     return order.gather(1, _inverse_cdf(probs, u[:, None]))[:, 0]
 
 
-def _sample_top(probs, u, top_p, k=64):  # _sample_sorted over the top k tokens only, k x4 until they hold
+# _sample_sorted over the top k tokens only, k x4 until they hold
+def _sample_top(probs, u, top_p, k=64):
     V = probs.shape[1]                     # the nucleus (mass >= top_p): no full-vocabulary sort
     while True:
         top, order = probs.topk(min(k, V), dim=-1)  # (N, k) sorted, descending
@@ -183,16 +197,21 @@ def right_pad(prompts, pad_id=0):
     return idx, torch.tensor([len(p) for p in prompts])
 
 
-COMPACT_AT = 0.25  # drop idle rows once this fraction of the rows is idle and nothing waits (departure 2)
+# drop idle rows once this fraction of the rows is idle and nothing waits (departure 2)
+COMPACT_AT = 0.25
 
 
 @dataclass
 class Rows:
-    """What the sampler keeps per cache row (N rows in flight); host tensors on the CPU, the rest on `dev`."""
-    job: torch.Tensor     # (N,) host: the (prompt, sample) job j = prompt * K + k a row decodes; -1 = idle
-    pos: torch.Tensor     # (N,) host: the cache slot the row writes next (prompt length + tokens so far)
+    """What the sampler keeps per cache row (N rows in flight); host tensors on the CPU, the rest on
+    `dev`."""
+    # (N,) host: the (prompt, sample) job j = prompt * K + k a row decodes; -1 = idle
+    job: torch.Tensor
+    # (N,) host: the cache slot the row writes next (prompt length + tokens so far)
+    pos: torch.Tensor
     t: torch.Tensor       # (N,) tokens sampled so far = the step index into u and out
-    u: torch.Tensor       # (N, M, 3) the job's uniforms (row_seed): a row's randomness follows its job
+    # (N, M, 3) the job's uniforms (row_seed): a row's randomness follows its job
+    u: torch.Tensor
     out: torch.Tensor     # (N, M) tokens sampled
 
     def keep(self, keep):  # keep (n,) sorted host rows -> the state of those rows only
@@ -201,12 +220,14 @@ class Rows:
 
 
 def _start(model, rows, free, jobs, prompts, K, seeds, first, M):
-    """Jobs jobs (n,) enter the free cache rows free (n,): each prompt is prefilled once (the first of its K
-    jobs to enter), later samples copy its slots from a row still holding it. first: {prompt: (V,) logits of
-    its first token}, kept until its K-th sample entered. -> (n, V) logits of the new rows' first tokens."""
+    """Jobs jobs (n,) enter the free cache rows free (n,): each prompt is prefilled once (the first
+    of its K jobs to enter), later samples copy its slots from a row still holding it. first:
+    {prompt: (V,) logits of its first token}, kept until its K-th sample entered. -> (n, V) logits
+    of the new rows' first tokens."""
     dev = rows.t.device
     p_of = [j // K for j in jobs]
-    holder = {int(rows.job[r]) // K: r for r in range(len(rows.job)) if rows.job[r] >= 0 and r not in free}
+    holder = {int(rows.job[r]) // K: r for r in range(len(rows.job)) if rows.job[r] >= 0
+              and r not in free}
     new = sorted({p for p in p_of if p not in first or p not in holder})  # prompts to prefill
     free_t = torch.tensor(free)
     if new:
@@ -219,7 +240,8 @@ def _start(model, rows, free, jobs, prompts, K, seeds, first, M):
     copy = [i for i, p in enumerate(p_of) if p not in new]
     if copy:
         lens = torch.tensor([len(prompts[p_of[i]]) for i in copy], device=dev)
-        model.copy_rows(torch.tensor([holder[p_of[i]] for i in copy], device=dev), free_t[copy].to(dev), lens)
+        model.copy_rows(torch.tensor([holder[p_of[i]] for i in copy], device=dev),
+                        free_t[copy].to(dev), lens)
     logits = torch.stack([first[p] for p in p_of])
     for j in jobs:
         if j % K == K - 1:
@@ -237,10 +259,10 @@ def _start(model, rows, free, jobs, prompts, K, seeds, first, M):
 @torch.no_grad()
 def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, step, static, refill,
                 compact, on_done=lambda n: None):
-    """Every (prompt, sample) job j = p * K + k through n_rows cache rows -> {j: raw tokens} (stop id included).
-    refill: a row that finishes takes the next waiting job at once (continuous batching); else new jobs enter
-    only once every row is idle (the lock-step batches of before). compact: drop idle rows once nothing
-    waits for them (departure 2)."""
+    """Every (prompt, sample) job j = p * K + k through n_rows cache rows -> {j: raw tokens} (stop
+    id included). refill: a row that finishes takes the next waiting job at once (continuous
+    batching); else new jobs enter only once every row is idle (the lock-step batches of before).
+    compact: drop idle rows once nothing waits for them (departure 2)."""
     dev = model.embed_tokens.weight.device
     S = max(len(p) for p in prompts) + M
     if static:  # round the cache length so compiled shapes repeat across calls
@@ -251,7 +273,8 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
                 t=torch.zeros(N, dtype=torch.long, device=dev),
                 u=torch.zeros(N, M, 3, device=dev), out=torch.full((N, M), -1, device=dev))
     stop_t = torch.tensor(stops, dtype=torch.long, device=dev)
-    logits = torch.zeros(N, model.args.vocab_size, device=dev)  # (n, V): the next token's logits per row
+    # (n, V): the next token's logits per row
+    logits = torch.zeros(N, model.args.vocab_size, device=dev)
     results, first, waiting = {}, {}, 0  # jobs 0 .. waiting-1 have entered
     while True:
         idle = (rows.job < 0).nonzero()[:, 0].tolist()
@@ -292,8 +315,8 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
 
 
 def _rows_to_keep(busy, static):
-    """busy (n,) bool host -> sorted rows to keep: the busy ones. static (compiled step): padded with idle rows
-    up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
+    """busy (n,) bool host -> sorted rows to keep: the busy ones. static (compiled step): padded
+    with idle rows up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
     keep = busy.nonzero()[:, 0]
     if static:
         n = len(busy)
@@ -304,8 +327,10 @@ def _rows_to_keep(busy, static):
 
 
 def check_sampling(num_samples, max_new_tokens, temperature, top_p, rows):
-    """One-line ValueError for an impossible sampling setting (generate() and the CLI, before any work)."""
-    for name, v in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("rows", rows)]:
+    """One-line ValueError for an impossible sampling setting (generate() and the CLI, before any
+    work)."""
+    for name, v in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
+                    ("rows", rows)]:
         if not isinstance(v, int) or v < 0 or (v == 0 and name != "rows"):
             raise ValueError(f"{name} must be an integer >= {int(name != 'rows')}, got {v!r}")
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -318,8 +343,8 @@ ROWS_CAP = {"cpu": 64, "cuda": 256}  # more rows than this buys little on one CP
 
 
 def default_rows(model, longest, max_new_tokens, share=0.5) -> int:
-    """Cache rows in flight when --rows is 0: as many as the memory estimate fits in `share` of the free
-    memory (KV cache, one layer's working set, logits), at most ROWS_CAP."""
+    """Cache rows in flight when --rows is 0: as many as the memory estimate fits in `share` of the
+    free memory (KV cache, one layer's working set, logits), at most ROWS_CAP."""
     w = model.embed_tokens.weight
     cap = ROWS_CAP.get(w.device.type, 64)
     free = free_memory(w.device)
@@ -335,11 +360,12 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
              seed=0, ids=None, stop_ids=None, rows=0, progress=False, compile=False, refill=True,
              compact=True):
     """For each prompt, K = num_samples dicts {"tokens" (response, stop token excluded), "text",
-    "finish_reason": "stop" | "length", "stop_token": the stop id that ended it, or None}. ids: per-prompt ids
-    for the per-(id, sample, seed) RNG (default: index). stop_ids: None = default_stop_ids; [] = never stop.
-    rows: (prompt, sample) jobs decoded at once, 0 = default_rows. refill=False: new jobs wait until every row
-    is idle (lock-step batches); with compact=False as well, rows finish together (the old lock-step baseline;
-    the samples are the same, only slower)."""
+    "finish_reason": "stop" | "length", "stop_token": the stop id that ended it, or None}. ids:
+    per-prompt ids for the per-(id, sample, seed) RNG (default: index). stop_ids: None =
+    default_stop_ids; [] = never stop. rows: (prompt, sample) jobs decoded at once, 0 =
+    default_rows. refill=False: new jobs wait until every row is idle (lock-step batches); with
+    compact=False as well, rows finish together (the old lock-step baseline; the samples are the
+    same, only slower)."""
     ids = list(range(len(prompts))) if ids is None else list(ids)
     if len(ids) != len(prompts):
         raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
@@ -353,13 +379,16 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
             raise ValueError(f"prompt {ids[i]!r} has {len(e)} tokens; the model's context is {ctx} tokens")
     stops = default_stop_ids(tokenizer, model) if stop_ids is None else sorted(set(stop_ids))
     step = model.decode
-    if compile:  # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it
+    # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it
+    if compile:
         if getattr(model, "compiled_decode", None) is None:
-            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else "default"  # graphs need CUDA
+            # graphs need CUDA
+            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else "default"
             model.compiled_decode = torch.compile(model.decode, mode=mode, fullgraph=True)
         step = model.compiled_decode
     rows = rows or default_rows(model, max(map(len, encoded)), max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths prefill together
+    # similar lengths prefill together
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     K = num_samples
     seeds = [row_seed(seed, ids[i], k) for i in order for k in range(K)]
     with tqdm(total=len(prompts) * K, desc="sampling", unit="sample", disable=not progress) as bar:
@@ -367,8 +396,10 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
                           top_p, stops, step, compile, refill, compact, bar.update)
     results = [None] * len(prompts)
     for q, i in enumerate(order):
-        results[i] = [_finish(raw[q * K + k], tokenizer, set(stops), ctx - len(encoded[i])) for k in range(K)]
-    if not compile:  # the compiled step's CUDA graphs keep pointing at the cache buffers: keep them then
+        results[i] = [_finish(raw[q * K + k], tokenizer, set(stops), ctx - len(encoded[i]))
+                      for k in range(K)]
+    # the compiled step's CUDA graphs keep pointing at the cache buffers: keep them then
+    if not compile:
         model.clear_cache()
     return results
 
@@ -386,7 +417,8 @@ def _finish(row, tokenizer, stops, budget):
 
 @torch.no_grad()
 def naive_greedy(model, prompts, max_new_tokens):
-    """Test oracle: greedy decoding by recomputing the whole left-padded batch every step, no cache."""
+    """Test oracle: greedy decoding by recomputing the whole left-padded batch every step, no
+    cache."""
     idx, mask = left_pad(prompts)
     for _ in range(max_new_tokens):
         tok = model(idx, attention_mask=mask)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
@@ -395,15 +427,17 @@ def naive_greedy(model, prompts, max_new_tokens):
 
 
 def read_prompts(path):
-    """Prompts JSONL -> rows: each line's object with "id" (default: the line number) and "line" added. A line needs
-    "prompt": a non-empty string or a list of {"role": str, "content": str} messages; a bad line is a one-line
-    ValueError naming path:line. train.load_prompts reads its prompts with this too."""
+    """Prompts JSONL -> rows: each line's object with "id" (default: the line number) and "line"
+    added. A line needs "prompt": a non-empty string or a list of {"role": str, "content": str}
+    messages; a bad line is a one-line ValueError naming path:line. train.load_prompts reads its
+    prompts with this too."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} not found")
     rows = []
     with open(path, "rb") as f:
         raw = f.read()
-    try:                                                   # a non-UTF-8 file: one line naming it (CLI and train.py)
+    # a non-UTF-8 file: one line naming it (CLI and train.py)
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
@@ -434,7 +468,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_device(name) -> torch.device:
-    """--device string -> torch.device, or a one-line ValueError when it is malformed or not on this machine."""
+    """--device string -> torch.device, or a one-line ValueError when it is malformed or not on this
+    machine."""
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -449,7 +484,8 @@ def check_device(name) -> torch.device:
 
 
 def check_config(cfg: Config):
-    """Every flag, the device and the --out folder, before the model loads or anything is generated."""
+    """Every flag, the device and the --out folder, before the model loads or anything is
+    generated."""
     if not cfg.prompts or not cfg.out:
         raise ValueError("--prompts IN.jsonl and --out OUT.jsonl are required with --model")
     check_sampling(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.rows)
@@ -469,9 +505,11 @@ def run(cfg: Config):
     ids, prompts = [r["id"] for r in rows], [r["prompt"] for r in rows]
     if len(set(map(str, ids))) != len(ids):
         raise ValueError(f"{cfg.prompts}: duplicate ids")
-    path = resolve_model(cfg.model)  # a folder as is, or a hub id ORG/NAME -> its cached snapshot, as transformers
+    # a folder as is, or a hub id ORG/NAME -> its cached snapshot, as transformers
+    path = resolve_model(cfg.model)
     tok = load_tokenizer(path)       # before the weights: a broken tokenizer fails in a second
-    check_vocab(tok, ModelArgs.from_hf_config(read_config(path)).vocab_size, path)   # before any work
+    # before any work
+    check_vocab(tok, ModelArgs.from_hf_config(read_config(path)).vocab_size, path)
     model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
     torch.set_num_threads(pick_threads(cfg.threads, model.num_params()))
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
@@ -502,7 +540,8 @@ def demo(cfg: Config):
     print(f"greedy, 8 left-padded prompts x 64 tokens: cached == naive recomputation: {same} "
           f"(cached {t1 - t0:.2f}s, naive {t2 - t1:.2f}s)")
     t0 = time.perf_counter()
-    outs = generate(model, None, prompts, num_samples=4, max_new_tokens=64, stop_ids=[], compile=cfg.compile)
+    outs = generate(model, None, prompts, num_samples=4, max_new_tokens=64, stop_ids=[],
+                    compile=cfg.compile)
     dt = time.perf_counter() - t0
     n = sum(len(s["tokens"]) for o in outs for s in o)
     print(f"sampling 8 prompts x 4 samples x 64 tokens ({model.num_params() / 1e6:.2f}M params, CPU): "

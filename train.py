@@ -238,7 +238,8 @@ def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs,
     split. -> Run."""
     check(cfg, CHOICES, LIMITS)                         # every flag, before any model is loaded
-    pick_threads(cfg.threads, 0)                        # --threads too (applied once the size is known)
+    # --threads too (applied once the size is known)
+    pick_threads(cfg.threads, 0)
     judge, fn = oracle.make_judge(cfg)                  # a bad judge, URL or key: refused up front
     device = setup_device(cfg.device)                   # --device cuda without a GPU: one line
     os.makedirs(cfg.out, exist_ok=True)
@@ -278,7 +279,8 @@ def prepare(cfg):
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.prompts_per_iter = slice_size(cfg, len(rows) - cfg.num_val)
     val, slices = split(rows, cfg)
-    if not cfg.gold:                                    # pi_t's samples only (validation keeps gold)
+    # pi_t's samples only (validation keeps gold)
+    if not cfg.gold:
         slices = [[{**r, "gold": None} for r in D_t] for D_t in slices]
     print0("config:\n" + show(cfg))
     if rank() == 0:                                     # the resolved flags, beside the stages
