@@ -1,6 +1,6 @@
 """Sampler throughput with EOS on: continuous batching vs today's batches of 16 vs lock-step vs transformers.
 
-    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_eos.py     # CPU, a ~4M-param Llama, a few minutes
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_eos.py     # CPU, a 5.1M-param Llama, a few minutes
     python bench/bench_eos.py --device cuda                        # Qwen2.5-0.5B-shaped random model in bf16
 
 Workload: 64 prompts x K=5 samples, max 256 new tokens, temperature 0.7, top-p 0.95, with a stop set whose summed

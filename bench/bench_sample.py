@@ -1,13 +1,15 @@
 """Sampler throughput: our generate() vs transformers' generate() on the same random model, prompts and settings.
 
-    python bench/bench_sample.py                                   # CPU, a ~4M-param Llama, ~1-2 minutes
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_sample.py  # CPU, a 5.1M-param Llama, ~1-2 minutes
     python bench/bench_sample.py --device cuda                     # Qwen2.5-0.5B-shaped random model in bf16
     python bench/bench_sample.py --device cuda --compile true      # + torch.compile / CUDA graphs decode step
 
 Workload (issue 2): 16 prompts x K=5 samples x 128 new tokens, temperature 0.7, top-p 0.95, EOS ignored
-(stop_ids=[] for us; no eos and top_k=0 for transformers). Both read the same safetensors folder. Prints
-aggregate generated tokens/s and the ratio. On CUDA it also times batch-1 greedy decode against the
-memory-bandwidth bound: bytes of weights read per token / HBM bandwidth.
+(stop_ids=[] for us; no eos and top_k=0 for transformers). Both read the same safetensors folder; ours runs
+all 80 (prompt, sample) jobs as rows at once (rows=num_prompts*K), as transformers does. Prints generated
+tokens per CPU-second (time.process_time, all threads: fair on a shared machine) and per wall second, and
+the ratios. On CUDA it also times batch-1 greedy decode against the memory-bandwidth bound: bytes of
+weights read per token / HBM bandwidth.
 """
 import os
 import sys
@@ -35,7 +37,7 @@ class Config:
     compile: bool = False         # our decode step under torch.compile(mode="reduce-overhead")
     hbm_gbps: float = 0.0         # memory bandwidth for the bound; 0 = guess from the GPU name
     batch1_tokens: int = 256      # tokens timed in the batch-1 decode measurement (cuda)
-    skip_hf: bool = False
+    skip_hf: bool = False         # our sampler only (no transformers side)
 
 
 def bench_model(device):
@@ -49,13 +51,14 @@ def bench_model(device):
 
 
 def timed(fn, device):
+    """fn() -> (result, CPU seconds of this process, wall seconds)."""
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    c, w = time.process_time(), time.perf_counter()
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+    return out, time.process_time() - c, time.perf_counter() - w
 
 
 def hf_generate(hf, prompts, cfg, n_new, do_sample=True, K=None):
@@ -70,9 +73,10 @@ def hf_generate(hf, prompts, cfg, n_new, do_sample=True, K=None):
 
 
 def ours_generate(model, prompts, cfg, n_new, temperature=None, K=None):
-    outs = generate(model, None, prompts, num_samples=K or cfg.num_samples, max_new_tokens=n_new,
+    K = K or cfg.num_samples
+    outs = generate(model, None, prompts, num_samples=K, max_new_tokens=n_new,
                     temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
-                    stop_ids=[], batch_size=len(prompts), compile=cfg.compile)
+                    stop_ids=[], rows=len(prompts) * K, compile=cfg.compile)
     return sum(len(s["tokens"]) for o in outs for s in o)
 
 
@@ -87,8 +91,8 @@ def batch1(model, hf, prompt, cfg):
         if hf is None and label == "transformers":
             continue
         fn(16), fn(16 + cfg.batch1_tokens)  # warm-up (and compile both cache sizes)
-        _, t_short = timed(lambda: fn(16), "cuda")
-        _, t_long = timed(lambda: fn(16 + cfg.batch1_tokens), "cuda")
+        _, _, t_short = timed(lambda: fn(16), "cuda")
+        _, _, t_long = timed(lambda: fn(16 + cfg.batch1_tokens), "cuda")
         rows.append((label, (t_long - t_short) / cfg.batch1_tokens * 1e3))
     bound = nbytes / (gbps * 1e9) * 1e3 if gbps else float("nan")
     print(f"batch-1 decode on {name}: weights {nbytes / 1e9:.2f} GB, bandwidth bound {bound:.3f} ms/token "
@@ -116,18 +120,21 @@ def main():
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(cfg.device).eval()
     print(f"{cfg.device}: {args.arch} {model.num_params() / 1e6:.1f}M params {str(dtype)[6:]}, threads={cfg.threads}, "
           f"{cfg.num_prompts} prompts x K={cfg.num_samples} x {cfg.max_new_tokens} new tokens, T={cfg.temperature}, "
-          f"top_p={cfg.top_p}, compile={cfg.compile}")
-    results = {}
+          f"top_p={cfg.top_p}, compile={cfg.compile}", flush=True)
+    cpu_rate, wall_rate = {}, {}
+    print(f"  {'sampler':13s} {'tokens':>7s} {'CPU s':>7s} {'wall s':>7s} {'tok/CPU-s':>9s} {'tok/wall-s':>10s}",
+          flush=True)
     for label, fn in [("ours", ours_generate), ("transformers", hf_generate)]:
         if label == "transformers" and hf is None:
             continue
         target = model if label == "ours" else hf
         fn(target, prompts, cfg, 8)  # warm-up
-        n, dt = timed(lambda: fn(target, prompts, cfg, cfg.max_new_tokens), cfg.device)
-        results[label] = n / dt
-        print(f"  {label:13s} {n} tokens in {dt:6.2f}s = {n / dt:8.0f} tokens/s")
-    if len(results) == 2:
-        print(f"  ratio ours / transformers = {results['ours'] / results['transformers']:.2f}x")
+        n, cpu, wall = timed(lambda: fn(target, prompts, cfg, cfg.max_new_tokens), cfg.device)
+        cpu_rate[label], wall_rate[label] = n / cpu, n / wall
+        print(f"  {label:13s} {n:7d} {cpu:7.2f} {wall:7.2f} {n / cpu:9.0f} {n / wall:10.0f}", flush=True)
+    if len(cpu_rate) == 2:
+        print(f"  ratio ours / transformers = {cpu_rate['ours'] / cpu_rate['transformers']:.2f}x per CPU-second, "
+              f"{wall_rate['ours'] / wall_rate['transformers']:.2f}x per wall second", flush=True)
     if cfg.device == "cuda":
         batch1(model, hf, prompts[0], cfg)
 
