@@ -28,8 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time  # noqa: E402
-
-from bench_sample import bench_model  # noqa: E402
+from bench_sample import bench_model, timed  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import cli, generate, left_pad  # noqa: E402
 
@@ -86,17 +85,6 @@ def hf(model, prompts, cfg, stops, n_new, per_call=16):
     return lens
 
 
-def timed(fn, device):
-    """fn() -> (result, CPU seconds, wall seconds)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    c, w = time.process_time(), time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, time.process_time() - c, time.perf_counter() - w
-
-
 @torch.no_grad()
 def matmul_seconds(model, rows, steps=20):
     """CPU seconds of one decode step's matmuls alone at `rows` rows (median of `steps`)."""
@@ -138,10 +126,10 @@ def main():
     print(f"{cfg.device}: {args.arch} {model.num_params() / 1e6:.1f}M params {str(dtype)[6:]}, "
           f"threads={cfg.threads}, {cfg.num_prompts} prompts x K={cfg.num_samples}, max {cfg.max_new_tokens} "
           f"new tokens, T={cfg.temperature}, top_p={cfg.top_p}; {len(stops)} stop ids with mean probability "
-          f"{mass:.4f} (target mean length {cfg.max_new_tokens / cfg.mean_frac:.0f})")
+          f"{mass:.4f} (target mean length {cfg.max_new_tokens / cfg.mean_frac:.0f})", flush=True)
     rate = {}
     print(f"  {'sampler':13s} {'useful tok':>10s} {'mean len':>8s} {'max len':>7s} {'CPU s':>7s} {'wall s':>7s} "
-          f"{'tok/CPU-s':>9s} {'tok/wall-s':>10s}")
+          f"{'tok/CPU-s':>9s} {'tok/wall-s':>10s}", flush=True)
     for label, fn in samplers:
         fn(8)  # warm-up
         best = None
@@ -152,19 +140,20 @@ def main():
         lens, cpu, wall = best
         rate[label] = sum(lens) / cpu
         print(f"  {label:13s} {sum(lens):10d} {sum(lens) / len(lens):8.1f} {max(lens):7d} {cpu:7.2f} {wall:7.2f} "
-              f"{rate[label]:9.0f} {sum(lens) / wall:10.0f}")
+              f"{rate[label]:9.0f} {sum(lens) / wall:10.0f}", flush=True)
         if label == "ours" and cfg.device == "cpu":
             share = sum(lens) / cfg.rows * matmul_seconds(model, cfg.rows) / cpu
     for other in ("batches-16", "lock-step", "transformers"):
         if other in rate:
-            print(f"  ratio ours / {other} = {rate['ours'] / rate[other]:.2f}x (useful tokens per CPU-second)")
+            print(f"  ratio ours / {other} = {rate['ours'] / rate[other]:.2f}x (useful tokens per CPU-second)",
+                  flush=True)
     if cfg.device == "cpu":
-        print(f"  matmul bound share of ours: {share:.0%}")
+        print(f"  matmul bound share of ours: {share:.0%}", flush=True)
     try:
         import vllm  # noqa: F401
-        print("  vLLM: importable, but its side is not wired into this bench yet")
+        print("  vLLM: importable, but its side is not wired into this bench yet", flush=True)
     except ImportError:
-        print("  vLLM: not installed")
+        print("  vLLM: not installed", flush=True)
 
 
 if __name__ == "__main__":
