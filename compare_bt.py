@@ -198,7 +198,8 @@ def iterates(run):
 
 def answers(path, rows, temperature, top_p, seed, cache):
     """One sample per row from the policy at path (cached by (path, row id))."""
-    from model import Transformer, load_tokenizer
+    from model import Transformer
+    from model_io import load_tokenizer
     from sample import generate
 
     todo = [r for r in rows if (path, r["id"]) not in cache]

@@ -311,7 +311,7 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
 @dataclass
 class Config:
     seed: int = 0                 # seeds the prompts, the teacher and the SFT
-    teacher_styles: str = ",".join(map(str, TEACHER_STYLE_P))  # the teacher's style mix (departure 3)
+    teacher_styles: str = "0.55,0.3,0.15"  # the teacher's style mix (departure 3; TEACHER_STYLE_P)
     n_prompts: int = 1000         # prompts.jsonl rows (train.py cuts them into T slices + validation)
     n_demos: int = 4000           # teacher demonstrations for SFT (prompts disjoint from prompts.jsonl's)
     dim: int = 64                 # tiny Llama: hidden size

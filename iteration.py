@@ -75,7 +75,6 @@ class Run:
     judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
     fn: object = None               # a Python judge function, when --judge names one
     amp: object = False             # autocast dtype of training and log-probs: bf16 or False
-    save_dtype: object = None       # checkpoints' dtype on disk; None: pi_1's (--precision auto)
 
 
 # ------------------------------------------------------------------------ candidates and policies
@@ -316,7 +315,7 @@ def save_checkpoint(run, t, want, model, tok, state_dict, log):
     try:
         if run.cfg.lora_rank:                           # W + scale B A: a plain HF folder again
             state_dict = lora.merged_state_dict(model, state_dict)
-        model.save_pretrained(tmp, tokenizer=tok, state_dict=state_dict, dtype=run.save_dtype)
+        model.save_pretrained(tmp, tokenizer=tok, state_dict=state_dict)   # in pi_1's stored dtype
     except (OSError, SafetensorError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise StageError(f"iter_{t}/checkpoint: cannot save the checkpoint in {tmp} ({why}); "

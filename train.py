@@ -126,7 +126,6 @@ CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": (
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32")}
 PRECISION = {"bf16": torch.bfloat16, "fp32": False}    # --precision -> autocast dtype of training
-SAVE_DTYPE = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}   # checkpoints on disk
 inf, tiny = float("inf"), 1e-300
 GE0, GE1, UNIT = (0, inf, ">= 0"), (1, inf, ">= 1"), (0, 1, "in [0, 1]")
 POS = (tiny, inf, "finite and > 0")
@@ -274,7 +273,6 @@ def prepare(cfg):
     torch.set_num_threads(pick_threads(cfg.threads, est["params"]))   # sampling, training, eval
     print0(f"memory: ~{est['total'] / 2**30:.2f} GiB per rank to train on pairs of {longest} "
            f"tokens ({est['params'] / 1e6:.1f}M parameters, {torch.get_num_threads()} CPU threads)")
-    save_dtype = SAVE_DTYPE[cfg.precision]              # auto: each iterate keeps pi_1's dtype
     if cfg.precision == "auto":                         # resolved: the manifests record what ran
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.prompts_per_iter = slice_size(cfg, len(rows) - cfg.num_val)
@@ -287,7 +285,7 @@ def prepare(cfg):
         stages.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(vars(cfg), indent=1))
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val,
                slices=slices, skipped=skipped, device=device, judge=judge, fn=fn,
-               amp=PRECISION[cfg.precision], save_dtype=save_dtype)
+               amp=PRECISION[cfg.precision])
 
 
 def main(argv=None):

@@ -1,23 +1,27 @@
-"""Sampler throughput with EOS on: continuous batching vs today's batches of 16 vs lock-step vs transformers.
+"""Sampler throughput with EOS on: continuous batching vs batches of 16, lock-step, transformers.
 
-    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_eos.py     # CPU, a ~4M-param Llama, a few minutes
-    python bench/bench_eos.py --device cuda                        # Qwen2.5-0.5B-shaped random model in bf16
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_eos.py  # CPU, a 5.1M-param Llama, minutes
+    python bench/bench_eos.py --device cuda             # Qwen2.5-0.5B-shaped random model in bf16
 
-Workload: 64 prompts x K=5 samples, max 256 new tokens, temperature 0.7, top-p 0.95, with a stop set whose summed
-mean probability under the (random) model is 1 / (max_new_tokens / 8): sample lengths are about geometric with a
-mean of 32 tokens and a long tail, as real answers are. The stop ids are picked by measuring each token's mean
-next-token probability on sampled text, then taking random ids until their mass reaches the target.
-Samplers on the same weights and prompts, measured in one process:
-  ours          generate(rows=--rows): continuous batching, the batch stays full until the queue is empty
-  batches-16    generate(refill=False, rows=16 K): batches of 16 prompts, finished rows dropped (the schedule
-                sample.py used before continuous batching; same decode step as ours)
-  lock-step     generate(refill=False, compact=False, rows=16 K): every row decodes to its batch's longest
+Workload: 64 prompts x K=5 samples, max 256 new tokens, temperature 0.7, top-p 0.95, with a stop
+set whose summed mean probability under the (random) model is 1 / (max_new_tokens / 8): sample
+lengths are about geometric with a mean of 32 tokens and a long tail, as real answers are. The stop
+ids are picked by measuring each token's mean next-token probability on sampled text, then taking
+random ids until their mass reaches the target. Samplers on the same weights and prompts, measured
+in one process:
+  ours          generate(rows=--rows): continuous batching, the batch stays full until the queue
+                is empty
+  batches-16    one generate() call per 16 prompts (rows = 16 K, all in flight), finished rows
+                dropped: the schedule train.py used before continuous batching, same decode step
+  lock-step     the same calls with compact=False: every row decodes to its batch's longest
+                (separate calls, not generate(refill=False): that one keeps the first batch's
+                compacted row count for the batches after it)
   transformers  AutoModelForCausalLM.generate, 16 prompts per call, eos_token_id = the stop set
   vLLM          only if `import vllm` works (its CPU build); else "not installed"
-Useful tokens = each sample's tokens up to and including its stop id; rates are useful tokens per CPU-second
-(time.process_time, all threads) and per wall second. matmul bound: the CPU time of the decode step's
-matmuls alone (x W^T for every projection and the head, at --rows rows, measured here) times the steps ours
-needs (useful tokens / rows): the share of ours' CPU time that bound is.
+Useful tokens = each sample's tokens up to and including its stop id; rates are useful tokens per
+CPU-second (time.process_time, all threads) and per wall second. matmul bound: the CPU time of the
+decode step's matmuls alone (x W^T for every projection and the head, at --rows rows, measured here)
+times the steps ours needs (useful tokens / rows): the share of ours' CPU time that bound is.
 """
 import os
 import sys
@@ -28,8 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time  # noqa: E402
-
-from bench_sample import bench_model  # noqa: E402
+from bench_sample import bench_model, timed  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import cli, generate, left_pad  # noqa: E402
 
@@ -39,23 +42,23 @@ class Config:
     device: str = "cpu"           # cpu | cuda
     num_prompts: int = 64
     num_samples: int = 5          # K
-    rows: int = 80                # rows in flight for ours (train.py's default would size it from memory)
+    rows: int = 80                # rows in flight for ours (0: sized from memory, as train.py)
     max_new_tokens: int = 256
     mean_frac: float = 8.0        # target mean sample length = max_new_tokens / mean_frac
     prompt_len: int = 32          # prompts get lengths in [prompt_len // 2, prompt_len]
     temperature: float = 0.7      # the paper's sampling settings
     top_p: float = 0.95
     threads: int = 1              # CPU threads for every sampler (the dev box is shared)
-    repeats: int = 1              # timed runs per sampler; the best is reported (run the script 3x for spread)
-    skip_hf: bool = False
+    repeats: int = 1              # timed runs per sampler; the best is reported (rerun for spread)
+    skip_hf: bool = False         # no transformers side
 
 
 @torch.no_grad()
 def pick_stop_ids(model, prompts, cfg):
-    """Random token ids whose summed mean next-token probability (at the sampling temperature) is about
-    1 / target mean length, measured on 64 sampled tokens of a few prompts."""
-    outs = generate(model, None, prompts[:4], num_samples=2, max_new_tokens=64, temperature=cfg.temperature,
-                    top_p=cfg.top_p, stop_ids=[])
+    """Random token ids whose summed mean next-token probability (at the sampling temperature) is
+    about 1 / target mean length, measured on 64 sampled tokens of a few prompts."""
+    outs = generate(model, None, prompts[:4], num_samples=2, max_new_tokens=64,
+                    temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=[])
     seqs = [p + s["tokens"] for p, o in zip(prompts, outs) for s in o]
     idx, mask = (t.to(model.lm_head.weight.device) for t in left_pad(seqs))
     probs = torch.softmax(model(idx, mask)[:, -64:] / cfg.temperature, -1)  # (B, 64, V)
@@ -69,7 +72,17 @@ def pick_stop_ids(model, prompts, cfg):
 def ours(model, prompts, cfg, stops, n_new, **kw):
     outs = generate(model, None, prompts, num_samples=cfg.num_samples, max_new_tokens=n_new,
                     temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stops, **kw)
-    return [len(s["tokens"]) + (s["finish_reason"] == "stop") for o in outs for s in o]  # useful tokens
+    # useful tokens: the response and its stop id
+    return [len(s["tokens"]) + (s["finish_reason"] == "stop") for o in outs for s in o]
+
+
+def in_batches(model, prompts, cfg, stops, n_new, per_call=16, **kw):
+    """ours() on per_call prompts per generate() call; ids keep each sample's seed as in ours."""
+    lens = []
+    for s in range(0, len(prompts), per_call):
+        chunk = prompts[s:s + per_call]
+        lens += ours(model, chunk, cfg, stops, n_new, ids=range(s, s + len(chunk)), **kw)
+    return lens
 
 
 def hf(model, prompts, cfg, stops, n_new, per_call=16):
@@ -77,24 +90,15 @@ def hf(model, prompts, cfg, stops, n_new, per_call=16):
     for s in range(0, len(prompts), per_call):
         idx, mask = left_pad(prompts[s:s + per_call])
         with torch.no_grad():
-            out = model.generate(idx.to(cfg.device), attention_mask=mask.to(cfg.device), max_new_tokens=n_new,
-                                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                 eos_token_id=stops, pad_token_id=0, num_return_sequences=cfg.num_samples)
+            out = model.generate(idx.to(cfg.device), attention_mask=mask.to(cfg.device),
+                                 max_new_tokens=n_new, do_sample=True, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, top_k=0, eos_token_id=stops, pad_token_id=0,
+                                 num_return_sequences=cfg.num_samples)
         new = out[:, idx.shape[1]:].cpu()  # (N, L); finished rows are padded after their stop id
         hit = torch.isin(new, torch.tensor(stops))
-        lens += torch.where(hit.any(1), hit.int().argmax(1) + 1, new.shape[1]).tolist()  # incl. the stop
+        first = hit.int().argmax(1) + 1  # (N,) tokens up to and including the stop
+        lens += torch.where(hit.any(1), first, new.shape[1]).tolist()
     return lens
-
-
-def timed(fn, device):
-    """fn() -> (result, CPU seconds, wall seconds)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    c, w = time.process_time(), time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, time.process_time() - c, time.perf_counter() - w
 
 
 @torch.no_grad()
@@ -120,28 +124,30 @@ def main():
     args.max_seq_len = max(args.max_seq_len, cfg.prompt_len + cfg.max_new_tokens)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, args.vocab_size, (int(n),), generator=g).tolist()
-               for n in torch.randint(cfg.prompt_len // 2, cfg.prompt_len + 1, (cfg.num_prompts,), generator=g)]
+    lo, hi = cfg.prompt_len // 2, cfg.prompt_len + 1
+    lengths = torch.randint(lo, hi, (cfg.num_prompts,), generator=g)
+    prompts = [torch.randint(3, args.vocab_size, (int(n),), generator=g).tolist() for n in lengths]
     with torch.device(cfg.device):
         model = Transformer(args).to(dtype).eval()
     stops, mass = pick_stop_ids(model, prompts, cfg)
     K16 = 16 * cfg.num_samples
     samplers = [("ours", lambda n: ours(model, prompts, cfg, stops, n, rows=cfg.rows)),
-                ("batches-16", lambda n: ours(model, prompts, cfg, stops, n, rows=K16, refill=False)),
-                ("lock-step", lambda n: ours(model, prompts, cfg, stops, n, rows=K16, refill=False,
-                                             compact=False))]
+                ("batches-16", lambda n: in_batches(model, prompts, cfg, stops, n, rows=K16)),
+                ("lock-step", lambda n: in_batches(model, prompts, cfg, stops, n, rows=K16,
+                                                   compact=False))]
     if not cfg.skip_hf:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
             hf_model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(cfg.device).eval()
         samplers.append(("transformers", lambda n: hf(hf_model, prompts, cfg, stops, n)))
     print(f"{cfg.device}: {args.arch} {model.num_params() / 1e6:.1f}M params {str(dtype)[6:]}, "
-          f"threads={cfg.threads}, {cfg.num_prompts} prompts x K={cfg.num_samples}, max {cfg.max_new_tokens} "
-          f"new tokens, T={cfg.temperature}, top_p={cfg.top_p}; {len(stops)} stop ids with mean probability "
-          f"{mass:.4f} (target mean length {cfg.max_new_tokens / cfg.mean_frac:.0f})")
+          f"threads={cfg.threads}, {cfg.num_prompts} prompts x K={cfg.num_samples}, "
+          f"max {cfg.max_new_tokens} new tokens, T={cfg.temperature}, top_p={cfg.top_p}; "
+          f"{len(stops)} stop ids with mean probability {mass:.4f} "
+          f"(target mean length {cfg.max_new_tokens / cfg.mean_frac:.0f})", flush=True)
     rate = {}
-    print(f"  {'sampler':13s} {'useful tok':>10s} {'mean len':>8s} {'max len':>7s} {'CPU s':>7s} {'wall s':>7s} "
-          f"{'tok/CPU-s':>9s} {'tok/wall-s':>10s}")
+    print(f"  {'sampler':13s} {'useful tok':>10s} {'mean len':>8s} {'max len':>7s} {'CPU s':>7s} "
+          f"{'wall s':>7s} {'tok/CPU-s':>9s} {'tok/wall-s':>10s}", flush=True)
     for label, fn in samplers:
         fn(8)  # warm-up
         best = None
@@ -151,20 +157,22 @@ def main():
                 best = lens, cpu, wall
         lens, cpu, wall = best
         rate[label] = sum(lens) / cpu
-        print(f"  {label:13s} {sum(lens):10d} {sum(lens) / len(lens):8.1f} {max(lens):7d} {cpu:7.2f} {wall:7.2f} "
-              f"{rate[label]:9.0f} {sum(lens) / wall:10.0f}")
+        print(f"  {label:13s} {sum(lens):10d} {sum(lens) / len(lens):8.1f} {max(lens):7d} "
+              f"{cpu:7.2f} {wall:7.2f} {rate[label]:9.0f} {sum(lens) / wall:10.0f}", flush=True)
         if label == "ours" and cfg.device == "cpu":
             share = sum(lens) / cfg.rows * matmul_seconds(model, cfg.rows) / cpu
     for other in ("batches-16", "lock-step", "transformers"):
         if other in rate:
-            print(f"  ratio ours / {other} = {rate['ours'] / rate[other]:.2f}x (useful tokens per CPU-second)")
+            ratio = rate["ours"] / rate[other]
+            print(f"  ratio ours / {other} = {ratio:.2f}x (useful tokens per CPU-second)",
+                  flush=True)
     if cfg.device == "cpu":
-        print(f"  matmul bound share of ours: {share:.0%}")
+        print(f"  matmul bound share of ours: {share:.0%}", flush=True)
     try:
         import vllm  # noqa: F401
-        print("  vLLM: importable, but its side is not wired into this bench yet")
+        print("  vLLM: importable, but its side is not wired into this bench yet", flush=True)
     except ImportError:
-        print("  vLLM: not installed")
+        print("  vLLM: not installed", flush=True)
 
 
 if __name__ == "__main__":

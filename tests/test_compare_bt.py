@@ -141,6 +141,7 @@ def dno_beats_bt(report, z):
 
 
 @pytest.mark.slow
+@pytest.mark.experiment
 def test_dno_mixture_beats_the_same_flags_bt_mixture(tmp_path):
     """compare_bt on a reduced configuration: the README's seed-0 row (the SFT'd demo pi_1, T = 8
     iterations of 50 prompts, K = 3, Alg. 1's soft target on all pairs, lr 3e-4 x 2 epochs, top-p
