@@ -34,6 +34,10 @@ Departures from the paper (numbered; the judges' own are in judges.py):
    flips) and first_slot_advantage (mean over items of the mean over moved candidates of
    win-rate shown earlier - shown later, in [-1, 1]).
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                # --help before torch loads: under a second
+
 import hashlib, json, math, os, random, sys, threading, time
 from collections import Counter
 from dataclasses import asdict, dataclass

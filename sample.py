@@ -44,6 +44,10 @@ Departures:
  4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line
     number).
 """
+from cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                # --help before torch loads: under a second
+
 import hashlib
 import json
 import math
