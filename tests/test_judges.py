@@ -293,7 +293,6 @@ def test_f13_two_rooms_one_registry_same_flag_names():
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "demo_task" not in imported
     assert not hasattr(importlib.import_module("evaluate"), "make_judge")
-    assert len(open(os.path.join(ROOT, "oracle.py")).read().splitlines()) <= 430  # ~400
     assert not hasattr(oracle, "RUBRIC_TEMPLATE") and not hasattr(judges, "judge_items")
     import demo_task, train
     for alias, spec in judges.ALIASES.items():  # every Python judge is module:function
