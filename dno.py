@@ -1,8 +1,8 @@
 """dno.py: the algorithm of Direct Nash Optimization (Rosset et al., 2024, arXiv 2404.03715).
 
 Usage:
-    python dno.py                                 # tabular demo of Alg. 1 on an intransitive game (CPU, seconds)
-    python dno.py --eta 0.5 --iters 3000 --log_every 100
+    python dno.py                                 # one prompt: r_t, its pairs, the loss (CPU, seconds)
+    python dno.py --candidates 8 --eta 0.5 --seed 1
     python -m pytest -q tests/test_dno.py tests/test_alg1_model.py   # the checks below, CPU, seconds
 
     from dno import batch_logps, dno_loss, winrates, table_from_scores, select_pairs, all_pairs, soft_target
@@ -11,10 +11,10 @@ Usage:
     r = winrates(table_from_scores(scores)); pairs = all_pairs(r)   # Alg. 1: target soft_target(r_a, r_b)
 
 What lives here: per-sequence log-probs, the one loss behind both of the paper's objectives,
-win-rate tables, the authors' pair rule and Alg. 1's all pairs, replay, diagnostics of general
-(possibly cyclic) preferences, and Alg. 1's exact update on a tabular game (the demo; departure 8).
-Alg. 2's loop is train.py. "Alg. 1, step k" (1: r_t, 2: the ideal update Eq. 9, 3: the regression
-Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
+win-rates, the authors' pair rule and Alg. 1's all pairs, replay, and diagnostics of general
+(possibly cyclic) preferences. Alg. 2's loop is train.py; Alg. 1 run exactly on a tabular game (no
+model, no estimates) is tabular.py. "Alg. 1, step k" (1: r_t, 2: the ideal update Eq. 9, 3: the
+regression Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
 
 Glossary (the paper's notation):
     x, y, y'       a prompt and two responses to it.
@@ -33,7 +33,7 @@ Glossary (the paper's notation):
                    value: r_t -> c r_t, eta -> c eta leaves Eq. 9 unchanged and lets the hard target
                    1 stand for sigmoid(c dr_t) ~ 1, so DNO-Prct's proper eta is larger than Alg. 1's
                    (Sec. 4). The authors ran 0.1 or 0.05 (TRL's DPO beta); our default 0.1 is that
-                   DPO-beta-like value, in the tabular demo too (1/eta = 10: big steps).
+                   DPO-beta-like value, in tabular.py too (1/eta = 10: big steps).
     y+ / y-        the chosen (positive) and rejected (negative) response of a training pair.
     mu_1, mu_2     where Alg. 1's pairs (y_1, y_2) come from; DNO-Prct: both pi_t (its K samples)
                    plus the gold.
@@ -57,11 +57,9 @@ Departures from the paper (deliberate, numbered):
        shuffles.
     4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective),
        and its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
-    5. Tabular demo: the Bradley-Terry baseline fits its scalar reward by maximum likelihood on all
-       action pairs weighted equally, with a 1e-3 L2 penalty so the fit is finite; it is then run
-       through the same exact update (Alg. 1 with the BT model's preferences). The average iterate
-       is the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass
-       rounds to 0.
+    5. fit_bradley_terry (the diagnostics' BT fit; tabular.py's baseline) fits its scalar reward
+       by maximum likelihood on all judged pairs weighted equally, with a 1e-3 L2 penalty so the
+       fit is finite.
     6. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among
        the K+1 candidates (for rubric judges over table_from_scores), gold included. train.py's pair
        distributions: "all" (all_pairs, closest to Alg. 1 with mu_1 = mu_2 = pi_t plus the gold) and
@@ -69,13 +67,10 @@ Departures from the paper (deliberate, numbered):
        all_pairs counts a defective candidate as r = 0 (it loses to every other).
     7. The diagnostics (has_cycle, copeland, ranking_disagrees: BT vs Copeland, diagnostics) are
        ours; the paper reports none.
-    8. The tabular demo starts from a non-uniform pi_1 (cyclic_game's "SFT" policy, 0.1 / 0.1 / 0.1
-       / 0.4 / 0.3, which favours the dull actions); Alg. 1, line 1 starts from the uniform policy.
-       Every later step is Alg. 1's exactly (r_t = P pi_t, pi_{t+1} = pi_t exp(r_t / eta) / Z).
-    9. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 /
+    8. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 /
        --top_p 0.95 (the tempered, truncated pi_t, as the paper samples), while the loss's reference
        is pi_t itself; --temperature 1 --top_p 1 makes the two the same policy.
-    10. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without
+    9. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without
        saying what it weights (our guesses: a label-smoothing epsilon, dno_loss's target 1 - alpha,
        or the weight of an NLL term on y+). It is not implemented.
     Extension 1 (ours, after the paper's Appendix A): geometric_reference, train.py --ref_mix.
@@ -334,6 +329,19 @@ def has_cycle(P, tol=1e-9):
     return bool(np.trace(W @ W @ W) > 0)
 
 
+def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
+    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2
+    (departure 5); NaN entries (not judged) are left out of the sum."""
+    n = len(P)
+    off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
+    r, P = np.zeros(n), np.nan_to_num(P)
+    # concave: plain gradient ascent suffices
+    for _ in range(steps):
+        s = 1 / (1 + np.exp(r[None, :] - r[:, None]))           # (n, n) sigmoid(r_i - r_j)
+        r += lr / n * (((P - s) * off).sum(1) - l2 * r)
+    return r - r.mean()
+
+
 def fit_bt_table(P):
     """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged
     candidates."""
@@ -421,117 +429,53 @@ def geometric_reference(logp_t, logp_1, beta):
     return (1 - beta) * logp_t + beta * logp_1                 # (N,)
 
 
-# ----------------------------------------------------------------------------- tabular theory
-
-ACTIONS = ["rock", "paper", "scissors", "bland", "rambling"]
-
-
-def cyclic_game():
-    """P[i, j] = P(action i > action j): weighted rock-paper-scissors plus two dominated actions.
-    In 2P - 1 units: paper > rock by 0.4, rock > scissors by 0.8, scissors > paper by 1.0, so the
-    Nash policy is (1, 0.8, 0.4, 0, 0) / 2.2. Scissors crushes the two dull actions, which makes it
-    the Bradley-Terry favourite, yet rock exploits it by 0.4."""
-    P = np.array([[0.50, 0.30, 0.90, 0.75, 0.70],
-                  [0.70, 0.50, 0.00, 0.75, 0.70],
-                  [0.10, 1.00, 0.50, 0.95, 0.95],
-                  [0.25, 0.25, 0.05, 0.50, 0.60],
-                  [0.30, 0.30, 0.05, 0.40, 0.50]])
-    return P, np.array([0.1, 0.1, 0.1, 0.4, 0.3])               # (n, n) preferences, pi_1 ("SFT")
-
-
-CYCLIC_NASH = np.array([1.0, 0.8, 0.4, 0.0, 0.0]) / 2.2        # the equilibrium of cyclic_game()
-
-
-def random_game(n, rng):
-    """A random general preference matrix: P = 1/2 + A/2 with A antisymmetric, entries in [-1,
-    1]."""
-    A = np.triu(rng.uniform(-1, 1, (n, n)), 1)
-    return 0.5 + (A - A.T) / 2
-
-
-def alg1_exact_step(P, log_pi, eta):
-    """One exact iteration of Alg. 1 on a tabular game, in log space. Returns (log pi_{t+1},
-    r_t)."""
-    pi = np.exp(log_pi)
-    # Alg. 1, step 1: r_t(y) = P(y > pi_t)
-    r = P @ pi
-    # Alg. 1, step 2: pi_t exp(r_t / eta)
-    z = log_pi + r / eta
-    return z - (z.max() + np.log(np.exp(z - z.max()).sum())), r  # ... / Z
-
-
-def exploitability(P, pi):
-    """max over pure responses y of P(y > pi) - 1/2 (a best response to pi may be taken pure)."""
-    return float((P @ pi).max() - 0.5)
-
-
-def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
-    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2
-    (departure 5); NaN entries (not judged) are left out of the sum."""
-    n = len(P)
-    off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
-    r, P = np.zeros(n), np.nan_to_num(P)
-    # concave: plain gradient ascent suffices
-    for _ in range(steps):
-        s = 1 / (1 + np.exp(r[None, :] - r[:, None]))           # (n, n) sigmoid(r_i - r_j)
-        r += lr / n * (((P - s) * off).sum(1) - l2 * r)
-    return r - r.mean()
-
-
-def run_tabular(P, pi_1, eta, iters):
-    """Alg. 1's exact update from pi_1 (departure 8), beside the same update driven by a
-    Bradley-Terry fit of P. Returns a history.
-
-    What it shows on cyclic_game(): the average iterate converges to the Nash policy (exploitability
-    < 0.01 within ~500 iterations at eta = 0.1), the last iterate of these multiplicative weights
-    does not: it spirals out and cycles between near-pure policies (exploitability 0.2-0.5). The BT
-    run converges to the argmax of a scalar reward, a pure policy, which the cycle always
-    exploits."""
-    r_bt = fit_bradley_terry(P)
-    P_bt = 1 / (1 + np.exp(r_bt[None, :] - r_bt[:, None]))     # the transitive model BT can express
-    log_pi = log_bt = np.log(pi_1)
-    total = pi_1.copy()
-    hist = []
-    for t in range(1, iters + 1):
-        pi_t = np.exp(log_pi)
-        log_pi, r = alg1_exact_step(P, log_pi, eta)
-        log_bt, _ = alg1_exact_step(P_bt, log_bt, eta)
-        pi_next = np.exp(log_pi)
-        total += pi_next
-        hist.append({"t": t, "last": exploitability(P, pi_next), "avg": exploitability(P, total / (t + 1)),
-                     "bt": exploitability(P, np.exp(log_bt)),
-                     "improve": float(pi_next @ P @ pi_t)})     # P(pi_{t+1} > pi_t) >= 1/2
-    return hist, r_bt, np.exp(log_pi)
-
-
 # ----------------------------------------------------------------------------- demo
 
 @dataclass
 class Config:
-    eta: float = 0.1           # learning rate of Alg. 1, step 2 (0.1: the authors' DPO-beta-like value)
-    iters: int = 1000          # T, iterations of Alg. 1
-    log_every: int = 50        # print one line every this many iterations (1 = every iteration)
+    candidates: int = 6        # K+1 responses to one prompt; the last one is the gold
+    eta: float = 0.1           # eta of the loss (Alg. 1's learning rate; DPO's beta in Alg. 2)
+    seed: int = 0              # seed of the random judge table and the policy's log-ratios
 
 
 def main(cfg):
-    if cfg.eta <= 0 or cfg.iters < 1 or cfg.log_every < 1:
-        raise ValueError("need eta > 0, iters >= 1, log_every >= 1")
-    P, pi_1 = cyclic_game()
-    hist, r_bt, pi_last = run_tabular(P, pi_1, cfg.eta, cfg.iters)
+    """One prompt's K+1 candidates under a general (possibly cyclic) judge: r_t, the diagnostics,
+    the pairs of Alg. 2 (hard) and Alg. 1 (soft), and the loss at three policies."""
+    if cfg.candidates < 2 or cfg.eta <= 0:
+        raise ValueError(f"need --candidates >= 2 and --eta > 0, got {cfg.candidates}, {cfg.eta}")
+    rng = np.random.default_rng(cfg.seed)
+    n, gold = cfg.candidates, cfg.candidates - 1
+    A = np.triu(rng.uniform(-1, 1, (n, n)), 1)
+    P = 0.5 + (A - A.T) / 2                                     # (n, n), P + P^T = 1
+    P[gold, :gold] = np.maximum(P[gold, :gold], 0.7)            # the gold wins most comparisons
+    P[:gold, gold] = 1 - P[gold, :gold]
+    r = winrates(P)                                             # (n,) r_t, Alg. 2 line 5
     print(f"config: {cfg}")
-    best = int(np.argmax(r_bt))
-    print("actions:", ", ".join(ACTIONS), "| Bradley-Terry rewards:", np.round(r_bt, 3).tolist(),
-          f"| BT-optimal policy: all mass on {ACTIONS[best]}, exploitability {exploitability(P, np.eye(len(P))[best]):.4f}")
-    print(f"exploitability at start (pi_1): {exploitability(P, pi_1):.4f}")
-    print(f"{'iter':>6} {'last iterate':>13} {'average':>10} {'BT-reward':>10} {'P(pi_t+1 > pi_t)':>17}")
-    for h in hist:
-        if h["t"] % cfg.log_every == 0 or h["t"] in (1, 2, 5, 10):
-            print(f"{h['t']:6d} {h['last']:13.4f} {h['avg']:10.4f} {h['bt']:10.4f} {h['improve']:17.4f}")
-    print("last iterate pi_T+1:", np.round(pi_last, 3).tolist(), "| Nash:",
-          np.round(CYCLIC_NASH, 3).tolist())
-    f = hist[-1]
-    print(f"final exploitability after {cfg.iters} iterations: average iterate {f['avg']:.4f}, "
-          f"last iterate {f['last']:.4f}, BT-reward baseline {f['bt']:.4f}")
+    print("P(y_i > y_j):\n" + np.array2string(P, precision=2))
+    print("r_t (win-rates):", np.round(r, 3).tolist(), "| diagnostics:", diagnostics([P]))
+    hard = select_pairs(r, gold, kind="winrate")                # Alg. 2 line 6, target 1
+    soft = all_pairs(r, gold_index=gold)                        # Alg. 1 step 3, sigmoid(dr_t)
+    print(f"pairs: {len(hard)} large-margin (Alg. 2), {len(soft)} all (Alg. 1)")
+    # log pi/pi_t per candidate (n,): pi = pi_t, a random move, and Alg. 1's ideal update r_t / eta
+    policies = {"pi = pi_t": np.zeros(n), "random move": rng.normal(0, 1, n),
+                "pi_t exp(r_t/eta)": r / cfg.eta}
+    for name, logratio in policies.items():
+        row = []
+        for kind, pairs in (("hard", hard), ("soft", soft)):
+            if not pairs:
+                row.append(f"{kind} -")
+                continue
+            a = torch.tensor([logratio[p["chosen"]] for p in pairs])      # (N,)
+            b = torch.tensor([logratio[p["rejected"]] for p in pairs])    # (N,)
+            target = 1.0
+            if kind == "soft":
+                target = torch.tensor(soft_target([r[p["chosen"]] for p in pairs],
+                                                  [r[p["rejected"]] for p in pairs]))
+            zero = torch.zeros_like(a)
+            losses, _ = dno_loss(a, b, zero, zero, target, cfg.eta)
+            row.append(f"{kind} {losses.mean().item():.4f}")
+        print(f"loss at {name:<18}: " + ", ".join(row))
+    print("the soft loss is least at pi_t exp(r_t / eta) (Eq. 8's optimum is Eq. 9's update)")
 
 
 if __name__ == "__main__":

@@ -31,17 +31,17 @@ class LoRALinear(nn.Linear):
     """An nn.Linear (its weight and bias, shared, frozen) plus a trainable rank-r update (alpha / r)
     B A."""
 
-    def __init__(self, base: nn.Linear, rank, alpha):
+    def __init__(self, base: nn.Linear, rank, alpha, generator=None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         # the same Parameters: names and sharding unchanged
         self.weight, self.bias = base.weight, base.bias
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype,
-                                               device=w.device))
+        A = torch.empty(rank, self.in_features)                # (r, in), drawn on the CPU
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as nn.Linear's weight
+        self.lora_A = nn.Parameter(A.to(w.device, w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype,
                                                device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
         self.scale = alpha / rank
 
     def forward(self, x):  # x (..., in) -> (..., out)
@@ -49,16 +49,19 @@ class LoRALinear(nn.Linear):
                                                               self.lora_B) * self.scale
 
 
-def add_lora(model, rank, alpha):
+def add_lora(model, rank, alpha, seed=0):
     """Freeze every parameter of model; replace its TARGETS projections by LoRALinear. -> the
-    trainable ones."""
+    trainable ones. The A matrices come from their own generator (seed), not the global one: every
+    torchrun rank draws the same A before FSDP2 shards it (FSDP2 does not broadcast rank 0's
+    values), and a resumed run draws what an uninterrupted one did."""
+    g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):
         for name in TARGETS:
             child = getattr(parent, name, None)
             if isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
+                setattr(parent, name, LoRALinear(child, rank, alpha, g))
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -1,4 +1,5 @@
-"""Tests for dno.py: the loss, log-probs, win-rates, pair selection, replay, and the tabular theory."""
+"""Tests for dno.py: the loss, log-probs, win-rates, pair selection, diagnostics, replay, the demo (the tabular
+theory: test_tabular.py)."""
 import math
 import re
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import dno
+import tabular
 
 torch.set_num_threads(1)
 
@@ -249,7 +251,7 @@ RPS = [[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]]       # 0 > 1 > 2 > 0:
 
 def test_cycles():
     assert dno.has_cycle(RPS)
-    assert dno.has_cycle(dno.cyclic_game()[0])
+    assert dno.has_cycle(tabular.cyclic_game()[0])
     assert not dno.has_cycle([[0.5, 0.9, 0.2], [0.1, 0.5, 0.5], [0.8, 0.5, 0.5]])     # a tie breaks the cycle
     assert not dno.has_cycle([[0.5, 0.9, None], [0.1, 0.5, 0.7], [None, 0.3, 0.5]])   # unjudged: no evidence
     assert dno.has_cycle([[0.5, 0.5 + 2e-9, 0], [0.5 - 2e-9, 0.5, 1], [1, 0, 0.5]])
@@ -284,7 +286,7 @@ def test_bt_ranking_disagrees_with_copeland():
     # on complete tables BT keeps the Borda order (see ranking_disagrees): check the claim on random ones
     rng = np.random.default_rng(1)
     for _ in range(20):
-        G = dno.random_game(int(rng.integers(3, 7)), rng)
+        G = tabular.random_game(int(rng.integers(3, 7)), rng)
         assert (np.argsort(dno.winrates(G)) == np.argsort(dno.fit_bt_table(G))).all()
     d = dno.diagnostics([RPS, dno.table_from_scores([6, 4, 4]), P])
     assert d == {"n": 3, "cycle_share": pytest.approx(2 / 3), "bt_disagreement_share": pytest.approx(1 / 3)}
@@ -315,51 +317,14 @@ def test_replay_shares_and_determinism():
             dno.replay_shares(bad, 2)
 
 
-# ----------------------------------------------------------------------------- tabular theory
+# ----------------------------------------------------------------------------- the demo
 
-def test_cyclic_game_average_converges_last_iterate_circles():
-    P, pi_1 = dno.cyclic_game()
-    assert np.allclose(P + P.T, 1) and abs(dno.exploitability(P, dno.CYCLIC_NASH)) < 1e-12
-    assert min(dno.exploitability(P, e) for e in np.eye(5)) >= 0.2 - 1e-12   # no pure equilibrium: a real cycle
-    hist, _, _ = dno.run_tabular(P, pi_1, eta=0.1, iters=1000)
-    assert hist[-1]["avg"] < 0.01
-    # multiplicative weights' last iterate does not settle: it keeps visiting exploitable near-pure policies
-    assert max(h["last"] for h in hist[-200:]) > 0.4 and np.mean([h["last"] for h in hist[-200:]]) > 0.1
-
-
-def test_bt_baseline_stays_exploitable():
-    P, pi_1 = dno.cyclic_game()
-    r = dno.fit_bradley_terry(P)
-    assert int(np.argmax(r)) == 2                                 # scissors, beaten by rock by 0.4
-    hist, _, _ = dno.run_tabular(P, pi_1, eta=0.1, iters=300)
-    assert min(h["bt"] for h in hist[-100:]) > 0.35
-    # sanity: on transitive (Bradley-Terry) data the fit recovers the rewards
-    true = np.array([1.0, 0.0, -0.5, -0.5])
-    r = dno.fit_bradley_terry(1 / (1 + np.exp(true[None, :] - true[:, None])), l2=0.0)
-    assert np.allclose(r, true - true.mean(), atol=1e-3)
-
-
-def test_monotonic_improvement_on_random_games():
-    rng = np.random.default_rng(0)
-    for trial in range(30):
-        n = int(rng.integers(2, 9))
-        P = dno.random_game(n, rng)
-        assert np.allclose(P + P.T, 1)
-        log_pi = np.log(rng.dirichlet(np.ones(n)))
-        eta = [0.05, 0.1, 1.0][trial % 3]
-        for _ in range(40):
-            pi_t = np.exp(log_pi)
-            log_pi, r = dno.alg1_exact_step(P, log_pi, eta)
-            assert pi_t @ r == pytest.approx(0.5)                   # P(pi_t > pi_t) = 1/2
-            assert np.exp(log_pi) @ P @ pi_t >= 0.5 - 1e-12        # P(pi_{t+1} > pi_t) >= 1/2
-
-
-def test_demo_prints_final_exploitability(capsys):
-    dno.main(dno.Config(iters=600, log_every=200))
-    lines = capsys.readouterr().out.strip().splitlines()
-    final = [ln for ln in lines if "exploitability" in ln][-1]
-    assert float(re.search(r"average iterate ([0-9.]+)", final).group(1)) < 0.01
-    assert float(re.search(r"BT-reward baseline ([0-9.]+)", final).group(1)) > 0.35
-    assert dno.cli(dno.Config, ["--eta", "0.5", "--iters", "7"]) == dno.Config(eta=0.5, iters=7)
+def test_demo_soft_loss_is_least_at_alg1_ideal_update(capsys):
+    dno.main(dno.Config(candidates=5, eta=0.5, seed=3))
+    out = capsys.readouterr().out
+    soft = [float(x) for x in re.findall(r"soft ([0-9.]+)", out)]
+    assert len(soft) == 3 and soft[0] == pytest.approx(math.log(2), abs=1e-4)   # fresh: pi = pi_t
+    assert soft[2] < min(soft[:2])                  # Eq. 8's optimum is Eq. 9's pi_t exp(r_t / eta)
+    assert dno.cli(dno.Config, ["--candidates", "3"]) == dno.Config(candidates=3)
     with pytest.raises(ValueError):
-        dno.main(dno.Config(eta=0.0))
+        dno.main(dno.Config(candidates=1))

@@ -329,6 +329,27 @@ def test_torchrun_fsdp2_bf16_params_on_gloo(task, baseline, tmp_path):
     assert {v.dtype for v in load_file(two / "iter_1/checkpoint/model.safetensors").values()} == {torch.float32}
 
 
+@pytest.mark.slow
+def test_torchrun_lora_under_fsdp2_saves_a_plain_merged_folder(task, baseline, tmp_path):
+    """--lora_rank under FSDP2 (2 ranks, gloo): the adapters train (a fresh adapter starts at pi = pi_t: loss log 2),
+    the merged checkpoint is a plain HF folder (pi_1's tensor names, no lora_A / lora_B, transformers loads it) in
+    which only the adapted projections moved, and it equals one process's LoRA run."""
+    import lora
+    from transformers import AutoModelForCausalLM
+    one, two = one_and_two_ranks(task, baseline[0], tmp_path, "--max_steps", "1", "--micro_batch", "1",
+                                 "--lora_rank", "4")
+    w0 = load_file(task / "model/model.safetensors")
+    w1, w2 = [load_file(d / "iter_1/checkpoint/model.safetensors") for d in (one, two)]
+    assert w1.keys() == w2.keys() == w0.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    moved = {k for k in w0 if (w2[k] - w0[k]).abs().max() > 1e-6}
+    assert {k.split(".")[-2] for k in moved} == set(lora.TARGETS) and all(k.endswith(".weight") for k in moved)
+    for d in (one, two):
+        log = read_jsonl(d / "iter_1/checkpoint/train_log.jsonl")
+        assert len(log) == 1 and abs(log[0]["loss"] - 0.693147) < 1e-4 and abs(log[0]["margin"]) < 1e-5
+    assert AutoModelForCausalLM.from_pretrained(two / "iter_1/checkpoint") is not None
+
+
 def test_soft_target_on_all_pairs_end_to_end(task, tmp_path):
     """`--target soft --pairs all` (Alg. 1's regression on every candidate pair) runs through every stage; each pair
     stores r_t of both sides (win-rates among the K+1 candidates), oriented so that r_t(y+) >= r_t(y-)."""
