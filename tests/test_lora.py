@@ -79,3 +79,16 @@ def test_memory_estimate_knows_lora():
     assert n == 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
     assert lo["grads"] == 4 * n and lo["optimizer"] == 8 * n and lo["weights"] == full["weights"] + 4 * n
     assert lo["total"] < 0.4 * full["total"]
+
+
+def test_adapters_come_from_their_own_seed_not_the_global_rng():
+    """FSDP2 shards each rank's own copy (no broadcast from rank 0), so every torchrun rank, and a resumed run,
+    must draw the same A: add_lora's seed decides it, whatever the global RNG did before."""
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64)
+    adapters = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        torch.manual_seed(global_seed)
+        model = Transformer(args)
+        lora.add_lora(model, rank=4, alpha=8, seed=seed)
+        adapters.append(model.layers[0].mlp.up_proj.lora_A.detach().clone())
+    assert torch.equal(adapters[0], adapters[1]) and not torch.equal(adapters[0], adapters[2])
