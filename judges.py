@@ -198,7 +198,7 @@ def run_local(units, model_dir, batch_size, ledger, done):
     over the verdict letters, batches left-padded. model_dir: a folder or a hub id ORG/NAME
     (--judge_model)."""
     import torch
-    from chat_api import OracleError
+    from ledger import OracleError
     from model import Transformer
     from model_io import ModelError, load_tokenizer, resolve_model
     try:  # a folder, or a hub id ORG/NAME -> its cached snapshot, as transformers resolves it
@@ -283,7 +283,7 @@ SCORE_RANGE = {"rubric": (0.0, 6.0), "winrate": (0.0, 1.0)}
 def resolve(name):
     """--judge NAME -> the Python judge function (an alias or module:function); a one-line
     OracleError."""
-    from chat_api import OracleError
+    from ledger import OracleError
     spec = ALIASES.get(name, name)
     if ":" not in spec:
         raise OracleError(f"unknown --judge {name!r}; choose {', '.join(API_JUDGES)}, "
@@ -343,7 +343,7 @@ def context_of(item):
 def run_fn(units, fn, ledger, done):
     """A Python judge: one call per shown item (unit["item"]), its answer checked against the
     contract."""
-    from chat_api import OracleError
+    from ledger import OracleError
     more = wants_context(fn)
     for u in units:
         ticket = ledger.spend(0, 0)

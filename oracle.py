@@ -9,8 +9,8 @@ Usage:
       --judge_model tiny --samples s.jsonl --out j.jsonl         # llama.cpp / vLLM / Ollama
 
 It plans the requests, shuffles the candidates, caches the answers, keeps the budget, assembles and
-audits the results. What a judge says (and the judge contract) is judges.py; HTTP, ledger, breaker
-and cache are chat_api.py.
+audits the results. What a judge says (and the judge contract) is judges.py; HTTP, breaker and
+cache are chat_api.py; the run's spending ledger and its budget are ledger.py.
 
 Input lines {"id", "prompt" (text or chat), "samples", "gold"?} (gold: the last candidate). Output
 lines: {"id", "ok", "error", "scores", "score_kind" ("rubric": 0..6 | "winrate": in [0, 1]), "P",
@@ -46,10 +46,10 @@ import numpy as np
 
 import dno
 import judges
-from chat_api import (PRICES, Breaker, BudgetExceeded, Cache, JudgeUnavailable, Ledger,
-                      OracleError, call, connect, count_tokens, encoder, endpoint, fit, host,
-                      run_pool)
+from chat_api import (Breaker, Cache, JudgeUnavailable, call, connect, count_tokens, encoder,
+                      endpoint, fit, host, run_pool)
 from cli import check, cli
+from ledger import PRICES, BudgetExceeded, Ledger, OracleError
 
 
 @dataclass

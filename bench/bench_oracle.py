@@ -5,7 +5,7 @@
 
 raw  = the same chat-completion payloads (pairwise verdicts, both orders) POSTed by bare threads
        over keep-alive http.client connections, no parsing beyond json.loads;
-ours = oracle.judge_items (chat_api.py client, retries, ledger, token counts, result assembly),
+ours = oracle.judge_items (chat_api.py client and retries, ledger.py, token counts, result assembly),
        cache off.
 After a warm-up, `repeats` raw/ours pairs run back to back (alternating which goes first);
 reported: the median and quartiles of the per-pair ratios ours/raw, the ratio of medians, the

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 import chat_api, dno, judges, oracle
-from chat_api import BudgetExceeded, JudgeUnavailable, OracleError
+from chat_api import JudgeUnavailable
+from ledger import BudgetExceeded, OracleError
 from fault_proxy import FaultServer, canned_score
 from judges import parse_scores, verdict_prob
 from oracle import Config, judge_items

@@ -5,8 +5,8 @@ import base64, json, math, re, socket, time, warnings
 
 import pytest
 
-import chat_api, judges, oracle
-from chat_api import BudgetExceeded, OracleError
+import chat_api, judges, ledger, oracle
+from ledger import BudgetExceeded, OracleError
 from judges import parse_scores, verdict_prob
 from oracle import Config, judge_items
 from fault_proxy import FaultServer, canned_p, canned_score
@@ -443,17 +443,17 @@ def test_ledger_budget_holds_across_calls_and_resumes(tmp_path, key):
 
 def test_ledger_is_on_disk_before_the_request_leaves(tmp_path):
     path = tmp_path / "l.json"
-    led = chat_api.Ledger((1e6, 0.0), max_usd=10.0, path=str(path))
+    led = ledger.Ledger((1e6, 0.0), max_usd=10.0, path=str(path))
     ticket = led.spend(3, 100)  # reserved, not settled: a kill -9 now must still count it
     assert json.loads(path.read_text()) == {"calls": 1, "retries": 0, "tokens_in": 0, "tokens_out": 0,
                                             "usd": 0.0, "reserved": {ticket: 3.0}}
-    after = chat_api.Ledger((1e6, 0.0), path=str(path)).totals()  # worst case kept after the kill
+    after = ledger.Ledger((1e6, 0.0), path=str(path)).totals()  # worst case kept after the kill
     assert after["usd"] == 3.0 and after["unsettled"] == 1
     led.settle(ticket, 2, 7)
     assert json.loads(path.read_text())["reserved"] == {} and led.totals()["usd"] == 2.0
     path.write_text("{not json")
     with pytest.raises(OracleError, match="ledger .* unreadable"):
-        chat_api.Ledger((0.0, 0.0), path=str(path))
+        ledger.Ledger((0.0, 0.0), path=str(path))
 
 
 # ----------------------------------------------------------------------------- outages: the circuit breaker

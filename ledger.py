@@ -1,0 +1,175 @@
+"""ledger.py: what the run's judge requests cost -- calls, tokens and dollars in one JSON file that
+every process shares, with a hard budget checked before each request leaves.
+
+Usage:
+    python ledger.py                              # demo: two sessions share one file and one budget
+    python -m pytest -q tests/test_oracle.py -k ledger tests/test_judges.py -k "ledger or kill"
+
+    from ledger import PRICES, Ledger, BudgetExceeded
+    led = Ledger(PRICES["gpt-4o-mini"], max_usd=5.0, path="run/judge_ledger.json")
+    ticket = led.spend(n_in, max_out)             # reserve the worst case, or BudgetExceeded
+    led.settle(ticket, usage_in, usage_out)       # the reply's real bill replaces the reservation
+    led.totals(), led.session()                   # the run's totals (every process), this one's share
+
+A file lock (fcntl.flock on path + ".lock") makes every change one transaction: read, change,
+write atomically. A request's worst-case cost is reserved (and fsynced) before it leaves and settled
+from the reply's `usage` after, whatever the parse outcome (chat_api.call: a 200 that cannot be
+read is billed). A request in flight when its process is killed (kill -9) stays reserved at its
+worst case: the ledger counts it as spent and reports it as "unsettled"; the rerun may send it
+again (at most --concurrency such requests per kill). The local and Python judges (judges.py) spend
+through it at price 0, so --max_calls bounds them too.
+
+Departures from the paper: none (the paper states no budget).
+"""
+import fcntl
+import json
+import os
+import tempfile
+import threading
+import uuid
+
+# USD per 1M tokens (input, output); oracle.py's --prices '{"model": [in, out]}' extends it
+PRICES = {"gpt-4-turbo": (10.0, 30.0), "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
+          "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6)}
+
+
+class BudgetExceeded(RuntimeError):
+    """--max_usd / --max_calls hit; everything judged so far is cached. Carries .results,
+    .summary."""
+    def __init__(self, msg, results=None, summary=None):
+        super().__init__(msg)
+        self.results, self.summary = results, summary
+
+
+class OracleError(ValueError):
+    """A user/setup mistake with a one-line message (CLIs print it and exit)."""
+
+
+COUNTS = ("calls", "retries", "tokens_in", "tokens_out")
+
+
+class Ledger:
+    """Calls, tokens and dollars, shared by threads and (with a path) by processes; enforces the
+    hard budget before each send. price: (USD per 1M input tokens, per 1M output tokens); max_usd /
+    max_calls: 0 = none. path: the run's JSON file {calls, retries, tokens_in, tokens_out, usd,
+    reserved: {ticket: usd}}; every change is one transaction under an exclusive flock of path +
+    ".lock" (read, change, write atomically; fsynced before a request leaves when durable). Budgets
+    apply to the file's totals, reserved included."""
+    def __init__(self, price, max_usd=0.0, max_calls=0, path="", durable=True):
+        self.price, self.max_usd, self.max_calls, self.path = price, max_usd, max_calls, path
+        self.durable, self.lock, self.stopped = durable, threading.Lock(), None
+        self.t = {**dict.fromkeys(COUNTS, 0), "usd": 0.0, "reserved": {}}
+        self.mine = {**dict.fromkeys(COUNTS, 0), "usd": 0.0}  # this ledger's own share (a session)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.transact(lambda t: None)  # a bad file is refused before any request
+
+    def read(self):
+        if not os.path.exists(self.path):
+            return {**dict.fromkeys(COUNTS, 0), "usd": 0.0, "reserved": {}}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                t = json.load(f)
+            out = {**{k: int(t[k]) for k in COUNTS}, "usd": float(t["usd"])}
+            out["reserved"] = {str(k): float(v) for k, v in (t.get("reserved") or {}).items()}
+            return out
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OracleError(f"budget ledger {self.path} is unreadable ({type(e).__name__}); "
+                              "fix or delete it") from None
+
+    def write(self, sync):
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.t, f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def transact(self, change, sync=False):
+        """change(totals) under the thread lock and, with a path, the file lock: read, change,
+        write."""
+        with self.lock:
+            if not self.path:
+                return change(self.t)
+            with open(self.path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self.t = self.read()
+                out = change(self.t)
+                self.write(sync)
+                return out
+
+    def totals(self):
+        """The run's totals (the file's, re-read): reserved dollars count as spent."""
+        if self.path:
+            self.transact(lambda t: None)
+        t = self.t
+        usd = t["usd"] + sum(t["reserved"].values())  # reserved = spent until settled
+        return {**{k: t[k] for k in COUNTS}, "usd": round(usd, 6), "unsettled": len(t["reserved"])}
+
+    def session(self):
+        """What this ledger itself spent (one judge_items call), settled and reserved."""
+        return {**self.mine, "usd": round(self.mine["usd"], 6)}
+
+    def cost(self, n_in, n_out):
+        return (n_in * self.price[0] + n_out * self.price[1]) / 1e6
+
+    def spend(self, n_in, max_out):
+        """Reserve one request at its worst case (max_out output tokens) -> its ticket, or
+        BudgetExceeded."""
+        est, ticket = self.cost(n_in, max_out), f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+        def reserve(t):
+            spent = t["usd"] + sum(t["reserved"].values())
+            if self.stopped is None and self.max_calls and t["calls"] >= self.max_calls:
+                where = f" in the run's ledger {self.path}" if self.path else ""
+                self.stopped = f"--max_calls {self.max_calls} reached ({t['calls']} calls{where})"
+            if self.stopped is None and self.max_usd and spent + est > self.max_usd:
+                self.stopped = f"--max_usd {self.max_usd} reached (${spent:.4f} spent)"
+            if self.stopped:
+                raise BudgetExceeded(self.stopped)
+            t["calls"] += 1
+            t["reserved"][ticket] = est
+        self.transact(reserve, sync=self.durable)  # durable: on disk before the request leaves
+        self.mine["calls"] += 1
+        return ticket
+
+    def settle(self, ticket, n_in, n_out):
+        """The request's real bill (0, 0 when nothing was billed) replaces its reservation."""
+        usd = self.cost(n_in, n_out)
+
+        def pay(t):
+            t["reserved"].pop(ticket, None)
+            t["tokens_in"] += n_in
+            t["tokens_out"] += n_out
+            t["usd"] += usd
+        self.transact(pay)
+        for k, v in (("tokens_in", n_in), ("tokens_out", n_out), ("usd", usd)):
+            self.mine[k] += v
+
+    def retry(self):
+        self.transact(lambda t: t.update(retries=t["retries"] + 1))
+        self.mine["retries"] += 1
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "judge_ledger.json")
+        price = PRICES["gpt-4o-mini"]
+        # two sessions (as two processes would) on one file, one $0.001 budget
+        a = Ledger(price, max_usd=0.001, path=path)
+        b = Ledger(price, max_usd=0.001, path=path)
+        sent = 0
+        try:
+            while True:
+                led = (a, b)[sent % 2]
+                ticket = led.spend(2000, 500)      # worst case: 2000 in, 500 out ($0.0006)
+                led.settle(ticket, 2000, 120)      # billed: 120 out ($0.000372)
+                sent += 1
+        except BudgetExceeded as e:
+            print(f"stopped after {sent} requests: {e}")
+        print("run totals:", a.totals())
+        print("session a:", a.session(), "| session b:", b.session())
+        rerun = Ledger(price, max_usd=0.01, path=path)   # a rerun with a larger budget
+        rerun.spend(2000, 500)                     # reserved, never settled: killed in flight
+        print("after a request lost to kill -9:", Ledger(price, path=path).totals())
