@@ -1,7 +1,7 @@
 """dno.py: the algorithm of Direct Nash Optimization (Rosset et al., 2024, arXiv 2404.03715).
 
 Usage:
-    python dno.py                                 # one prompt: r_t, its pairs, the loss (CPU, seconds)
+    python dno.py                                 # one prompt: r_t, its pairs, the loss (CPU)
     python dno.py --candidates 8 --eta 0.5 --seed 1
     python -m pytest -q tests/test_dno.py tests/test_alg1_model.py   # the checks below, CPU, seconds
 

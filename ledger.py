@@ -9,7 +9,7 @@ Usage:
     led = Ledger(PRICES["gpt-4o-mini"], max_usd=5.0, path="run/judge_ledger.json")
     ticket = led.spend(n_in, max_out)             # reserve the worst case, or BudgetExceeded
     led.settle(ticket, usage_in, usage_out)       # the reply's real bill replaces the reservation
-    led.totals(), led.session()                   # the run's totals (every process), this one's share
+    led.totals(), led.session()                   # the run's totals (all processes), this one's
 
 A file lock (fcntl.flock on path + ".lock") makes every change one transaction: read, change,
 write atomically. A request's worst-case cost is reserved (and fsynced) before it leaves and settled

@@ -111,7 +111,7 @@ def run_tabular(P, pi_1, eta, iters):
 
 @dataclass
 class Config:
-    eta: float = 0.1           # learning rate of Alg. 1, step 2 (0.1: the authors' DPO-beta-like value)
+    eta: float = 0.1           # learning rate of Alg. 1, step 2 (0.1: the authors' DPO beta)
     iters: int = 1000          # T, iterations of Alg. 1
     log_every: int = 50        # print one line every this many iterations (1 = every iteration)
 

@@ -1,5 +1,5 @@
-"""Tests for tabular.py: Alg. 1 run exactly on a tabular game (the average iterate reaches Nash, the last one
-cycles, a Bradley-Terry reward stays exploitable, every step improves on the last) and its demo."""
+"""Tests for tabular.py: Alg. 1 run exactly on a tabular game (the average iterate reaches Nash, the
+last one cycles, a Bradley-Terry reward stays exploitable, every step improves on the last), the demo."""
 import re
 
 import numpy as np
