@@ -13,7 +13,8 @@ it). The reference log-probs are precomputed from pi_t without adapters (train.p
 stage), so they are unchanged. Saving merges W + (alpha / r) B A and drops A, B: every iterate stays
 a standard checkpoint that transformers and sample.py load as is, and the next iteration starts
 fresh adapters on it. Parameter names are kept (q_proj.weight, ...; the adapters add q_proj.lora_A /
-lora_B), so FSDP2 shards the adapted blocks like the others.
+lora_B), so FSDP2 shards the adapted blocks like the others; A is drawn from add_lora's own seed,
+so every rank shards the same values (tests/test_train.py: 2 ranks on gloo == one process).
 
 Departures (from the paper, which trains all weights of Mistral-7B):
  1. Low-rank updates only, when --lora_rank > 0; no dropout on the adapter input.
