@@ -272,16 +272,15 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
     if static:  # round the cache length so compiled shapes repeat across calls
         S = -(-S // 256) * 256
     J, N = len(prompts) * K, min(n_rows, len(prompts) * K)
-    model.setup_cache(N, S)
-    rows = Rows(job=torch.full((N,), -1), pos=torch.zeros(N, dtype=torch.long),
-                t=torch.zeros(N, dtype=torch.long, device=dev),
-                u=torch.zeros(N, M, 3, device=dev), out=torch.full((N, M), -1, device=dev))
+    rows, logits = _full_width(model, N, S, M, dev)  # logits (n, V): each row's next token's
     stop_t = torch.tensor(stops, dtype=torch.long, device=dev)
-    # (n, V): the next token's logits per row
-    logits = torch.zeros(N, model.args.vocab_size, device=dev)
     results, first, waiting = {}, {}, 0  # jobs 0 .. waiting-1 have entered
     while True:
         idle = (rows.job < 0).nonzero()[:, 0].tolist()
+        if not refill and len(idle) == len(rows.job) < N and waiting < J:
+            # lock-step: the last batch was compacted; the next one starts at full width again
+            rows, logits = _full_width(model, N, S, M, dev)
+            idle = list(range(N))
         if idle and waiting < J and (refill or len(idle) == len(rows.job)):
             free = idle[:J - waiting]
             logits[free] = _start(model, rows, free, list(range(waiting, waiting + len(free))), prompts, K,
@@ -316,6 +315,15 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
         kv_len = S if static else int(rows.pos[rows.job >= 0].max())
         logits = step(tok, kv_len)  # (n, V); each row wrote its slot pos - 1
     return results
+
+
+def _full_width(model, N, S, M, dev):
+    """N idle rows over a (N, S) cache (setup_cache also undoes keep_rows) -> Rows, logits (N, V)."""
+    model.setup_cache(N, S)
+    rows = Rows(job=torch.full((N,), -1), pos=torch.zeros(N, dtype=torch.long),
+                t=torch.zeros(N, dtype=torch.long, device=dev),
+                u=torch.zeros(N, M, 3, device=dev), out=torch.full((N, M), -1, device=dev))
+    return rows, torch.zeros(N, model.args.vocab_size, device=dev)
 
 
 def _rows_to_keep(busy, static):

@@ -14,8 +14,6 @@ in one process:
   batches-16    one generate() call per 16 prompts (rows = 16 K, all in flight), finished rows
                 dropped: the schedule train.py used before continuous batching, same decode step
   lock-step     the same calls with compact=False: every row decodes to its batch's longest
-                (separate calls, not generate(refill=False): that one keeps the first batch's
-                compacted row count for the batches after it)
   transformers  AutoModelForCausalLM.generate, 16 prompts per call, eos_token_id = the stop set
   vLLM          only if `import vllm` works (its CPU build); else "not installed"
 Useful tokens = each sample's tokens up to and including its stop id; rates are useful tokens per

@@ -174,6 +174,31 @@ def test_continuous_batching_keeps_rows_full_and_changes_no_sample(tiny, monkeyp
     assert generate(model, tok, PROMPTS[2:3], ids=ids[2:3], **kw)[0] == base[2]
 
 
+def test_lock_step_batches_start_at_full_width_after_compaction(tiny, monkeypatch):
+    """generate(refill=False): every lock-step batch decodes its first step at `rows` rows, though
+    the batch before it was compacted (the bug: later batches kept the shrunken width)."""
+    _, model, tok = tiny
+    events, decode, prefill = [], model.decode, model.prefill
+
+    def recorded_decode(tok_, kv_len):
+        events.append(len(tok_))
+        return decode(tok_, kv_len)
+
+    def recorded_prefill(*a):
+        events.append("prefill")
+        return prefill(*a)
+
+    monkeypatch.setattr(model, "decode", recorded_decode)
+    monkeypatch.setattr(model, "prefill", recorded_prefill)
+    kw = dict(num_samples=8, max_new_tokens=40, temperature=1.0, top_p=0.95, seed=3,
+              stop_ids=[83, 54, 18, 48, 98], ids=list("abcd"))
+    lock = generate(model, tok, PROMPTS, rows=8, refill=False, **kw)  # 4 batches of one prompt x 8
+    firsts = [events[i + 1] for i, e in enumerate(events) if e == "prefill"]
+    assert firsts == [8, 8, 8, 8]  # old code: [8, 2, 1, 1, 1, ...]: the shrunken width
+    assert min(e for e in events if e != "prefill") < 8  # batches were compacted as rows stopped
+    assert lock == generate(model, tok, PROMPTS, rows=8, **kw)  # the samples do not change
+
+
 def chi_square(tok, p, top_p):
     """Pearson's statistic of draws tok (n,) against the nucleus of p (V,) renormalised, and its degrees of
     freedom; inf if a draw falls outside the nucleus."""
