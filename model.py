@@ -47,6 +47,10 @@ import torch.nn.functional as F
 from model_io import (ModelError, check_fits, read_config, read_weights, stored_dtype,
                       write_weights)
 
+# CPU BLAS (MKL / oneDNN) runs a matmul of 1-3 rows through other kernels than 4+ rows, which round
+# differently: the sampler never multiplies fewer rows, so a sample does not depend on its batch
+MIN_ROWS = 4
+
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}
 REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -179,10 +183,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j]
+    # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j] (slots past the
+    # cache's end are padding: dropped)
     def fill(self, rows, src, k, v):
-        self.k[rows, :, :k.shape[2]] = k[src]
-        self.v[rows, :, :k.shape[2]] = v[src]
+        T = min(k.shape[2], self.k.shape[2])
+        self.k[rows, :, :T] = k[src, :, :T]
+        self.v[rows, :, :T] = v[src, :, :T]
 
     # decode: row r writes its slot pos[r]; pos (N,), k/v (N, H_kv, 1, D)
     def write(self, pos, k, v):
@@ -350,7 +356,11 @@ class Transformer(nn.Module):
             if targets is not None:
                 # (N,) log p(target)
                 return HeadLogp.apply(self.norm(x), self.lm_head.weight, targets)
-        return self.lm_head(self.norm(x)).float()  # (B, T, V), or (N, V) with select
+            n = len(x)
+            if n < MIN_ROWS:        # pad with zero rows (dropped below), see MIN_ROWS
+                x = torch.cat([x, x.new_zeros(MIN_ROWS - n, x.shape[1])])
+            return self.lm_head(self.norm(x))[:n].float()  # (N, V)
+        return self.lm_head(self.norm(x)).float()  # (B, T, V)
 
     def forward(self, idx, attention_mask=None, select=None, targets=None):
         """idx (B, T) -> logits (B, T, V) float32, no cache. attention_mask (B, T) {0,1} for
@@ -413,6 +423,8 @@ class Transformer(nn.Module):
         row rows[j] (slots [0, T), the padding masked), so one prompt can start several samples.
         Causal attention never sees the padding on the right. Returns each prompt's last-token
         logits (B, V)."""
+        if idx.numel() < MIN_ROWS:  # pad on the right (causal: unseen by the prompt), see MIN_ROWS
+            idx = F.pad(idx, (0, -(-MIN_ROWS // idx.shape[0]) - idx.shape[1]))
         B, T = idx.shape
         slots = torch.arange(T, device=idx.device)
         w = self.args.sliding_window
@@ -463,7 +475,10 @@ class Transformer(nn.Module):
             k_slots = torch.arange(kv_len, device=tok.device)
             mask = mask & (pos[:, None] - k_slots < self.args.sliding_window)
         cos, sin = (t[pos][:, None, None] for t in self.rope_table)  # (N, 1, 1, D)
-        logits = self._trunk(tok[:, None], pos[:, None], mask[:, None, None], step=(pos, kv_len),
+        # additive mask, made once for every layer (what SDPA would make of the bool one per call)
+        bias = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device)
+        bias.masked_fill_(~mask, float("-inf"))  # (N, kv_len)
+        logits = self._trunk(tok[:, None], pos[:, None], bias[:, None, None], step=(pos, kv_len),
                              rope=(cos, sin))[:, -1]
         self.next_pos.add_(1).clamp_(max=self.key_valid.shape[1] - 1)
         return logits

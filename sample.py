@@ -21,7 +21,8 @@ same step, into the rows of its samples; a later sample of it copies those slots
 holding them (model.copy_rows). Each row writes its own next slot (its length so far, also its rope
 position) at every decode step (model.decode). When a row's job ends (a stop id, or max_new_tokens),
 the row takes the next waiting job at once, so the batch stays full until the queue is empty; then
-idle rows are dropped (model.keep_rows) once >= 25% of them are idle. A run costs about the sum of
+idle rows are dropped (model.keep_rows) once >= 25% of them are idle, never below model.MIN_ROWS
+= 4 rows (CPU BLAS rounds a 1-3-row matmul differently). A run costs about the sum of
 its samples' lengths / rows steps (bench/bench_eos.py). generate(refill=False) admits new jobs only
 when every row is idle (lock-step batches); compact=False keeps idle rows to the end (the old
 lock-step baseline). Sampling is exact top-p by inverse CDF with three uniforms per (job, step),
@@ -43,6 +44,9 @@ Departures:
     nucleus distribution).
  4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line
     number).
+ 5. Bitwise, a prompt's first-token logits depend on the length its prefill group is padded to
+    (CPU attention rounds differently per length); the decode steps do not depend on the batch.
+    The EOS bench's 320 samples are identical at rows 5, 80, 160, 320 and in batches of 16.
 """
 from cli import early_help
 if __name__ == "__main__":
@@ -60,7 +64,7 @@ import torch
 from tqdm import tqdm
 
 from cli import cli
-from model import ModelArgs, Transformer
+from model import MIN_ROWS, ModelArgs, Transformer
 from model_io import (check_vocab, free_memory, load_tokenizer, memory_estimate, pick_threads,
                       read_config, resolve_model)
 
@@ -146,9 +150,12 @@ def sample_tokens(logits, u, temperature, top_p, sort=None):
     # rows whose first candidate is rejected
     miss = (~_in_nucleus(probs, tok, top_p)).nonzero()[:, 0]
     if len(miss):
-        p, second = probs[miss], cand[miss, 1]
-        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second,
-                                _sample_top(p, u[miss, 2], top_p))
+        second = cand[miss, 1]
+        tok[miss] = second
+        # rows whose second candidate is rejected too: the nucleus itself, from its top k
+        both = miss[~_in_nucleus(probs[miss], second, top_p)]
+        if len(both):
+            tok[both] = _sample_top(probs[both], u[both, 2], top_p)
     return tok
 
 
@@ -230,8 +237,9 @@ def _start(model, rows, free, jobs, prompts, K, seeds, first, M):
     of the new rows' first tokens."""
     dev = rows.t.device
     p_of = [j // K for j in jobs]
-    holder = {int(rows.job[r]) // K: r for r in range(len(rows.job)) if rows.job[r] >= 0
-              and r not in free}
+    taken = set(free)
+    # {prompt: a busy row holding it}
+    holder = {j // K: r for r, j in enumerate(rows.job.tolist()) if j >= 0 and r not in taken}
     new = sorted({p for p in p_of if p not in first or p not in holder})  # prompts to prefill
     free_t = torch.tensor(free)
     if new:
@@ -271,18 +279,22 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
     S = max(len(p) for p in prompts) + M
     if static:  # round the cache length so compiled shapes repeat across calls
         S = -(-S // 256) * 256
+    # N jobs in flight in W >= MIN_ROWS cache rows (idle rows pad a smaller batch)
     J, N = len(prompts) * K, min(n_rows, len(prompts) * K)
-    rows, logits = _full_width(model, N, S, M, dev)  # logits (n, V): each row's next token's
+    W = max(N, MIN_ROWS)
+    rows, logits = _full_width(model, W, S, M, dev)  # logits (n, V): each row's next token's
     stop_t = torch.tensor(stops, dtype=torch.long, device=dev)
     results, first, waiting = {}, {}, 0  # jobs 0 .. waiting-1 have entered
     while True:
         idle = (rows.job < 0).nonzero()[:, 0].tolist()
-        if not refill and len(idle) == len(rows.job) < N and waiting < J:
+        if not refill and len(idle) == len(rows.job) < W and waiting < J:
             # lock-step: the last batch was compacted; the next one starts at full width again
-            rows, logits = _full_width(model, N, S, M, dev)
-            idle = list(range(N))
+            rows, logits = _full_width(model, W, S, M, dev)
+            idle = list(range(W))
+        free = []  # the rows jobs enter now: at most N busy
         if idle and waiting < J and (refill or len(idle) == len(rows.job)):
-            free = idle[:J - waiting]
+            free = idle[:min(J - waiting, N - (len(rows.job) - len(idle)))]
+        if free:
             logits[free] = _start(model, rows, free, list(range(waiting, waiting + len(free))), prompts, K,
                                   seeds, first, M)
             waiting += len(free)
@@ -306,7 +318,7 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
             busy = rows.job >= 0
             if (compact and (waiting == J or not refill) and busy.any()
                     and (~busy).sum() >= COMPACT_AT * n):
-                keep = _rows_to_keep(busy, static)
+                keep = _rows_to_keep(busy, static, MIN_ROWS)
                 if len(keep) < n:
                     model.keep_rows(keep.to(dev), int(rows.pos[busy].max()))
                     rows, tok, logits = rows.keep(keep), tok[keep.to(dev)], logits[keep.to(dev)]
@@ -326,14 +338,17 @@ def _full_width(model, N, S, M, dev):
     return rows, torch.zeros(N, model.args.vocab_size, device=dev)
 
 
-def _rows_to_keep(busy, static):
-    """busy (n,) bool host -> sorted rows to keep: the busy ones. static (compiled step): padded
-    with idle rows up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
+def _rows_to_keep(busy, static, at_least=1):
+    """busy (n,) bool host -> sorted rows to keep: the busy ones, padded with idle rows up to
+    at_least rows. static (compiled step): padded up to n / 2^j so the compiled step sees at most
+    log2(N) + 1 shapes."""
     keep = busy.nonzero()[:, 0]
+    n = min(len(busy), max(len(keep), at_least))
     if static:
         n = len(busy)
-        while n // 2 >= len(keep):
+        while n // 2 >= max(len(keep), at_least):
             n //= 2
+    if n > len(keep):
         keep = torch.cat([keep, (~busy).nonzero()[:, 0][:n - len(keep)]]).sort().values
     return keep
 
