@@ -366,7 +366,9 @@ def check_sampling(num_samples, max_new_tokens, temperature, top_p, rows):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-ROWS_CAP = {"cpu": 64, "cuda": 256}  # more rows than this buys little on one CPU thread / one GPU
+# more rows than this buys little on one GPU; on a CPU thread each step has a fixed cost, which
+# more rows amortise (bench/bench_eos.py: all 320 jobs at once beat 64 or 160 in flight)
+ROWS_CAP = {"cpu": 512, "cuda": 256}
 
 
 def default_rows(model, longest, max_new_tokens, share=0.5) -> int:
