@@ -18,12 +18,8 @@ Checkpoints: safetensors only (one file or a sharded index), never pickle. Our p
 transformers' names without the "model." prefix, so the whole checkpoint mapping is
 model_io.HF_PREFIX.
 
-KV cache (used by sample.py): `setup_cache(N, S)` preallocates (N, H_kv, S, D) keys/values per
-layer. Each row holds one sequence from slot 0 with no padding; its next slot (next_pos, also its
-rope position) and a (N, S) key-validity mask are per row, so rows start and end at different steps
-(continuous batching). `prefill` runs RIGHT-padded prompts once and writes each into the rows named
-for it (a prompt's K samples); `copy_rows` starts a row from a prompt already in another row;
-`decode` writes every row's own next slot; `keep_rows` drops idle rows in place.
+KV cache (generate.py samples with it): setup_cache, prefill, copy_rows, keep_rows and decode live
+in kv_cache.py and are bound here as methods.
 
 Folders, hub ids, tokenizers and memory budgets live in model_io.py (import them from there). A
 folder's mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json lacking a
@@ -44,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kv_cache
+from kv_cache import MIN_ROWS, make_mask
 from model_io import (ModelError, check_fits, read_config, read_weights, stored_dtype,
                       write_weights)
 
@@ -172,25 +170,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
-class KVCache(nn.Module):
-    def __init__(self, n, n_kv_heads, seq_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (n, n_kv_heads, seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j]
-    def fill(self, rows, src, k, v):
-        self.k[rows, :, :k.shape[2]] = k[src]
-        self.v[rows, :, :k.shape[2]] = v[src]
-
-    # decode: row r writes its slot pos[r]; pos (N,), k/v (N, H_kv, 1, D)
-    def write(self, pos, k, v):
-        r = torch.arange(len(pos), device=pos.device)
-        self.k[r, :, pos] = k[:, :, 0]
-        self.v[r, :, pos] = v[:, :, 0]
-
-
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -257,17 +236,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, fill=None, step=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, fill, step)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def make_mask(key_valid, q_slots, window=0):
-    """(B, 1, T, S) bool attention mask: key s visible from query slot q if valid, s <= q (causal)
-    and inside the sliding window; every query also sees itself so fully padded rows stay finite.
-    key_valid (B, S), q_slots (T,)."""
-    k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
-    m = key_valid[:, None, None, :] & (k_slots <= q_slots[:, None])
-    if window:
-        m = m & (q_slots[:, None] - k_slots < window)
-    return m | (k_slots == q_slots[:, None])
 
 
 class HeadLogp(torch.autograd.Function):
@@ -350,7 +318,11 @@ class Transformer(nn.Module):
             if targets is not None:
                 # (N,) log p(target)
                 return HeadLogp.apply(self.norm(x), self.lm_head.weight, targets)
-        return self.lm_head(self.norm(x)).float()  # (B, T, V), or (N, V) with select
+            n = len(x)
+            if n < MIN_ROWS:        # pad with zero rows (dropped below), see MIN_ROWS
+                x = torch.cat([x, x.new_zeros(MIN_ROWS - n, x.shape[1])])
+            return self.lm_head(self.norm(x))[:n].float()  # (N, V)
+        return self.lm_head(self.norm(x)).float()  # (B, T, V)
 
     def forward(self, idx, attention_mask=None, select=None, targets=None):
         """idx (B, T) -> logits (B, T, V) float32, no cache. attention_mask (B, T) {0,1} for
@@ -371,102 +343,9 @@ class Transformer(nn.Module):
             mask = make_mask(attention_mask.bool(), q_slots, self.args.sliding_window)
         return self._trunk(idx, pos, mask, select=select, targets=targets)
 
-    # ---- KV cache (sample.py) ----
-    def setup_cache(self, n_rows, max_seq_len, dtype=None, device=None):
-        """Preallocate a static (N, H_kv, S, D) cache per layer; same-shaped caches are reused
-        (torch.compile)."""
-        w = self.embed_tokens.weight
-        dtype, device = dtype or w.dtype, torch.device(device or w.device)
-        shape = (n_rows, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
-        # undo keep_rows: the full-size tensors (compiled graphs point at them)
-        for m, name, x in self._full_rows:
-            setattr(m, name, x)
-        self._full_rows = []
-        for layer in self.layers:
-            c = layer.self_attn.cache
-            if c is None or c.k.shape != shape or c.k.dtype != dtype or c.k.device != device:
-                layer.self_attn.cache = KVCache(*shape[:3], self.args.head_dim, dtype, device)
-        kv = self.key_valid
-        if kv is None or kv.shape != (n_rows, max_seq_len) or kv.device != device:
-            # buffers:
-            self.key_valid = torch.zeros(n_rows, max_seq_len, dtype=torch.bool, device=device)
-            # CUDA graphs mutate them
-            self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)
-        cos, sin = self._rope(torch.arange(max_seq_len, device=device)[None], dtype)  # (1, 1, S, D)
-        self.rope_table = cos[0, 0], sin[0, 0]  # (S, D): decode looks its positions up
-
-    def clear_cache(self):
-        """Free the KV cache (e.g. before training the same module)."""
-        for layer in self.layers:
-            layer.self_attn.cache = None
-        self.key_valid, self.next_pos, self._full_rows, self.rope_table = None, None, [], None
-
-    # rows (n,) now hold prompts of lens (n,) tokens in slots [0, len)
-    def _start_rows(self, rows, lens):
-        slots = torch.arange(self.key_valid.shape[1], device=rows.device)
-        self.key_valid[rows] = slots < lens[:, None]
-        self.next_pos[rows] = lens
-
-    @torch.no_grad()
-    def prefill(self, idx, lens, rows, src):
-        """Run B RIGHT-padded prompts idx (B, T) of lens (B,) tokens once; prompt src[j] fills cache
-        row rows[j] (slots [0, T), the padding masked), so one prompt can start several samples.
-        Causal attention never sees the padding on the right. Returns each prompt's last-token
-        logits (B, V)."""
-        B, T = idx.shape
-        slots = torch.arange(T, device=idx.device)
-        w = self.args.sliding_window
-        mask = make_mask(torch.ones_like(idx, dtype=torch.bool), slots, w) if w and T > w else None
-        last = slots == (lens[:, None] - 1)  # (B, T): one position per prompt
-        logits = self._trunk(idx, slots.expand(B, T), mask, fill=(rows, src), select=last)
-        self._start_rows(rows, lens[src])
-        return logits
-
-    @torch.no_grad()
-    def copy_rows(self, src, dst, lens):
-        """Cache rows dst (n,) start from the prompts already in rows src (n,): their first lens
-        (n,) slots."""
-        n = int(lens.max())
-        for layer in self.layers:
-            c = layer.self_attn.cache
-            c.k[dst, :, :n] = c.k[src, :, :n]
-            c.v[dst, :, :n] = c.v[src, :, :n]
-        self._start_rows(dst, lens)
-
-    def keep_rows(self, keep, n_slots):
-        """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted,
-        to rows 0..n-1 in place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid
-        (N, S), next_pos (N,) -- to a view of its first n rows (same storage; nothing allocated but
-        the gather). Slots [0, n_slots) hold keys."""
-        rows = [(layer.self_attn.cache, n) for layer in self.layers for n in ("k", "v")]
-        rows += [(self, "key_valid"), (self, "next_pos")]
-        if not self._full_rows:  # the first shrink of this batch: setup_cache gives these back
-            self._full_rows = [(m, name, getattr(m, name)) for m, name in rows]
-        for m, name in rows:
-            x = getattr(m, name)
-            if x.dim() == 4:  # k / v: only the slots written so far
-                x[:len(keep), :, :n_slots] = x[keep, :, :n_slots]
-            else:
-                x[:len(keep)] = x[keep]
-            setattr(m, name, x[:len(keep)])
-
-    @torch.no_grad()
-    def decode(self, tok, kv_len):
-        """One step for all N rows: tok (N,) long is written at each row's own slot next_pos (N,),
-        which is also its rope position; kv_len: slots attended (the longest row's + 1 eager; the
-        full cache length when compiled, so shapes stay static). Returns logits (N, V). A row at the
-        cache's end stays there (idle rows decode garbage until they are refilled or dropped)."""
-        pos = self.next_pos
-        self.key_valid.scatter_(1, pos[:, None], True)
-        mask = self.key_valid[:, :kv_len]  # (N, kv_len)
-        if self.args.sliding_window:
-            k_slots = torch.arange(kv_len, device=tok.device)
-            mask = mask & (pos[:, None] - k_slots < self.args.sliding_window)
-        cos, sin = (t[pos][:, None, None] for t in self.rope_table)  # (N, 1, 1, D)
-        logits = self._trunk(tok[:, None], pos[:, None], mask[:, None, None], step=(pos, kv_len),
-                             rope=(cos, sin))[:, -1]
-        self.next_pos.add_(1).clamp_(max=self.key_valid.shape[1] - 1)
-        return logits
+    # ---- the KV cache for sampling (kv_cache.py), bound here so torch.compile sees the module ----
+    setup_cache, clear_cache, prefill = kv_cache.setup_cache, kv_cache.clear_cache, kv_cache.prefill
+    copy_rows, keep_rows, decode = kv_cache.copy_rows, kv_cache.keep_rows, kv_cache.decode
 
     # ---- Hugging Face checkpoint I/O ----
     @classmethod

@@ -1,70 +1,39 @@
-"""KV-cached sampling with the batch always full: K samples per prompt (Alg. 2, line 4: K = 5, T =
-0.7, top-p 0.95).
+"""Sample K answers per prompt from a prompts JSONL into a samples JSONL (Alg. 2, line 4: K = 5,
+T = 0.7, top-p 0.95): the command line over generate.py.
 
-    python sample.py                                  # CPU demo: cached greedy == naive greedy, tokens/s
+    python sample.py                            # CPU demo: cached greedy == naive greedy, tokens/s
     python sample.py --model DIR|ORG/NAME --prompts IN.jsonl --out OUT.jsonl --num_samples 5 \
         --max_new_tokens 512 --temperature 0.7 --top_p 0.95 --seed 0 --rows 0
         # add --device cuda --dtype bfloat16 --compile true on a GPU
-    python bench/bench_eos.py                         # EOS on: continuous batching vs lock-step vs transformers
-    from sample import generate, encode_prompt
-    outs = generate(model, tok, ["Hi", [{"role": "user", "content": "Hi"}]], num_samples=5)
-    outs[0][k] == {"tokens": [...], "text": "...", "finish_reason": "stop", "stop_token": 151645}
+    from sample import read_prompts                   # train.py reads its prompts with this
 
 IN.jsonl lines: {"id"?: any, "prompt": str | [{"role", "content"}, ...]}; OUT.jsonl lines:
 {"id", "prompt", "samples": [text] * K, "finish_reasons": ["stop" | "length"] * K, "stop_tokens":
 [id | null] * K} (the stop id that ended each sample; null when it ran out of tokens). Every flag,
-the device and the --out folder are checked before the model loads.
-
-How it runs (continuous batching): every (prompt, sample) is a job; `rows` jobs decode at once, one
-per KV cache row. A prompt is prefilled once, RIGHT-padded with the other prompts entering at the
-same step, into the rows of its samples; a later sample of it copies those slots from a row still
-holding them (model.copy_rows). Each row writes its own next slot (its length so far, also its rope
-position) at every decode step (model.decode). When a row's job ends (a stop id, or max_new_tokens),
-the row takes the next waiting job at once, so the batch stays full until the queue is empty; then
-idle rows are dropped (model.keep_rows) once >= 25% of them are idle. A run costs about the sum of
-its samples' lengths / rows steps (bench/bench_eos.py). generate(refill=False) admits new jobs only
-when every row is idle (lock-step batches); compact=False keeps idle rows to the end (the old
-lock-step baseline). Sampling is exact top-p by inverse CDF with three uniforms per (job, step),
-drawn from a torch.Generator seeded by hash(seed, prompt id, sample index): a sample does not depend
-on which other jobs share the rows, on `rows`, on prompt order, or on when rows were refilled or
-dropped (the uniforms follow the job, and greedy stays equal to naive recomputation).
+the device and the --out folder are checked before the model loads. How the samples are drawn
+(continuous batching, seeds, stops): generate.py; generate and encode_prompt are also imported
+from here (train.py, iteration.py, compare_bt.py).
 
 Departures:
- 1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching
-    top_p), as the paper's samplers do; ties at the boundary may resolve differently from
-    transformers' warper.
- 2. Once the queue is empty, idle rows keep decoding (their tokens discarded) until 25% of the rows
-    are idle, to amortise the copy that drops them. Under --compile the batch only halves (idle rows
-    pad it to N / 2^j) so the compiled step sees few shapes. Finished rows are found by a host sync
-    every step (also on CUDA).
- 3. CPU draws top-p samples by rejection (no vocabulary sort), CUDA by sorting: both exact, but the
-    same seed gives different samples on the two devices (as does any change of dtype or hardware).
-    sample_tokens(sort=True) forces the CUDA path on CPU (the tests check both against the exact
-    nucleus distribution).
- 4. Prompt ids default to the prompt's index in the list; the CLI uses the JSONL "id" (default: line
-    number).
+ 1. A prompt's id (its samples' seeds: generate.row_seed) is the JSONL "id", default: the line
+    number.
 """
 from cli import early_help
 if __name__ == "__main__":
     early_help(__file__)                                # --help before torch loads: under a second
 
-import hashlib
 import json
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from cli import cli
+# encode_prompt: train.py imports it from here
+from generate import check_sampling, demo, encode_prompt, generate  # noqa: F401
 from model import ModelArgs, Transformer
-from model_io import (check_vocab, free_memory, load_tokenizer, memory_estimate, pick_threads,
-                      read_config, resolve_model)
-
-CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+from model_io import check_vocab, load_tokenizer, pick_threads, read_config, resolve_model
 
 
 @dataclass
@@ -82,352 +51,6 @@ class Config:
     device: str = "cpu"
     compile: bool = False         # torch.compile the decode step (CUDA graphs on a GPU, inductor on CPU)
     threads: str = "auto"         # CPU threads: auto = what the model size warrants | N
-
-
-def encode_prompt(tokenizer, prompt) -> list:
-    """Prompt -> token ids. str: tokenized as-is (tokenizer's default special tokens); list of
-    {"role", "content"} messages: the tokenizer's chat template with the generation prompt; list of
-    ints: taken as ids."""
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                   and isinstance(prompt[0], dict)):
-        if tokenizer is None:
-            raise ValueError("text and chat prompts need a tokenizer (pass token-id lists without one)")
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        ids = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; give plain-text prompts instead of messages")
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        raise ValueError("a prompt must be a string or a non-empty list of {\"role\": str, \"content\": str} messages")
-    if not ids:
-        raise ValueError("empty prompt")
-    return ids
-
-
-def default_stop_ids(tokenizer, model) -> list:
-    """Tokenizer eos, the model config's eos id(s), and chat end tokens the vocabulary has."""
-    ids = set()
-    for eos in (getattr(tokenizer, "eos_token_id", None), model.config.get("eos_token_id")):
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    ids.update(vocab[t] for t in CHAT_END_TOKENS if t in vocab)
-    return sorted(ids)
-
-
-def row_seed(seed, prompt_id, k) -> int:
-    """Seed of sample k of prompt `prompt_id`: the same whatever batch the sample is drawn in."""
-    h = hashlib.blake2b(f"{seed}\x00{prompt_id}\x00{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-def sample_tokens(logits, u, temperature, top_p, sort=None):
-    """logits (N, V) float32, u (N, 3) uniforms in [0, 1) -> (N,) token ids; temperature 0 = argmax.
-    Top-p nucleus = the tokens whose more-probable mass is < top_p. On CPU, sorting the vocabulary
-    every step dominates decode time, so we draw 2 candidates from the full softmax by inverse CDF
-    and take the first that lies in the nucleus (rejection sampling: exact, accepted with
-    probability >= top_p); rows where both miss fall back to the sorted nucleus with the third
-    uniform. On CUDA the sort is cheap and sync-free: always sort. sort: None = sort on CUDA only;
-    True / False force either path (tests run the CUDA path on CPU)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # (N, V)
-    if top_p < 1 and (probs.is_cuda if sort is None else sort):
-        return _sample_sorted(probs, u[:, -1], top_p)
-    cand = _inverse_cdf(probs, u[:, :2])  # (N, 2) draws from the full distribution
-    tok = cand[:, 0]
-    if top_p >= 1:
-        return tok
-    # rows whose first candidate is rejected
-    miss = (~_in_nucleus(probs, tok, top_p)).nonzero()[:, 0]
-    if len(miss):
-        p, second = probs[miss], cand[miss, 1]
-        tok[miss] = torch.where(_in_nucleus(p, second, top_p), second,
-                                _sample_top(p, u[miss, 2], top_p))
-    return tok
-
-
-# (N, V), (N,) -> (N,) bool: mass of strictly more likely tokens < top_p
-def _in_nucleus(probs, tok, top_p):
-    p_tok = probs.gather(1, tok[:, None])  # (N, 1)
-    return torch.where(probs > p_tok, probs, 0).sum(-1) < top_p
-
-
-# probs (N, V) (unnormalised ok), u (N, M) -> (N, M) ids with P(id) = prob / sum
-def _inverse_cdf(probs, u):
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
-
-
-# probs (N, V), u (N,) -> (N,): inverse CDF over the sorted nucleus
-def _sample_sorted(probs, u, top_p):
-    probs, order = probs.sort(dim=-1, descending=True)
-    probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # keep while the mass above is < top_p
-    return order.gather(1, _inverse_cdf(probs, u[:, None]))[:, 0]
-
-
-# _sample_sorted over the top k tokens only, k x4 until they hold
-def _sample_top(probs, u, top_p, k=64):
-    V = probs.shape[1]                     # the nucleus (mass >= top_p): no full-vocabulary sort
-    while True:
-        top, order = probs.topk(min(k, V), dim=-1)  # (N, k) sorted, descending
-        if k >= V or bool((top.sum(-1) >= top_p).all()):
-            break
-        k *= 4
-    top = top * ((top.cumsum(-1) - top) < top_p)
-    return order.gather(1, _inverse_cdf(top, u[:, None]))[:, 0]
-
-
-def left_pad(prompts, pad_id=0):
-    """list of token-id lists -> idx (B, T0), mask (B, T0) with the padding on the left."""
-    T0 = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T0), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T0), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        idx[b, T0 - len(p):], mask[b, T0 - len(p):] = torch.tensor(p), 1
-    return idx, mask
-
-
-def right_pad(prompts, pad_id=0):
-    """list of token-id lists -> idx (B, T), lens (B,) with the padding on the right."""
-    idx = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        idx[b, :len(p)] = torch.tensor(p)
-    return idx, torch.tensor([len(p) for p in prompts])
-
-
-# drop idle rows once this fraction of the rows is idle and nothing waits (departure 2)
-COMPACT_AT = 0.25
-
-
-@dataclass
-class Rows:
-    """What the sampler keeps per cache row (N rows in flight); host tensors on the CPU, the rest on
-    `dev`."""
-    # (N,) host: the (prompt, sample) job j = prompt * K + k a row decodes; -1 = idle
-    job: torch.Tensor
-    # (N,) host: the cache slot the row writes next (prompt length + tokens so far)
-    pos: torch.Tensor
-    t: torch.Tensor       # (N,) tokens sampled so far = the step index into u and out
-    # (N, M, 3) the job's uniforms (row_seed): a row's randomness follows its job
-    u: torch.Tensor
-    out: torch.Tensor     # (N, M) tokens sampled
-
-    def keep(self, keep):  # keep (n,) sorted host rows -> the state of those rows only
-        k = keep.to(self.t.device)
-        return Rows(self.job[keep], self.pos[keep], self.t[k], self.u[k], self.out[k])
-
-
-def _start(model, rows, free, jobs, prompts, K, seeds, first, M):
-    """Jobs jobs (n,) enter the free cache rows free (n,): each prompt is prefilled once (the first
-    of its K jobs to enter), later samples copy its slots from a row still holding it. first:
-    {prompt: (V,) logits of its first token}, kept until its K-th sample entered. -> (n, V) logits
-    of the new rows' first tokens."""
-    dev = rows.t.device
-    p_of = [j // K for j in jobs]
-    holder = {int(rows.job[r]) // K: r for r in range(len(rows.job)) if rows.job[r] >= 0
-              and r not in free}
-    new = sorted({p for p in p_of if p not in first or p not in holder})  # prompts to prefill
-    free_t = torch.tensor(free)
-    if new:
-        src = [new.index(p) if p in new else -1 for p in p_of]
-        fill = [i for i, s in enumerate(src) if s >= 0]
-        idx, lens = right_pad([prompts[p] for p in new])
-        logits = model.prefill(idx.to(dev), lens.to(dev), free_t[fill].to(dev),
-                               torch.tensor([src[i] for i in fill], device=dev))  # (B, V)
-        first.update({p: logits[b] for b, p in enumerate(new)})
-    copy = [i for i, p in enumerate(p_of) if p not in new]
-    if copy:
-        lens = torch.tensor([len(prompts[p_of[i]]) for i in copy], device=dev)
-        model.copy_rows(torch.tensor([holder[p_of[i]] for i in copy], device=dev),
-                        free_t[copy].to(dev), lens)
-    logits = torch.stack([first[p] for p in p_of])
-    for j in jobs:
-        if j % K == K - 1:
-            first.pop(j // K)
-    rows.job[free_t] = torch.tensor(jobs)
-    rows.pos[free_t] = torch.tensor([len(prompts[p]) for p in p_of])
-    free_d = free_t.to(dev)
-    rows.t[free_d] = 0
-    rows.out[free_d] = -1
-    rows.u[free_d] = torch.stack([torch.rand(M, 3, generator=torch.Generator().manual_seed(seeds[j]))
-                                  for j in jobs]).to(dev)
-    return logits
-
-
-@torch.no_grad()
-def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, step, static, refill,
-                compact, on_done=lambda n: None):
-    """Every (prompt, sample) job j = p * K + k through n_rows cache rows -> {j: raw tokens} (stop
-    id included). refill: a row that finishes takes the next waiting job at once (continuous
-    batching); else new jobs enter only once every row is idle (the lock-step batches of before).
-    compact: drop idle rows once nothing waits for them (departure 2)."""
-    dev = model.embed_tokens.weight.device
-    S = max(len(p) for p in prompts) + M
-    if static:  # round the cache length so compiled shapes repeat across calls
-        S = -(-S // 256) * 256
-    J, N = len(prompts) * K, min(n_rows, len(prompts) * K)
-    model.setup_cache(N, S)
-    rows = Rows(job=torch.full((N,), -1), pos=torch.zeros(N, dtype=torch.long),
-                t=torch.zeros(N, dtype=torch.long, device=dev),
-                u=torch.zeros(N, M, 3, device=dev), out=torch.full((N, M), -1, device=dev))
-    stop_t = torch.tensor(stops, dtype=torch.long, device=dev)
-    # (n, V): the next token's logits per row
-    logits = torch.zeros(N, model.args.vocab_size, device=dev)
-    results, first, waiting = {}, {}, 0  # jobs 0 .. waiting-1 have entered
-    while True:
-        idle = (rows.job < 0).nonzero()[:, 0].tolist()
-        if idle and waiting < J and (refill or len(idle) == len(rows.job)):
-            free = idle[:J - waiting]
-            logits[free] = _start(model, rows, free, list(range(waiting, waiting + len(free))), prompts, K,
-                                  seeds, first, M)
-            waiting += len(free)
-        if bool((rows.job < 0).all()):
-            break
-        n = len(rows.job)
-        ar = torch.arange(n, device=dev)
-        t = rows.t.clamp(max=M - 1)  # idle rows stay in bounds
-        tok = sample_tokens(logits, rows.u[ar, t], temperature, top_p)  # (n,)
-        rows.out[ar, t] = tok
-        done = (rows.t >= M - 1) | torch.isin(tok, stop_t)  # (n,) this token ends the row's job
-        rows.t += 1
-        rows.pos += 1
-        done = done.cpu() & (rows.job >= 0)
-        if bool(done.any()):
-            ended = done.nonzero()[:, 0]
-            for r, toks in zip(ended.tolist(), rows.out[ended.to(dev)].tolist()):
-                results[int(rows.job[r])] = toks
-            rows.job[ended] = -1
-            on_done(len(ended))
-            busy = rows.job >= 0
-            if (compact and (waiting == J or not refill) and busy.any()
-                    and (~busy).sum() >= COMPACT_AT * n):
-                keep = _rows_to_keep(busy, static)
-                if len(keep) < n:
-                    model.keep_rows(keep.to(dev), int(rows.pos[busy].max()))
-                    rows, tok, logits = rows.keep(keep), tok[keep.to(dev)], logits[keep.to(dev)]
-            if bool((rows.job < 0).all()):
-                continue
-        kv_len = S if static else int(rows.pos[rows.job >= 0].max())
-        logits = step(tok, kv_len)  # (n, V); each row wrote its slot pos - 1
-    return results
-
-
-def _rows_to_keep(busy, static):
-    """busy (n,) bool host -> sorted rows to keep: the busy ones. static (compiled step): padded
-    with idle rows up to n / 2^j so the compiled step sees at most log2(N) + 1 shapes."""
-    keep = busy.nonzero()[:, 0]
-    if static:
-        n = len(busy)
-        while n // 2 >= len(keep):
-            n //= 2
-        keep = torch.cat([keep, (~busy).nonzero()[:, 0][:n - len(keep)]]).sort().values
-    return keep
-
-
-def check_sampling(num_samples, max_new_tokens, temperature, top_p, rows):
-    """One-line ValueError for an impossible sampling setting (generate() and the CLI, before any
-    work)."""
-    for name, v in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
-                    ("rows", rows)]:
-        if not isinstance(v, int) or v < 0 or (v == 0 and name != "rows"):
-            raise ValueError(f"{name} must be an integer >= {int(name != 'rows')}, got {v!r}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-ROWS_CAP = {"cpu": 64, "cuda": 256}  # more rows than this buys little on one CPU thread / one GPU
-
-
-def default_rows(model, longest, max_new_tokens, share=0.5) -> int:
-    """Cache rows in flight when --rows is 0: as many as the memory estimate fits in `share` of the
-    free memory (KV cache, one layer's working set, logits), at most ROWS_CAP."""
-    w = model.embed_tokens.weight
-    cap = ROWS_CAP.get(w.device.type, 64)
-    free = free_memory(w.device)
-    if free is None:
-        return cap
-    kw = dict(seq_len=longest + max_new_tokens, train=False, param_bytes=w.element_size(),
-              act_bytes=w.element_size())
-    one, two = (memory_estimate(model.args, micro_batch=b, **kw)["total"] for b in (1, 2))
-    return max(1, min(cap, int((share * free - (2 * one - two)) // (two - one))))
-
-
-def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, temperature=0.7, top_p=0.95,
-             seed=0, ids=None, stop_ids=None, rows=0, progress=False, compile=False, refill=True,
-             compact=True):
-    """For each prompt, K = num_samples dicts {"tokens" (response, stop token excluded), "text",
-    "finish_reason": "stop" | "length", "stop_token": the stop id that ended it, or None}. ids:
-    per-prompt ids for the per-(id, sample, seed) RNG (default: index). stop_ids: None =
-    default_stop_ids; [] = never stop. rows: (prompt, sample) jobs decoded at once, 0 =
-    default_rows. refill=False: new jobs wait until every row is idle (lock-step batches); with
-    compact=False as well, rows finish together (the old lock-step baseline; the samples are the
-    same, only slower)."""
-    ids = list(range(len(prompts))) if ids is None else list(ids)
-    if len(ids) != len(prompts):
-        raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
-    check_sampling(num_samples, max_new_tokens, temperature, top_p, rows)
-    if not prompts:
-        return []
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    ctx = model.args.max_seq_len
-    for i, e in enumerate(encoded):
-        if len(e) >= ctx:
-            raise ValueError(f"prompt {ids[i]!r} has {len(e)} tokens; the model's context is {ctx} tokens")
-    stops = default_stop_ids(tokenizer, model) if stop_ids is None else sorted(set(stop_ids))
-    step = model.decode
-    # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it
-    if compile:
-        if getattr(model, "compiled_decode", None) is None:
-            # graphs need CUDA
-            mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else "default"
-            model.compiled_decode = torch.compile(model.decode, mode=mode, fullgraph=True)
-        step = model.compiled_decode
-    rows = rows or default_rows(model, max(map(len, encoded)), max_new_tokens)
-    # similar lengths prefill together
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    K = num_samples
-    seeds = [row_seed(seed, ids[i], k) for i in order for k in range(K)]
-    with tqdm(total=len(prompts) * K, desc="sampling", unit="sample", disable=not progress) as bar:
-        raw = _decode_all(model, [encoded[i] for i in order], K, seeds, rows, max_new_tokens, temperature,
-                          top_p, stops, step, compile, refill, compact, bar.update)
-    results = [None] * len(prompts)
-    for q, i in enumerate(order):
-        results[i] = [_finish(raw[q * K + k], tokenizer, set(stops), ctx - len(encoded[i]))
-                      for k in range(K)]
-    # the compiled step's CUDA graphs keep pointing at the cache buffers: keep them then
-    if not compile:
-        model.clear_cache()
-    return results
-
-
-def _finish(row, tokenizer, stops, budget):
-    """Raw tokens of one row -> the response up to its first stop id, capped at the context left."""
-    cut = next((j for j, t in enumerate(row) if t in stops), None)
-    if cut is not None and cut < budget:
-        tokens, reason, stop = row[:cut], "stop", row[cut]
-    else:
-        tokens, reason, stop = row[:budget], "length", None
-    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
-    return {"tokens": tokens, "text": text, "finish_reason": reason, "stop_token": stop}
-
-
-@torch.no_grad()
-def naive_greedy(model, prompts, max_new_tokens):
-    """Test oracle: greedy decoding by recomputing the whole left-padded batch every step, no
-    cache."""
-    idx, mask = left_pad(prompts)
-    for _ in range(max_new_tokens):
-        tok = model(idx, attention_mask=mask)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        idx, mask = torch.cat([idx, tok], 1), torch.cat([mask, torch.ones_like(tok)], 1)
-    return idx[:, -max_new_tokens:].tolist()
 
 
 def read_prompts(path):
@@ -527,36 +150,9 @@ def run(cfg: Config):
     print(f"wrote {len(outs)} prompts x {cfg.num_samples} samples to {cfg.out}")
 
 
-def demo(cfg: Config):
-    """Tiny random Llama: cached greedy must equal naive recomputation; then sampling throughput."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # the dev box is shared; tokens/s below are single-threaded
-    args = ModelArgs(arch="llama", vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
-                     hidden_dim=256, max_seq_len=512)
-    model = Transformer(args).eval()
-    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 17, 9, 12, 3, 20, 8, 14)]
-    t0 = time.perf_counter()
-    cached = generate(model, None, prompts, max_new_tokens=64, temperature=0, stop_ids=[])
-    t1 = time.perf_counter()
-    naive = naive_greedy(model, prompts, 64)
-    t2 = time.perf_counter()
-    same = all(c[0]["tokens"] == n for c, n in zip(cached, naive))
-    print(f"greedy, 8 left-padded prompts x 64 tokens: cached == naive recomputation: {same} "
-          f"(cached {t1 - t0:.2f}s, naive {t2 - t1:.2f}s)")
-    t0 = time.perf_counter()
-    outs = generate(model, None, prompts, num_samples=4, max_new_tokens=64, stop_ids=[],
-                    compile=cfg.compile)
-    dt = time.perf_counter() - t0
-    n = sum(len(s["tokens"]) for o in outs for s in o)
-    print(f"sampling 8 prompts x 4 samples x 64 tokens ({model.num_params() / 1e6:.2f}M params, CPU): "
-          f"{n} tokens in {dt:.2f}s = {n / dt:.0f} tokens/s")
-    if not same:
-        sys.exit("error: cached greedy differs from naive recomputation")
-
-
 if __name__ == "__main__":
     cfg = cli(Config)
     try:
-        run(cfg) if cfg.model else demo(cfg)
+        run(cfg) if cfg.model else demo(cfg.compile)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")

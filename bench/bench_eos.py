@@ -9,19 +9,18 @@ lengths are about geometric with a mean of 32 tokens and a long tail, as real an
 ids are picked by measuring each token's mean next-token probability on sampled text, then taking
 random ids until their mass reaches the target. Samplers on the same weights and prompts, measured
 in one process:
-  ours          generate(rows=--rows): continuous batching, the batch stays full until the queue
-                is empty
+  ours          generate(rows=--rows; 0 = default_rows, sized from memory as train.py does):
+                continuous batching, the batch stays full until the queue is empty
   batches-16    one generate() call per 16 prompts (rows = 16 K, all in flight), finished rows
                 dropped: the schedule train.py used before continuous batching, same decode step
   lock-step     the same calls with compact=False: every row decodes to its batch's longest
-                (separate calls, not generate(refill=False): that one keeps the first batch's
-                compacted row count for the batches after it)
   transformers  AutoModelForCausalLM.generate, 16 prompts per call, eos_token_id = the stop set
   vLLM          only if `import vllm` works (its CPU build); else "not installed"
 Useful tokens = each sample's tokens up to and including its stop id; rates are useful tokens per
 CPU-second (time.process_time, all threads) and per wall second. matmul bound: the CPU time of the
-decode step's matmuls alone (x W^T for every projection and the head, at --rows rows, measured here)
+decode step's matmuls alone (x W^T for every projection and the head, at ours' rows, measured here)
 times the steps ours needs (useful tokens / rows): the share of ours' CPU time that bound is.
+"same samples" checks that every sampler of ours drew the same per-sample lengths.
 """
 import os
 import sys
@@ -34,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time  # noqa: E402
 from bench_sample import bench_model, timed  # noqa: E402
 from model import Transformer  # noqa: E402
-from sample import cli, generate, left_pad  # noqa: E402
+from cli import cli  # noqa: E402
+from generate import default_rows, generate, left_pad  # noqa: E402
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Config:
     device: str = "cpu"           # cpu | cuda
     num_prompts: int = 64
     num_samples: int = 5          # K
-    rows: int = 80                # rows in flight for ours (0: sized from memory, as train.py)
+    rows: int = 0                 # rows in flight for ours; 0 = sized from memory, as train.py
     max_new_tokens: int = 256
     mean_frac: float = 8.0        # target mean sample length = max_new_tokens / mean_frac
     prompt_len: int = 32          # prompts get lengths in [prompt_len // 2, prompt_len]
@@ -130,8 +130,10 @@ def main():
     with torch.device(cfg.device):
         model = Transformer(args).to(dtype).eval()
     stops, mass = pick_stop_ids(model, prompts, cfg)
+    rows = cfg.rows or min(default_rows(model, cfg.prompt_len, cfg.max_new_tokens),
+                           cfg.num_prompts * cfg.num_samples)
     K16 = 16 * cfg.num_samples
-    samplers = [("ours", lambda n: ours(model, prompts, cfg, stops, n, rows=cfg.rows)),
+    samplers = [("ours", lambda n: ours(model, prompts, cfg, stops, n, rows=rows)),
                 ("batches-16", lambda n: in_batches(model, prompts, cfg, stops, n, rows=K16)),
                 ("lock-step", lambda n: in_batches(model, prompts, cfg, stops, n, rows=K16,
                                                    compact=False))]
@@ -141,11 +143,11 @@ def main():
             hf_model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(cfg.device).eval()
         samplers.append(("transformers", lambda n: hf(hf_model, prompts, cfg, stops, n)))
     print(f"{cfg.device}: {args.arch} {model.num_params() / 1e6:.1f}M params {str(dtype)[6:]}, "
-          f"threads={cfg.threads}, {cfg.num_prompts} prompts x K={cfg.num_samples}, "
+          f"threads={cfg.threads}, {cfg.num_prompts} prompts x K={cfg.num_samples}, rows={rows}, "
           f"max {cfg.max_new_tokens} new tokens, T={cfg.temperature}, top_p={cfg.top_p}; "
           f"{len(stops)} stop ids with mean probability {mass:.4f} "
           f"(target mean length {cfg.max_new_tokens / cfg.mean_frac:.0f})", flush=True)
-    rate = {}
+    rate, got = {}, {}
     print(f"  {'sampler':13s} {'useful tok':>10s} {'mean len':>8s} {'max len':>7s} {'CPU s':>7s} "
           f"{'wall s':>7s} {'tok/CPU-s':>9s} {'tok/wall-s':>10s}", flush=True)
     for label, fn in samplers:
@@ -156,16 +158,18 @@ def main():
             if best is None or cpu < best[1]:
                 best = lens, cpu, wall
         lens, cpu, wall = best
-        rate[label] = sum(lens) / cpu
+        rate[label], got[label] = sum(lens) / cpu, lens
         print(f"  {label:13s} {sum(lens):10d} {sum(lens) / len(lens):8.1f} {max(lens):7d} "
               f"{cpu:7.2f} {wall:7.2f} {rate[label]:9.0f} {sum(lens) / wall:10.0f}", flush=True)
         if label == "ours" and cfg.device == "cpu":
-            share = sum(lens) / cfg.rows * matmul_seconds(model, cfg.rows) / cpu
+            share = sum(lens) / rows * matmul_seconds(model, rows) / cpu
     for other in ("batches-16", "lock-step", "transformers"):
         if other in rate:
             ratio = rate["ours"] / rate[other]
             print(f"  ratio ours / {other} = {ratio:.2f}x (useful tokens per CPU-second)",
                   flush=True)
+    same = all(got[k] == got["ours"] for k in ("batches-16", "lock-step"))
+    print(f"  same samples (ours, batches-16, lock-step): {'yes' if same else 'NO'}", flush=True)
     if cfg.device == "cpu":
         print(f"  matmul bound share of ours: {share:.0%}", flush=True)
     try:

@@ -1,4 +1,4 @@
-"""sample.py: cached greedy == naive recomputation == transformers; seeded sampling; stops and compaction; top-p
+"""sample.py, generate.py, top_p.py: cached greedy == naive recomputation == transformers; seeded sampling; stops and compaction; top-p
 sampling paths; the compiled step; prompts; CLI."""
 import json
 import math
@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 import sample
 from model import Transformer
 from model_io import ModelError
-from sample import encode_prompt, generate, naive_greedy, sample_tokens
+from generate import (_rows_to_keep, default_stop_ids, encode_prompt, generate, left_pad, naive_greedy,
+                      right_pad, row_seed)
+from top_p import _sample_sorted, _sample_top, sample_tokens
 from tiny import hub_snapshot, make_hf_model, make_tokenizer, offline_hub
 
 torch.set_num_threads(1)
@@ -38,7 +40,7 @@ def test_greedy_cached_equals_naive_and_transformers(arch, tmp_path):
     ours = [o[0] for o in generate(model, tok, PROMPTS, max_new_tokens=n, temperature=0, stop_ids=[])]
     assert all(len(o["tokens"]) == n and o["finish_reason"] == "length" for o in ours)
     assert [o["tokens"] for o in ours] == naive_greedy(model, encoded, n)
-    idx, mask = sample.left_pad(encoded)
+    idx, mask = left_pad(encoded)
     with torch.no_grad():
         ref = hf.generate(idx, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
                           eos_token_id=None)[:, idx.shape[1]:]
@@ -72,7 +74,7 @@ def test_sample_tokens_top_p_and_temperature():
     # nucleus at 0.7 = {0, 1} (mass 0.8) renormalised to 0.625 / 0.375, via rejection (CPU) and via sorting
     assert (freqs(sample_tokens(logits, u, 1.0, 0.7)) - torch.tensor([0.625, 0.375, 0, 0])).abs().max() < 0.01
     grid = (torch.arange(1000) + 0.5) / 1000
-    sorted_tok = sample._sample_sorted(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(1000, 4), grid, 0.7)
+    sorted_tok = _sample_sorted(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(1000, 4), grid, 0.7)
     assert (sorted_tok == 0).sum().item() == 625 and (sorted_tok == 1).sum().item() == 375
     # top_p 0.3 keeps only token 0: a quarter of the rows miss with both candidates and take the sorted fallback
     assert sample_tokens(logits, u, 1.0, 0.3).eq(0).all()
@@ -96,7 +98,7 @@ def test_stop_ids_and_finish_reasons(tiny):
             assert o[0]["stop_token"] is None
     everything = generate(model, tok, ["Hi"], num_samples=3, max_new_tokens=5, stop_ids=range(len(tok)))
     assert all(s["tokens"] == [] and s["finish_reason"] == "stop" for s in everything[0])
-    assert set(sample.default_stop_ids(tok, model)) == {2, tok.convert_tokens_to_ids("<|im_end|>")}
+    assert set(default_stop_ids(tok, model)) == {2, tok.convert_tokens_to_ids("<|im_end|>")}
 
 
 def first_stop(tokens, stops):  # index of the first stop id in a list of tokens, or None
@@ -151,7 +153,7 @@ def test_continuous_batching_keeps_rows_full_and_changes_no_sample(tiny, monkeyp
     greedy = generate(model, tok, PROMPTS, max_new_tokens=24, temperature=0, stop_ids=sorted(stops))
     for n, g in zip(naive, greedy):  # greedy == naive recomputation cut at the first stop id
         assert first_stop(n, stops) is not None and g[0]["tokens"] == n[:first_stop(n, stops)]
-    assert sizes[0] == 4 and sizes[-1] == 1 and len(sizes) == 14  # the batch shrank as rows stopped
+    assert sizes == [4] * 14  # the longest row's 14 steps; never below MIN_ROWS = 4 rows
     kw = dict(num_samples=8, max_new_tokens=40, temperature=1.0, top_p=0.95, seed=3, stop_ids=[83, 54, 18, 48, 98])
     ids = list("abcd")
     sizes.clear()
@@ -160,11 +162,12 @@ def test_continuous_batching_keeps_rows_full_and_changes_no_sample(tiny, monkeyp
     tokens = sum(min(len(s["tokens"]) + 1, 40) for o in base for s in o)  # decode steps the jobs need
     full = next(i for i, n in enumerate(sizes) if n < 6)
     assert set(sizes[:full]) == {6} and sizes == sorted(sizes, reverse=True)  # full, then drained
+    assert sizes[-1] == 4  # drained down to MIN_ROWS, no further
     assert 6 * full >= tokens - 6 * 40 and sum(sizes) < tokens + 6 * 40  # full until the queue ran dry
     for i, k in [(0, 0), (1, 5), (2, 7), (3, 3)]:  # == the uncached oracle, row by row
         got = base[i][k]
         assert (got["tokens"], got["stop_token"]) == naive_sample(
-            model, encoded[i], sample.row_seed(3, ids[i], k), 40, 1.0, 0.95, set(kw["stop_ids"]))
+            model, encoded[i], row_seed(3, ids[i], k), 40, 1.0, 0.95, set(kw["stop_ids"]))
     for other in (dict(rows=1), dict(rows=32), dict(rows=7, refill=False), dict(rows=32, compact=False),
                   dict(rows=8, refill=False, compact=False)):  # batch sizes, lock-step batches, lock-step
         assert generate(model, tok, PROMPTS, ids=ids, **kw, **other) == base, other
@@ -172,6 +175,55 @@ def test_continuous_batching_keeps_rows_full_and_changes_no_sample(tiny, monkeyp
     shuffled = generate(model, tok, [PROMPTS[i] for i in perm], ids=[ids[i] for i in perm], rows=3, **kw)
     assert [shuffled[perm.index(i)] for i in range(4)] == base
     assert generate(model, tok, PROMPTS[2:3], ids=ids[2:3], **kw)[0] == base[2]
+
+
+def test_lock_step_batches_start_at_full_width_after_compaction(tiny, monkeypatch):
+    """generate(refill=False): every lock-step batch decodes its first step at `rows` rows, though
+    the batch before it was compacted (the bug: later batches kept the shrunken width)."""
+    _, model, tok = tiny
+    events, decode, prefill = [], model.decode, model.prefill
+
+    def recorded_decode(tok_, kv_len):
+        events.append(len(tok_))
+        return decode(tok_, kv_len)
+
+    def recorded_prefill(*a):
+        events.append("prefill")
+        return prefill(*a)
+
+    monkeypatch.setattr(model, "decode", recorded_decode)
+    monkeypatch.setattr(model, "prefill", recorded_prefill)
+    kw = dict(num_samples=8, max_new_tokens=40, temperature=1.0, top_p=0.95, seed=3,
+              stop_ids=[83, 54, 18, 48, 98], ids=list("abcd"))
+    lock = generate(model, tok, PROMPTS, rows=8, refill=False, **kw)  # 4 batches of one prompt x 8
+    firsts = [events[i + 1] for i, e in enumerate(events) if e == "prefill"]
+    assert firsts == [8, 8, 8, 8]  # old code: [8, 2, 1, 1, 1, ...]: the shrunken width
+    assert min(e for e in events if e != "prefill") < 8  # batches were compacted as rows stopped
+    assert lock == generate(model, tok, PROMPTS, rows=8, **kw)  # the samples do not change
+
+
+def test_logits_do_not_depend_on_the_batch_width(tiny):
+    """A prompt's first-token logits are bitwise the same prefilled alone or beside 5 others (at
+    the same padded length: CPU attention rounds differently at other lengths), and its decode
+    logits the same at every width >= MIN_ROWS (CPU BLAS rounds 1-3-row matmuls differently, so
+    the sampler never runs fewer rows: this fails with MIN_ROWS = 1)."""
+    _, model, tok = tiny
+    prompts = [encode_prompt(tok, p) for p in PROMPTS + ["x y z", "one more prompt"]]
+    idx, lens = right_pad(prompts)
+    model.setup_cache(len(prompts), 64)
+    with torch.no_grad():
+        together = model.prefill(idx, lens, torch.arange(6), torch.arange(6))  # (6, V)
+        alone = model.prefill(idx[2:3], lens[2:3], torch.tensor([0]), torch.tensor([0]))  # (1, V)
+        assert torch.equal(alone[0], together[2])
+        step = torch.tensor([5, 9, 11, 13, 17, 19])
+        model.setup_cache(6, 64)
+        model.prefill(idx, lens, torch.arange(6), torch.arange(6))
+        wide = model.decode(step, int(lens.max()) + 1)  # (6, V)
+        model.setup_cache(4, 64)
+        model.prefill(idx[2:6], lens[2:6], torch.arange(4), torch.arange(4))
+        narrow = model.decode(step[2:6], int(lens.max()) + 1)  # (4, V)
+    model.clear_cache()
+    assert torch.equal(narrow, wide[2:6])
 
 
 def chi_square(tok, p, top_p):
@@ -209,8 +261,8 @@ def test_top_k_nucleus_equals_the_full_sort():
         probs = torch.softmax(scale * torch.randn(50, 1000, generator=g), -1)
         u = torch.rand(50, generator=g)
         for top_p in (0.5, 0.95, 1.0):
-            want = sample._sample_sorted(probs, u, top_p)
-            assert torch.equal(sample._sample_top(probs, u, top_p, k=16), want), (scale, top_p)
+            want = _sample_sorted(probs, u, top_p)
+            assert torch.equal(_sample_top(probs, u, top_p, k=16), want), (scale, top_p)
 
 
 def inductor_error():
@@ -235,8 +287,8 @@ def test_compiled_decode_equals_eager_on_cpu(tiny):
     assert compiled == eager and model.compiled_decode is not None
     # under compile the batch only halves (finished rows pad it), so few shapes get compiled
     busy = torch.tensor([0, 1, 0, 1, 1, 0, 0, 0], dtype=torch.bool)
-    assert sample._rows_to_keep(busy, static=True).tolist() == [0, 1, 3, 4]  # rows 1, 3, 4 + idle 0: 8 / 2
-    assert sample._rows_to_keep(busy, static=False).tolist() == [1, 3, 4]
+    assert _rows_to_keep(busy, static=True).tolist() == [0, 1, 3, 4]  # rows 1, 3, 4 + idle 0: 8 / 2
+    assert _rows_to_keep(busy, static=False).tolist() == [1, 3, 4]
 
 
 def test_encode_prompt_and_context_errors(tiny):
