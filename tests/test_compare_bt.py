@@ -168,3 +168,38 @@ def test_dno_mixture_beats_the_same_flags_bt_mixture(tmp_path):
     again = cb.compare(cb.Config(out=str(tmp_path / "fed"), train=flags, n_prompts=300,
                                  eval_only=True))[0]
     assert again["DNO mixture"]["vs BT loop"][0] == 0 and not dno_beats_bt(again, z=2.0)
+
+
+def fake_run(root, T, val):
+    """A train.py run folder with what compare_bt reads of it: the first stage's manifest,
+    T finished checkpoints and each iterate's validation metric (val[t] for pi_{t+1})."""
+    os.makedirs(root / "iter_1" / "samples")
+    (root / "iter_1" / "samples" / "manifest.json").write_text(
+        json.dumps({"config": {"model": "PI1", "prompts": "p.jsonl", "select_by": "vs_gold"}}))
+    for t in range(T + 1):
+        os.makedirs(root / f"iter_{t}" / "eval", exist_ok=True)
+        (root / f"iter_{t}" / "eval" / "metrics.json").write_text(
+            json.dumps({"winrate_vs_gold": val[t]}))
+        if t:
+            os.makedirs(root / f"iter_{t}" / "checkpoint")
+            (root / f"iter_{t}" / "checkpoint" / "done").write_text("")
+
+
+def test_a_prefix_of_a_run_is_a_shorter_run(tmp_path):
+    """--at T: iterates pi_1..pi_{T+1} only, line 9's best among them by the run's --select_by
+    (ties: the earliest), and a prefix longer than the run or without a fixed slice size is
+    refused."""
+    fake_run(tmp_path / "r", 4, [0.5, 0.7, 0.6, 0.7, 0.9])
+    paths, best = cb.iterates(str(tmp_path / "r"), 2)
+    assert paths == ["PI1", str(tmp_path / "r" / "iter_1" / "checkpoint"),
+                     str(tmp_path / "r" / "iter_2" / "checkpoint")] and best == 1
+    assert cb.iterates(str(tmp_path / "r"), 3)[1] == 1                # a tie: the earliest
+    paths, best = cb.iterates(str(tmp_path / "r"))                    # 0: the whole run
+    assert len(paths) == 5 and best == 4
+    with pytest.raises(ValueError, match="asks for 5"):
+        cb.iterates(str(tmp_path / "r"), 5)
+    flags = "--iterations 32 --prompts_per_iter 50".split()
+    assert cb.parse_at("32,8,16", flags) == [8, 16, 32] and cb.parse_at("", flags) == [0]
+    for at, fl in (("8,40", flags), ("0,8", flags), ("8", ["--iterations", "32"]), ("x", flags)):
+        with pytest.raises(ValueError, match="--at"):
+            cb.parse_at(at, fl)
