@@ -4,7 +4,8 @@
     python compare_bt.py --out runs/cmp --seeds 0,1,2 --teacher_styles 0.8,0.15,0.05 \
         --train "--iterations 8 --prompts_per_iter 100 --lr 3e-4 --epochs 2 --target soft"
     python compare_bt.py --out runs/cmp --eval_only true   # the table again, from finished runs
-    python compare_bt.py --out runs/cmp --train "--iterations 32 ..." --at 8,16,32   # 3 tables
+    python compare_bt.py --out runs/cmp --at 8,16,32 \
+        --train "--iterations 32 --prompts_per_iter 50"   # one run per seed, tables at 8, 16, 32
     python train.py --judge compare_bt:demo_bt ...  # a loop on a fitted BT reward, $DEMO_BT_REWARD
 
 Per seed s, in OUT/s<s>/:
@@ -30,11 +31,12 @@ seeded permutation in a fixed size that does not depend on T (train.split; so --
 must be set: with 0 the size is pool // T), each iteration's lr schedule is its own (optimize.py:
 lr_t = lr * lr_decay**(t-1), warmup and decay over that iteration's steps), every seed is drawn
 from (seed, t), and --iterations shapes no stage (train.NO_ARTIFACT), so a run grown from T to 32
-reuses iterations 1..T untouched (tests/test_run_folder.py). The BT reward is fitted on the
-first min(--at) iterations for the same reason: one reward for the whole BT run, so its prefixes
-are BT runs of that length too. At prefix T: the mixture is unif(pi_1..pi_{T+1}), the best
-iterate is line 9's choice among pi_1..pi_{T+1} (their validation metrics, --select_by of the
-run), the last is pi_{T+1}.
+reuses iterations 1..T untouched (tests/test_run_folder.py; from scratch, a 1- and a 2-iteration
+run wrote byte-identical iteration-1 samples, judgments, checkpoint and validation answers). The
+BT reward is fitted on the first min(--at) iterations for the same reason: one reward for the
+whole BT run, so its prefixes are BT runs of that length too. At prefix T: the mixture is
+unif(pi_1..pi_{T+1}), the best iterate is line 9's choice among pi_1..pi_{T+1} (their validation
+metrics, --select_by of the run), the last is pi_{T+1}.
 Policies: pi_1; per run its best iterate (Alg. 2, line 9), its last one and the uniform mixture
 unif(pi_1..pi_{T+1}) (Alg. 1, line 6: each prompt answered by one iterate drawn by a seeded RNG,
 the same draw for both runs); the teacher in each style, and in the three styles in turn (a Nash
