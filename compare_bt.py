@@ -4,13 +4,15 @@
     python compare_bt.py --out runs/cmp --seeds 0,1,2 --teacher_styles 0.8,0.15,0.05 \
         --train "--iterations 8 --prompts_per_iter 100 --lr 3e-4 --epochs 2 --target soft"
     python compare_bt.py --out runs/cmp --eval_only true   # the table again, from finished runs
+    python compare_bt.py --out runs/cmp --at 8,16,32 \
+        --train "--iterations 32 --prompts_per_iter 50"   # one run per seed, tables at 8, 16, 32
     python train.py --judge compare_bt:demo_bt ...  # a loop on a fitted BT reward, $DEMO_BT_REWARD
 
 Per seed s, in OUT/s<s>/:
   1. dno/            python train.py --judge J --seed s TRAIN: DNO on the demo task (or on --init).
   2. bt_reward.json  a Bradley-Terry reward r(x, y) = w . features(x, y), fitted by logistic
                      regression on the soft labels of every pair that run 1's judge annotated (its
-                     own annotations, every iteration).
+                     own annotations: every iteration, or with --at its first min(--at)).
   3. bt/             python train.py --judge compare_bt:demo_bt --seed s TRAIN from run 1's pi_1
                      and prompts: the same loop, flags, prompts and pair rule; only the preference
                      is the fitted, transitive one.
@@ -22,7 +24,19 @@ Per seed s, in OUT/s<s>/:
                      worst case = min over styles s of mean_x P(pi(x) > perfect_s(x)) (the
                      responder knows the policy, not its samples: one style for all prompts).
                      Standard errors are over prompts; differences are paired by prompt.
-  OUT/compare.json, OUT/compare.md: every seed's report and the table.
+  OUT/compare.json, OUT/compare.md: every seed's report and the table (one per --at).
+Prefixes (--at 8,16,32): one run of T = 32 iterations holds the runs of T = 8 and 16. Its first
+T iterations are exactly a T-iteration run with the same flags: the slices D_t are cut from one
+seeded permutation in a fixed size that does not depend on T (train.split; so --prompts_per_iter
+must be set: with 0 the size is pool // T), each iteration's lr schedule is its own (optimize.py:
+lr_t = lr * lr_decay**(t-1), warmup and decay over that iteration's steps), every seed is drawn
+from (seed, t), and --iterations shapes no stage (train.NO_ARTIFACT), so a run grown from T to 32
+reuses iterations 1..T untouched (tests/test_run_folder.py; from scratch, a 1- and a 2-iteration
+run wrote byte-identical iteration-1 samples, judgments, checkpoint and validation answers). The
+BT reward is fitted on the first min(--at) iterations for the same reason: one reward for the
+whole BT run, so its prefixes are BT runs of that length too. At prefix T: the mixture is
+unif(pi_1..pi_{T+1}), the best iterate is line 9's choice among pi_1..pi_{T+1} (their validation
+metrics, --select_by of the run), the last is pi_{T+1}.
 Policies: pi_1; per run its best iterate (Alg. 2, line 9), its last one and the uniform mixture
 unif(pi_1..pi_{T+1}) (Alg. 1, line 6: each prompt answered by one iterate drawn by a seeded RNG,
 the same draw for both runs); the teacher in each style, and in the three styles in turn (a Nash
@@ -45,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import demo_task
+import evaluate
 from cli import cli
 from demo_task import STYLES, prompt_rows, rubric, style_of
 
@@ -63,6 +78,7 @@ class Config:
     temperature: float = 1.0        # sampling temperature of every evaluated policy (1: itself)
     top_p: float = 1.0              # nucleus of every evaluated policy (1: the policy itself)
     eval_only: bool = False         # only evaluate finished runs (no training)
+    at: str = ""                    # evaluate these prefixes T, e.g. 8,16,32 ("": the whole runs)
 
 
 # ------------------------------------------------------------ the Bradley-Terry reward
@@ -120,12 +136,14 @@ def jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_annotations(out):
+def read_annotations(out, upto=0):
     """(prompt, candidates, P) of every training prompt judged in a train.py run (K samples, then
-    the gold if it was a candidate), all its iterations. -> (annotations, T)"""
+    the gold if it was a candidate), its iterations 1..upto (0: all). -> (annotations, T)"""
     prompts = {r["id"]: r for r in jsonl(run_config(out)["prompts"])}
     got, t = [], 1
     while os.path.exists(os.path.join(out, f"iter_{t}", "judgments", "done")):
+        if upto and t > upto:
+            break
         samples = jsonl(os.path.join(out, f"iter_{t}", "samples", "samples.jsonl"))
         samples = {s["id"]: s for s in samples}
         for res in jsonl(os.path.join(out, f"iter_{t}", "judgments", "judgments.jsonl")):
@@ -153,8 +171,9 @@ def train(argv, env=None):
         raise ValueError(f"train.py failed: {' '.join(argv)}")
 
 
-def run_pair(cfg, seed, flags):
-    """OUT/s<seed>/: dno (DNO), bt_reward.json (fitted on its annotations), bt (the BT loop)."""
+def run_pair(cfg, seed, flags, upto=0):
+    """OUT/s<seed>/: dno (DNO), bt_reward.json (fitted on its annotations of iterations 1..upto,
+    0: all), bt (the BT loop)."""
     root = os.path.join(cfg.out, f"s{seed}")
     dno_dir, bt_dir, reward = (os.path.join(root, n) for n in ("dno", "bt", "bt_reward.json"))
     styles = ["--teacher_styles", cfg.teacher_styles] if cfg.teacher_styles else []
@@ -163,7 +182,7 @@ def run_pair(cfg, seed, flags):
     start = ["--model", os.path.join(demo, "init"),
              "--prompts", os.path.join(demo, "prompts.jsonl")]
     train(["--judge", cfg.judge, "--out", dno_dir] + (start if cfg.init else styles) + common)
-    annotations, T = read_annotations(dno_dir)
+    annotations, T = read_annotations(dno_dir, upto)
     w = fit_bt(annotations)
     with open(reward, "w") as f:
         json.dump({"w": w, "features": ["score", " ", ",", "|"], "judge": cfg.judge,
@@ -184,16 +203,25 @@ def run_config(run):
         return json.load(f)["config"]
 
 
-def iterates(run):
-    """[pi_1, ..., pi_{T+1}] folders of a finished train.py run, and its best iterate's index."""
-    pi_1 = run_config(run)["model"] or os.path.join(run, "demo", "init")
-    paths, t = [pi_1], 1
+def iterates(run, T=0):
+    """[pi_1, ..., pi_{T+1}] folders of a train.py run (T = 0: all it has), and line 9's best
+    among them: the highest validation metric the run selects by (ties: the earliest)."""
+    cfg = run_config(run)
+    paths, t = [cfg["model"] or os.path.join(run, "demo", "init")], 1
     while os.path.exists(os.path.join(run, f"iter_{t}", "checkpoint", "done")):
+        if T and t > T:
+            break
         paths.append(os.path.join(run, f"iter_{t}", "checkpoint"))
         t += 1
-    with open(os.path.join(run, "best.json")) as f:
-        best = json.load(f)["iter"]                             # 0 = pi_1, t = pi_{t+1}
-    return paths, best
+    if T and len(paths) < T + 1:
+        raise ValueError(f"{run}: {len(paths) - 1} finished iterations, --at asks for {T}")
+    key = evaluate.SELECT[cfg.get("select_by", "lc_vs_gold")]
+    val = []
+    for t in range(len(paths)):                                 # iter_t/eval: pi_{t+1}
+        with open(os.path.join(run, f"iter_{t}", "eval", "metrics.json")) as f:
+            v = json.load(f).get(key)
+        val.append(-1.0 if v is None else v)
+    return paths, val.index(max(val))                           # 0 = pi_1, t = pi_{t+1}
 
 
 def answers(path, rows, temperature, top_p, seed, cache):
@@ -212,10 +240,10 @@ def answers(path, rows, temperature, top_p, seed, cache):
     return [cache[(path, r["id"])] for r in rows]
 
 
-def run_policies(run, rows, cfg, seed, cache):
-    """{best, last, mixture} answers of one run (the mixture answers prompt k with iterate
-    pick[k]), which iterates they are, and pi_1's folder."""
-    paths, best = iterates(run)
+def run_policies(run, rows, cfg, seed, cache, T=0):
+    """{best, last, mixture} answers of one run's first T iterations (the mixture answers prompt
+    k with iterate pick[k]), which iterates they are, and pi_1's folder."""
+    paths, best = iterates(run, T)
     pick = random.Random(seed).choices(range(len(paths)), k=len(rows))
     mix = [None] * len(rows)
     for i, p in enumerate(paths):
@@ -237,8 +265,9 @@ def score(pref_fn, rows, ys):
     return W, int(W.mean(1).argmin())
 
 
-def evaluate_seed(cfg, seed):
-    """Every policy of OUT/s<seed>: worst case, SE, paired differences, styles, acceptable."""
+def evaluate_seed(cfg, seed, T=0):
+    """Every policy of OUT/s<seed> (its runs' first T iterations; 0: all): worst case, SE, paired
+    differences, styles, acceptable."""
     root = os.path.join(cfg.out, f"s{seed}")
     pref_fn = demo_task.PREFS[cfg.judge]
     known = {r["prompt"] for r in jsonl(run_config(os.path.join(root, "dno"))["prompts"])}
@@ -246,12 +275,12 @@ def evaluate_seed(cfg, seed):
     styles = styles or demo_task.TEACHER_STYLE_P
     rows = prompt_rows(cfg.n_prompts, seed, "heldout", known, styles)   # no prompt the runs saw
     cache, policies, which = {}, {}, {}
-    dno_pols, dno_which, pi_1 = run_policies(os.path.join(root, "dno"), rows, cfg, seed, cache)
+    dno_pols, dno_which, pi_1 = run_policies(os.path.join(root, "dno"), rows, cfg, seed, cache, T)
     policies["pi_1"] = answers(pi_1, rows, cfg.temperature, cfg.top_p, seed, cache)
     policies.update({f"DNO {k}": v for k, v in dno_pols.items()})
     which.update({f"DNO {k}": v for k, v in dno_which.items()})
     if os.path.exists(os.path.join(root, "bt", "best.json")):
-        bt_pols, bt_which, _ = run_policies(os.path.join(root, "bt"), rows, cfg, seed, cache)
+        bt_pols, bt_which, _ = run_policies(os.path.join(root, "bt"), rows, cfg, seed, cache, T)
         policies.update({f"BT loop {k}": v for k, v in bt_pols.items()})
         which.update({f"BT loop {k}": v for k, v in bt_which.items()})
     for s in STYLES:                                    # the exploiters a cycle rewards
@@ -296,6 +325,23 @@ def markdown(reports):
     return "\n".join(lines)
 
 
+def parse_at(at, flags):
+    """--at "8,16,32" -> [8, 16, 32] (each <= --iterations of --train, which must fix
+    --prompts_per_iter: see Prefixes above); "" -> [0] (the whole runs)."""
+    if not at:
+        return [0]
+    try:
+        Ts = sorted({int(x) for x in at.split(",")})
+    except ValueError:
+        raise ValueError(f"--at must be comma-separated iteration counts, got {at!r}") from None
+    T = int(flags[flags.index("--iterations") + 1]) if "--iterations" in flags[:-1] else 3
+    per = flags[flags.index("--prompts_per_iter") + 1] if "--prompts_per_iter" in flags[:-1] else 0
+    if Ts[0] < 1 or Ts[-1] > T or int(per) <= 0:
+        raise ValueError(f"--at needs 1 <= T <= the runs' --iterations ({T}) and --train with "
+                         "--prompts_per_iter > 0 (slices that do not depend on T)")
+    return Ts
+
+
 def compare(cfg):
     """Train (unless --eval_only) and evaluate every seed; OUT/compare.{json,md}. -> reports"""
     if cfg.judge not in demo_task.PREFS:
@@ -314,19 +360,22 @@ def compare(cfg):
         raise ValueError(f"--train may not set {', '.join(sorted(taken))} (compare_bt sets it)")
     if cfg.init and not os.path.exists(os.path.join(cfg.init, "prompts.jsonl")):
         raise FileNotFoundError(f"--init {cfg.init}: no prompts.jsonl (demo_task.prepare's)")
-    reports = {}
+    at = parse_at(cfg.at, flags)
+    reports = {}                                                # T -> seed -> report
     for seed in seeds:
         if not cfg.eval_only:
-            run_pair(cfg, seed, flags)
-        reports[seed] = evaluate_seed(cfg, seed)
-    table = markdown(reports)
+            run_pair(cfg, seed, flags, min(at))      # [0]: fit on all
+        for T in at:
+            reports.setdefault(T, {})[seed] = evaluate_seed(cfg, seed, T)
+    tables = [(f"T = {T}\n\n" if T else "") + markdown(reports[T]) for T in at]
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
-        json.dump({"config": vars(cfg), "reports": reports}, f, indent=1)
+        json.dump({"config": vars(cfg), "reports": reports if at != [0] else reports[0]}, f,
+                  indent=1)
     with open(os.path.join(cfg.out, "compare.md"), "w") as f:
-        f.write(table + "\n")
+        f.write("\n\n".join(tables) + "\n")
     print(f"judge {cfg.judge}, {cfg.n_prompts} held-out prompts, temperature {cfg.temperature}, "
-          f"top-p {cfg.top_p}, train flags: {cfg.train}\n{table}")
-    return reports
+          f"top-p {cfg.top_p}, train flags: {cfg.train}\n" + "\n\n".join(tables))
+    return reports if at != [0] else reports[0]
 
 
 if __name__ == "__main__":
