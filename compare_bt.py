@@ -228,7 +228,7 @@ def answers(path, rows, temperature, top_p, seed, cache):
     """One sample per row from the policy at path (cached by (path, row id))."""
     from model import Transformer
     from model_io import load_tokenizer
-    from sample import generate
+    from generate import generate
 
     todo = [r for r in rows if (path, r["id"]) not in cache]
     if todo:

@@ -31,7 +31,7 @@ from distributed import world
 from model import Transformer
 from model_io import load_tokenizer
 from optimize import optimize, pair_len
-from sample import generate
+from generate import generate
 from stages import StageError, read_jsonl
 
 

@@ -37,7 +37,13 @@ Departures from the paper (numbered):
 5. The pairwise and local judges are not in the paper (it ranks by rubric scores only); they give a
    soft P(y > y' | x) from the verdict token's log-probs.
 """
-import hashlib, importlib, inspect, json, math, os, re, sys
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import re
+import sys
 
 TEMPLATE_VERSION = "dno-judges-v4"  # bump when a template below changes: it is in every cache key
 SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."

@@ -11,8 +11,7 @@ IN.jsonl lines: {"id"?: any, "prompt": str | [{"role", "content"}, ...]}; OUT.js
 {"id", "prompt", "samples": [text] * K, "finish_reasons": ["stop" | "length"] * K, "stop_tokens":
 [id | null] * K} (the stop id that ended each sample; null when it ran out of tokens). Every flag,
 the device and the --out folder are checked before the model loads. How the samples are drawn
-(continuous batching, seeds, stops): generate.py; generate and encode_prompt are also imported
-from here (train.py, iteration.py, compare_bt.py).
+(continuous batching, seeds, stops): generate.py.
 
 Departures:
  1. A prompt's id (its samples' seeds: generate.row_seed) is the JSONL "id", default: the line
@@ -30,8 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import cli
-# encode_prompt: train.py imports it from here
-from generate import check_sampling, demo, encode_prompt, generate  # noqa: F401
+from generate import check_sampling, demo, generate
 from model import ModelArgs, Transformer
 from model_io import check_vocab, load_tokenizer, pick_threads, read_config, resolve_model
 

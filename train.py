@@ -54,7 +54,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import evaluate
 import oracle
 import stages
 from cli import check, cli, show
@@ -63,10 +62,11 @@ from distributed import finish as finish_processes
 from distributed import setup as setup_device
 from iteration import (Run, eval_step, judge_step, pairs_step, reference_step, sample_step,
                        train_pi)
+from generate import encode_prompt
 from model import ModelArgs
 from model_io import (check_memory, check_vocab, load_tokenizer, pick_threads, read_config,
                       resolve_model)
-from sample import encode_prompt, read_prompts
+from sample import read_prompts
 
 
 @dataclass
