@@ -28,6 +28,7 @@ decode step's matmuls alone (x W^T for every projection and the head, at --rows 
 times the steps ours needs (useful tokens / rows): the share of ours' CPU time that bound is.
 """
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -124,6 +125,8 @@ def matmul_seconds(model, rows, steps=20):
 
 def main():
     cfg = cli(Config)
+    if cfg.vllm_python and shutil.which(cfg.vllm_python) is None:
+        sys.exit(f"error: --vllm_python {cfg.vllm_python}: no such program")
     torch.set_num_threads(cfg.threads)
     from transformers import AutoModelForCausalLM
 

@@ -64,7 +64,10 @@ def write_job(folder, model, prompts, stops, cfg, threads, max_num_seqs=0):
 def run_vllm(python, model, prompts, stops, cfg, max_num_seqs=0):
     """The vLLM row: {"lens", "cpu", "wall", "version", ...} from the child run by `python`, or a
     one-line string saying why there is none ("not installed", or the child's last error line)."""
-    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
+    except OSError as e:
+        return f"not installed (cannot run {python}: {e.strerror})"
     if probe.returncode != 0:
         return f"not installed ({python} cannot import vllm)"
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), VLLM_CPU_OMP_THREADS_BIND="nobind",
