@@ -27,7 +27,9 @@ VLLM_CPU_OMP_THREADS_BIND=nobind (no core pinning, as ours); gpu_memory_utilizat
 CPU backend: the share of RAM it reserves for the KV cache); max_model_len = the longest prompt +
 max_new_tokens; max_num_seqs = vLLM's default (256 for the LLM class on CPU) unless the job says;
 no per-request seeds (vLLM's slower per-request generator path), one engine seed instead. vLLM's
-CPU attention needs a head size >= 32.
+CPU attention needs a head size >= 32. vLLM's engine core waits on its worker by polling: where a
+core is free it spins (36-50 CPU-s beside a worker's 53-55 here, idle machine), where none is it
+costs 2-3 CPU-s; so its CPU seconds are printed by process, and the ratio moves with the load.
 """
 import json
 import os
