@@ -2,6 +2,8 @@
 
     nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_eos.py  # CPU, a 5.1M-param Llama, minutes
     python bench/bench_eos.py --device cuda             # Qwen2.5-0.5B-shaped random model in bf16
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_eos.py --big true --max_new_tokens 128 \
+        --vllm_python /tmp/vllmvenv/bin/python      # 58.5M Llama, + vLLM's CPU build (eos_vllm.py)
 
 Workload: 64 prompts x K=5 samples, max 256 new tokens, temperature 0.7, top-p 0.95, with a stop
 set whose summed mean probability under the (random) model is 1 / (max_new_tokens / 8): sample
@@ -15,7 +17,9 @@ in one process:
                 dropped: the schedule train.py used before continuous batching, same decode step
   lock-step     the same calls with compact=False: every row decodes to its batch's longest
   transformers  AutoModelForCausalLM.generate, 16 prompts per call, eos_token_id = the stop set
-  vLLM          only if `import vllm` works (its CPU build); else "not installed"
+  vLLM          --vllm_python PATH: its CPU build in its own venv, run by bench/eos_vllm.py on
+                the same saved model, prompts and stop ids (its start and compile not timed);
+                else "not installed"
 Useful tokens = each sample's tokens up to and including its stop id; rates are useful tokens per
 CPU-second (time.process_time, all threads) and per wall second. matmul bound: the CPU time of the
 decode step's matmuls alone (x W^T for every projection and the head, at ours' rows, measured here)
@@ -23,15 +27,17 @@ times the steps ours needs (useful tokens / rows): the share of ours' CPU time t
 "same samples" checks that every sampler of ours drew the same per-sample lengths.
 """
 import os
+import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time  # noqa: E402
 from bench_sample import bench_model, timed  # noqa: E402
+from eos_vllm import run_vllm  # noqa: E402
 from model import Transformer  # noqa: E402
 from cli import cli  # noqa: E402
 from generate import default_rows, generate, left_pad  # noqa: E402
@@ -51,6 +57,8 @@ class Config:
     threads: int = 1              # CPU threads for every sampler (the dev box is shared)
     repeats: int = 1              # timed runs per sampler; the best is reported (rerun for spread)
     skip_hf: bool = False         # no transformers side
+    big: bool = False             # CPU: a 58.5M Llama (8 heads of 64, as issue 18's vLLM run)
+    vllm_python: str = ""         # a python that imports vllm (its CPU build): adds its row
 
 
 @torch.no_grad()
@@ -117,10 +125,15 @@ def matmul_seconds(model, rows, steps=20):
 
 def main():
     cfg = cli(Config)
+    if cfg.vllm_python and shutil.which(cfg.vllm_python) is None:
+        sys.exit(f"error: --vllm_python {cfg.vllm_python}: no such program")
     torch.set_num_threads(cfg.threads)
     from transformers import AutoModelForCausalLM
 
     args, dtype = bench_model(cfg.device)
+    if cfg.big and cfg.device == "cpu":
+        args = replace(args, vocab_size=32000, dim=512, n_layers=8, n_heads=8, head_dim=64,
+                       hidden_dim=1664)
     args.max_seq_len = max(args.max_seq_len, cfg.prompt_len + cfg.max_new_tokens)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -161,22 +174,36 @@ def main():
         rate[label], got[label] = sum(lens) / cpu, lens
         print(f"  {label:13s} {sum(lens):10d} {sum(lens) / len(lens):8.1f} {max(lens):7d} "
               f"{cpu:7.2f} {wall:7.2f} {rate[label]:9.0f} {sum(lens) / wall:10.0f}", flush=True)
+        if label == "ours":
+            wall_rate = sum(lens) / wall
         if label == "ours" and cfg.device == "cpu":
             share = sum(lens) / rows * matmul_seconds(model, rows) / cpu
-    for other in ("batches-16", "lock-step", "transformers"):
+    # vLLM in its own venv, as a child process (bench/eos_vllm.py): same folder, prompts, stops
+    vllm = "not installed (--vllm_python: a python that imports vllm)"
+    if cfg.vllm_python:
+        vllm = run_vllm(cfg.vllm_python, model, prompts, stops, cfg)
+    if isinstance(vllm, str):
+        print(f"  {'vLLM':13s} {vllm}", flush=True)
+    else:
+        lens, cpu, wall = vllm["lens"], vllm["cpu"], vllm["wall"]
+        rate["vLLM"] = sum(lens) / cpu
+        print(f"  {'vLLM':13s} {sum(lens):10d} {sum(lens) / len(lens):8.1f} {max(lens):7d} "
+              f"{cpu:7.2f} {wall:7.2f} {rate['vLLM']:9.0f} {sum(lens) / wall:10.0f}"
+              f"  (vLLM {vllm['version']}, max_num_seqs {vllm['max_num_seqs']})", flush=True)
+        cpus = ", ".join(f"{n} {t:.1f}" for n, t in vllm["per_process"].items())
+        print(f"  {'':13s} vLLM's CPU s by process: {cpus}", flush=True)
+    for other in ("batches-16", "lock-step", "transformers", "vLLM"):
         if other in rate:
             ratio = rate["ours"] / rate[other]
             print(f"  ratio ours / {other} = {ratio:.2f}x (useful tokens per CPU-second)",
                   flush=True)
     same = all(got[k] == got["ours"] for k in ("batches-16", "lock-step"))
     print(f"  same samples (ours, batches-16, lock-step): {'yes' if same else 'NO'}", flush=True)
+    if "vLLM" in rate:
+        print(f"  ratio ours / vLLM = {wall_rate / (sum(lens) / wall):.2f}x (per wall second)",
+              flush=True)
     if cfg.device == "cpu":
         print(f"  matmul bound share of ours: {share:.0%}", flush=True)
-    try:
-        import vllm  # noqa: F401
-        print("  vLLM: importable, but its side is not wired into this bench yet", flush=True)
-    except ImportError:
-        print("  vLLM: not installed", flush=True)
 
 
 if __name__ == "__main__":
