@@ -355,7 +355,7 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     layout to out_dir/init, and write out_dir/prompts.jsonl. Cached: reruns with the same settings
     do nothing."""
     import torch
-    from model_io import pick_threads
+    from budget import pick_threads
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")

@@ -64,8 +64,8 @@ from iteration import (Run, eval_step, judge_step, pairs_step, reference_step, s
                        train_pi)
 from generate import encode_prompt
 from model import ModelArgs
-from model_io import (check_memory, check_vocab, load_tokenizer, pick_threads, read_config,
-                      resolve_model)
+from budget import check_memory, pick_threads
+from model_io import check_vocab, load_tokenizer, read_config, resolve_model
 from sample import read_prompts
 
 
