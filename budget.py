@@ -1,10 +1,10 @@
 """Memory and CPU-thread budgets: what a model's size needs, worked out from a ModelArgs before
 anything is allocated.
 
-    python budget.py                                  # memory estimates of the paper's Mistral-7B (no download)
+    python budget.py                    # memory estimates of the paper's Mistral-7B (no download)
     from budget import check_memory, count_params, pick_threads
-    check_memory(args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError if a step cannot fit
-    torch.set_num_threads(pick_threads("auto", count_params(args)))  # CPU threads the model size warrants
+    check_memory(args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError: no fit
+    torch.set_num_threads(pick_threads("auto", count_params(args)))  # threads the size warrants
 
 What lives here: parameter counts by hand from the shapes (count_params, count_lora_params), the
 bytes free on a device (free_memory), refusing a config whose weights alone exceed them
@@ -133,7 +133,7 @@ def pick_threads(spec, n_params) -> int:
     at most OMP_NUM_THREADS when it is set. Why: a thread pays off only when each matmul has enough
     work to share; torch's default (one thread per core) makes a tiny model wait at every op for a
     core that another process holds. Measured on the shared 2-core machine, 30 SFT steps of the
-    demo's 0.14M-parameter Llama (demo_task.sft), each in a fresh process: beside a 2-job compile
+    demo's 0.14M-parameter Llama (demo_sft.sft), each in a fresh process: beside a 2-job compile
     (load 3-4), 2 threads took 41-55 s wall and 32-46 CPU-s, 1 thread 10-18 s and 9-11 CPU-s; with
     two busy loops more (load 12-15), 2 threads 226-272 s and 53-55 CPU-s, 1 thread 58-62 s and 9-11
     CPU-s. (The machine was never idle while this was measured, so PARAMS_PER_THREAD, where a second
