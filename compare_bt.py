@@ -73,7 +73,7 @@ class Config:
     seeds: str = "0"                # comma-separated seeds; each seeds one pair of runs
     train: str = "--iterations 8 --target soft --pairs all --replay 0"  # train.py flags of both
     teacher_styles: str = ""        # the demo teacher's style mix, e.g. 0.8,0.15,0.05
-    init: str = ""                  # a demo_task.prepare folder (init/, prompts.jsonl) to start at
+    init: str = ""                  # a demo_sft.prepare folder (init/, prompts.jsonl) to start at
     n_prompts: int = 600            # held-out prompts every policy answers
     temperature: float = 1.0        # sampling temperature of every evaluated policy (1: itself)
     top_p: float = 1.0              # nucleus of every evaluated policy (1: the policy itself)
@@ -359,7 +359,7 @@ def compare(cfg):
     if taken:
         raise ValueError(f"--train may not set {', '.join(sorted(taken))} (compare_bt sets it)")
     if cfg.init and not os.path.exists(os.path.join(cfg.init, "prompts.jsonl")):
-        raise FileNotFoundError(f"--init {cfg.init}: no prompts.jsonl (demo_task.prepare's)")
+        raise FileNotFoundError(f"--init {cfg.init}: no prompts.jsonl (demo_sft.prepare's)")
     at = parse_at(cfg.at, flags)
     reports = {}                                                # T -> seed -> report
     for seed in seeds:

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from budget import free_memory, memory_estimate
 from model import MIN_ROWS, ModelArgs, Transformer
-from model_io import free_memory, memory_estimate
 from top_p import sample_tokens
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")

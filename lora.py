@@ -8,7 +8,7 @@ weights on save.
 
 Each adapted projection computes y = x W^T + b + (alpha / r) (x A^T) B^T with W frozen, A (r, in)
 random and B (out, r) zero, so a fresh adapter changes nothing (Hu et al. 2021). Only A and B train:
-no gradients and no AdamW state for the frozen weights (model_io.memory_estimate(lora_rank=r) counts
+no gradients and no AdamW state for the frozen weights (budget.memory_estimate(lora_rank=r) counts
 it). The reference log-probs are precomputed from pi_t without adapters (train.py's reference
 stage), so they are unchanged. Saving merges W + (alpha / r) B A and drops A, B: every iterate stays
 a standard checkpoint that transformers and sample.py load as is, and the next iteration starts

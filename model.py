@@ -2,7 +2,8 @@
 
     python model.py                                   # CPU demo: tiny random model, save -> load
     from model import Transformer
-    from model_io import check_memory, load_tokenizer, resolve_model
+    from budget import check_memory
+    from model_io import load_tokenizer, resolve_model
     path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
     tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
     m = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
@@ -21,9 +22,10 @@ model_io.HF_PREFIX.
 KV cache (generate.py samples with it): setup_cache, prefill, copy_rows, keep_rows and decode live
 in kv_cache.py and are bound here as methods.
 
-Folders, hub ids, tokenizers and memory budgets live in model_io.py (import them from there). A
-folder's mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json lacking a
-key or describing an unsupported model; tensors missing, unexpected or mis-shaped; custom code
+Folders, hub ids and tokenizers live in model_io.py, memory budgets in budget.py (import them
+from there). A folder's mistakes are one-line `ModelError`s (a ValueError) naming the file:
+config.json lacking a key or describing an unsupported model; tensors missing, unexpected or
+mis-shaped; custom code
 ("auto_map"), which is refused, never run.
 
 Departures (this file is infrastructure; the paper's model is Orca-2.5 = Mistral-7B):
@@ -42,8 +44,8 @@ import torch.nn.functional as F
 
 import kv_cache
 from kv_cache import MIN_ROWS, make_mask
-from model_io import (ModelError, check_fits, read_config, read_weights, stored_dtype,
-                      write_weights)
+from budget import check_fits
+from model_io import ModelError, read_config, read_weights, stored_dtype, write_weights
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}

@@ -31,7 +31,8 @@ import torch
 from cli import cli
 from generate import check_sampling, demo, generate
 from model import ModelArgs, Transformer
-from model_io import check_vocab, load_tokenizer, pick_threads, read_config, resolve_model
+from budget import pick_threads
+from model_io import check_vocab, load_tokenizer, read_config, resolve_model
 
 
 @dataclass

@@ -64,8 +64,8 @@ from iteration import (Run, eval_step, judge_step, pairs_step, reference_step, s
                        train_pi)
 from generate import encode_prompt
 from model import ModelArgs
-from model_io import (check_memory, check_vocab, load_tokenizer, pick_threads, read_config,
-                      resolve_model)
+from budget import check_memory, pick_threads
+from model_io import check_vocab, load_tokenizer, read_config, resolve_model
 from sample import read_prompts
 
 
@@ -249,13 +249,13 @@ def prepare(cfg):
         stages.lock(cfg.out)                            # one run per folder, for the whole run
         stages.rollback(cfg.out, cfg.rollback)          # --rollback t: redo iteration t and later
     if not (model and cfg.prompts):                     # the built-in demo task, prepared once
-        import demo_task
+        import demo_sft
         demo = os.path.join(cfg.out, "demo")
-        demo_cfg = demo_task.Config(threads=cfg.threads)    # its SFT picks its own threads
+        demo_cfg = demo_sft.Config(threads=cfg.threads)    # its SFT picks its own threads
         if cfg.teacher_styles:                          # another teacher: another pi_1 and gold
             demo_cfg.teacher_styles = cfg.teacher_styles
-        on_rank0(demo_task.prepare, demo, cfg.seed, demo_cfg)
-        m, p = demo_task.prepare(demo, cfg.seed, demo_cfg, log=lambda *a: None)   # then reused
+        on_rank0(demo_sft.prepare, demo, cfg.seed, demo_cfg)
+        m, p = demo_sft.prepare(demo, cfg.seed, demo_cfg, log=lambda *a: None)   # then reused
         model = model or m
         cfg.prompts = cfg.prompts or p
     barrier()

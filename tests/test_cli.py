@@ -11,8 +11,8 @@ import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "dno.py", "tabular.py", "demo_task.py", "prepare_data.py",
-                                    "sample.py", "oracle.py"])
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "dno.py", "tabular.py", "demo_task.py", "demo_sft.py",
+                                    "prepare_data.py", "sample.py", "oracle.py"])
 def test_early_help_matches_the_full_help_and_imports_no_torch(script, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setattr(sys, "argv", [script])                  # argparse names the program after argv[0]

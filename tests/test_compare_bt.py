@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import compare_bt as cb  # noqa: E402
+import demo_sft as ds  # noqa: E402
 import demo_task as d  # noqa: E402
 import dno  # noqa: E402
 
@@ -152,7 +153,7 @@ def test_dno_mixture_beats_the_same_flags_bt_mixture(tmp_path):
     preferences is the BT loop itself (same train.py, flags, seed and pi_1), and the same check
     on it gives a difference of 0, which is not above 2 SE."""
     init = str(tmp_path / "init")
-    d.prepare(init, 0, log=lambda *a: None)
+    ds.prepare(init, 0, log=lambda *a: None)
     flags = ("--iterations 8 --prompts_per_iter 50 --num_samples 3 --num_val 40 --lr 3e-4 "
              "--epochs 2 --target soft --pairs all --replay 0 --top_p 1.0 --eval_temperature 0.7")
     cfg = cb.Config(out=str(tmp_path / "cmp"), init=init, train=flags, n_prompts=300)
@@ -216,7 +217,7 @@ def test_ref_mix_mixture_beats_pi_1_and_the_same_flags_bt_mixture(tmp_path):
     +0.152 +- 0.017 (the README, 600 prompts, seeds 0, 1, 2: +0.17..+0.19, +0.15..+0.20). DNO fed
     the BT reward's preferences is the BT loop itself, and the same check on it fails."""
     init = str(tmp_path / "init")
-    d.prepare(init, 0, d.Config(teacher_styles="0.8,0.15,0.05"), log=lambda *a: None)
+    ds.prepare(init, 0, ds.Config(teacher_styles="0.8,0.15,0.05"), log=lambda *a: None)
     flags = ("--iterations 16 --prompts_per_iter 50 --num_samples 3 --num_val 40 --lr 3e-4 "
              "--epochs 2 --target soft --pairs all --replay 0 --eval_temperature 0.7 "
              "--top_p 1.0 --ref_mix 0.5")

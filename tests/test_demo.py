@@ -1,4 +1,4 @@
-"""demo_task.py: the rubric's degrees and ties, the cyclic judge, the teacher's designed error rate,
+"""demo_task.py and demo_sft.py: the rubric's degrees and ties, the cyclic judge, the teacher's designed error rate,
 prepare's cache, and a reduced end-to-end `train.py` run on the demo (the issue's claims at small size).
 The Bradley-Terry comparison's tests are in tests/test_compare_bt.py."""
 import json
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import demo_sft as ds  # noqa: E402
 import demo_task as d  # noqa: E402
 
 P = "sort: 4 1 3 0\n"
@@ -100,7 +101,7 @@ def test_teacher_error_rate_is_as_designed():
 
 
 def small_cfg(**kw):
-    return d.Config(**{"n_prompts": 24, "n_demos": 64, "sft_steps": 3, "sft_batch": 8, "dim": 32, "ffn": 64,
+    return ds.Config(**{"n_prompts": 24, "n_demos": 64, "sft_steps": 3, "sft_batch": 8, "dim": 32, "ffn": 64,
                        **kw})
 
 
@@ -108,11 +109,11 @@ def test_prepare_is_cached_and_loadable(tmp_path):
     torch.set_num_threads(1)
     out = str(tmp_path / "demo")
     logs = []
-    m, p = d.prepare(out, 0, small_cfg(), log=logs.append)
+    m, p = ds.prepare(out, 0, small_cfg(), log=logs.append)
     stamp = os.path.getmtime(os.path.join(m, "model.safetensors"))
     assert any("SFT" in x for x in logs)
     logs.clear()
-    assert d.prepare(out, 0, small_cfg(), log=logs.append) == (m, p)
+    assert ds.prepare(out, 0, small_cfg(), log=logs.append) == (m, p)
     assert os.path.getmtime(os.path.join(m, "model.safetensors")) == stamp and "reusing" in logs[0]
     rows = [json.loads(line) for line in open(p)]
     assert len(rows) == 24 and len({r["prompt"] for r in rows}) == 24
@@ -125,7 +126,7 @@ def test_prepare_is_cached_and_loadable(tmp_path):
     ours = Transformer.from_pretrained(m)
     idx = torch.tensor([tok.encode(rows[0]["prompt"])])
     assert torch.allclose(hf(idx).logits, ours(idx), atol=1e-4)
-    d.prepare(out, 0, small_cfg(sft_steps=4), log=logs.append)     # other settings: rebuilt
+    ds.prepare(out, 0, small_cfg(sft_steps=4), log=logs.append)     # other settings: rebuilt
     assert os.path.getmtime(os.path.join(m, "model.safetensors")) != stamp or "reusing" not in logs[-1]
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 import dno
 import lora
 from model import ModelArgs, Transformer
-from model_io import count_lora_params, memory_estimate
+from budget import count_lora_params, memory_estimate
 from tiny import make_hf_model
 
 torch.set_num_threads(1)

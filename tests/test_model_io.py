@@ -1,4 +1,4 @@
-"""model_io.py (and model.py's edges): hub ids through an offline cache, refused custom code, one-line errors for
+"""model_io.py and budget.py (and model.py's edges): hub ids through an offline cache, refused custom code, one-line errors for
 broken folders, memory estimates checked against hand counts, generation_config.json kept, bf16 on CPU."""
 import json
 import os
@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model
+import budget as B
 import model_io as M
 from model import ModelArgs, Transformer
 from model_io import ModelError
@@ -163,16 +164,16 @@ def test_count_params_matches_a_hand_count():
                   hidden_dim=32)
     # embed 100*16 + lm_head 100*16 + final norm 16 + 2 layers * (q 16*16 + k 16*8 + v 16*8 + o 16*16
     #   + gate/up/down 3*16*32 + 2 norms * 16) = 1600 + 1600 + 16 + 2 * 2336
-    assert M.count_params(a) == 7888 == Transformer(a).num_params()
-    est = M.memory_estimate(a, micro_batch=3, seq_len=10)  # bf16 autocast (act_bytes 2) over fp32 weights
+    assert B.count_params(a) == 7888 == Transformer(a).num_params()
+    est = B.memory_estimate(a, micro_batch=3, seq_len=10)  # bf16 autocast (act_bytes 2) over fp32 weights
     assert est["params"] == 7888 and est["weights"] == est["grads"] == 4 * 7888 and est["optimizer"] == 8 * 7888
     # per token per layer 16*16 + 4*4 + 2 * (2*16 + 2*8 + 4*32 + 5*16) = 784; head 2 * (100 + 16) + 8*16 = 360;
     # bf16 copies of the matmul weights (all but the embedding) 2 * (7888 - 1600); 3 * 10 = 30 tokens
     assert est["activations"] == 30 * (2 * 784 + 360) and est["weight_copies"] == 2 * 6288 and est["kv_cache"] == 0
     assert est["total"] == 16 * 7888 + 2 * 6288 + est["activations"]
-    ck = M.memory_estimate(a, micro_batch=3, seq_len=10, grad_ckpt=True)
+    ck = B.memory_estimate(a, micro_batch=3, seq_len=10, grad_ckpt=True)
     assert ck["activations"] == 30 * (2 * 4 * 16 + 784 + 360)  # two block inputs + one block + head
-    gen = M.memory_estimate(a, micro_batch=3, seq_len=10, train=False, param_bytes=2)  # bf16 weights, no cast
+    gen = B.memory_estimate(a, micro_batch=3, seq_len=10, train=False, param_bytes=2)  # bf16 weights, no cast
     assert gen["grads"] == gen["optimizer"] == gen["weight_copies"] == 0 and gen["weights"] == 2 * 7888
     # KV cache 30 tokens * 2 layers * (k, v) * 2 kv heads * 4 * 2 bytes; one layer 272 + 2 * (32+16+128+32) = 688
     assert gen["kv_cache"] == 30 * 2 * 2 * 2 * 4 * 2 and gen["activations"] == 30 * 688 + 3 * 100 * 4
@@ -183,7 +184,7 @@ def test_count_params_matches_a_hand_count():
                        head_dim=128, hidden_dim=14336)
     qwen = ModelArgs(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
                      hidden_dim=4864, qkv_bias=True, tie_embeddings=True)
-    assert [M.count_params(x) for x in (mistral, llama3, qwen)] == [7_241_732_096, 8_030_261_248, 494_032_768]
+    assert [B.count_params(x) for x in (mistral, llama3, qwen)] == [7_241_732_096, 8_030_261_248, 494_032_768]
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -207,7 +208,7 @@ def test_activation_estimate_matches_saved_tensors(autocast):
             m(idx, select=sel, targets=idx.flatten())
     except RuntimeError as e:
         pytest.skip(f"CPU bf16 autocast unsupported: {e}")
-    est = M.memory_estimate(a, micro_batch=4, seq_len=64, act_bytes=2 if autocast else 4)
+    est = B.memory_estimate(a, micro_batch=4, seq_len=64, act_bytes=2 if autocast else 4)
     est = est["activations"] + est["weight_copies"]
     assert abs(est / sum(kept.values()) - 1) < 0.02
 
@@ -215,36 +216,36 @@ def test_activation_estimate_matches_saved_tensors(autocast):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_count_params_matches_the_module(arch):
     a = ModelArgs.from_hf_config(hf_config(arch, 102, attention_bias=True, mlp_bias=True).to_dict())
-    assert M.count_params(a) == Transformer(a).num_params()
+    assert B.count_params(a) == Transformer(a).num_params()
 
 
 def test_check_memory(monkeypatch):
     tiny = ModelArgs(arch="llama", vocab_size=100, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
                      hidden_dim=32)
-    est = M.check_memory(tiny, "cpu", micro_batch=2, seq_len=16)  # the real free memory of this machine
+    est = B.check_memory(tiny, "cpu", micro_batch=2, seq_len=16)  # the real free memory of this machine
     assert est["free"] > est["total"] > 0
     huge = ModelArgs(arch="llama", vocab_size=128256, dim=2**16, n_layers=4096, n_heads=512, n_kv_heads=8,
                      head_dim=128, hidden_dim=2**18)
     with pytest.raises(ModelError, match="GiB on cpu") as e:
-        M.check_memory(huge, "cpu", micro_batch=8, seq_len=4096)
+        B.check_memory(huge, "cpu", micro_batch=8, seq_len=4096)
     one_line(e)
     # a free budget that fits the weights, grads and AdamW but not 16 pairs of activations
     a = ModelArgs(arch="qwen2", vocab_size=1000, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
                   hidden_dim=256, tie_embeddings=True, qkv_bias=True)
     kw = dict(micro_batch=16, seq_len=512, seqs_per_item=2)
-    full, ck = M.memory_estimate(a, **kw), M.memory_estimate(a, **kw, grad_ckpt=True)
+    full, ck = B.memory_estimate(a, **kw), B.memory_estimate(a, **kw, grad_ckpt=True)
     fixed = full["weights"] + full["grads"] + full["optimizer"] + full["weight_copies"]
     per_pair = (full["total"] - fixed) / 16
-    monkeypatch.setattr(M, "free_memory", lambda device: fixed + int(5.5 * per_pair))
+    monkeypatch.setattr(B, "free_memory", lambda device: fixed + int(5.5 * per_pair))
     with pytest.raises(ModelError, match="lower --micro_batch to 5$") as e:
-        M.check_memory(a, "cuda", **kw)
+        B.check_memory(a, "cuda", **kw)
     assert ck["total"] > fixed + 5.5 * per_pair and one_line(e)
-    monkeypatch.setattr(M, "free_memory", lambda device: ck["total"])
+    monkeypatch.setattr(B, "free_memory", lambda device: ck["total"])
     with pytest.raises(ModelError, match=r"lower --micro_batch to \d+ or pass --grad_ckpt true$"):
-        M.check_memory(a, "cuda", **kw)
-    monkeypatch.setattr(M, "free_memory", lambda device: fixed // 2)
+        B.check_memory(a, "cuda", **kw)
+    monkeypatch.setattr(B, "free_memory", lambda device: fixed // 2)
     with pytest.raises(ModelError, match="larger device"):
-        M.check_memory(a, "cuda", **kw)
+        B.check_memory(a, "cuda", **kw)
 
 
 def test_generation_config_survives_a_round_trip(tmp_path):
@@ -297,18 +298,22 @@ def test_bf16_weights_forward_and_backward_on_cpu(tmp_path):
 
 
 def test_model_io_never_imports_model_and_model_reexports_nothing():
-    """No import circle: model_io.py imports without model.py, and model.py does not re-export
-    model_io's folder/tokenizer/memory helpers (importers take them from model_io)."""
+    """No import circle: model_io.py and budget.py import without model.py, model.py does not
+    re-export their folder/tokenizer/memory helpers, and model_io does not keep budget's
+    (importers take them from where they live)."""
     for name in ("check_memory", "load_tokenizer", "resolve_model"):
         assert not hasattr(model, name)
+    for name in ("check_memory", "check_fits", "memory_estimate", "pick_threads", "count_params"):
+        assert not hasattr(M, name)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", "import sys, model_io; print('model' in sys.modules)"], cwd=root,
+    code = "import sys, model_io, budget; print('model' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 
 
 def test_pick_threads_grows_with_the_model_within_the_cores(monkeypatch):
-    from model_io import PARAMS_PER_THREAD, pick_threads
+    from budget import PARAMS_PER_THREAD, pick_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)

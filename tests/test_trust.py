@@ -176,7 +176,7 @@ def test_response_tokens_score_the_recorded_stop_token():
 def test_every_script_prints_its_help():
     """--help of every script: its flags and their comments (a '%' in a comment once crashed argparse)."""
     for script in ("train.py", "sample.py", "oracle.py", "dno.py", "tabular.py", "evaluate.py", "demo_task.py",
-                   "prepare_data.py"):
+                   "demo_sft.py", "prepare_data.py"):
         p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0 and "--" in p.stdout and "Traceback" not in p.stderr, (script, p.stderr[-500:])

@@ -17,8 +17,8 @@ import torch
 def make_tokenizer(path=None):
     """A char-level PreTrainedTokenizerFast (printable ASCII + 5 specials, 102 ids) with a ChatML template:
     <pad>=0 <s>=1 </s>=2 <|im_start|>=3 <|im_end|>=4; plain text gets no BOS."""
-    import demo_task
-    return demo_task.make_tokenizer(path, chars=[c for c in string.printable if c not in "\r\x0b\x0c"])
+    import demo_sft
+    return demo_sft.make_tokenizer(path, chars=[c for c in string.printable if c not in "\r\x0b\x0c"])
 
 
 def hf_config(arch, vocab_size, **overrides):
@@ -94,7 +94,7 @@ def hub_snapshot(cache, repo_id, src):
 
 if __name__ == "__main__":
     import sys, tempfile
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: demo_task
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: demo_sft
 
     with tempfile.TemporaryDirectory() as d:
         tok = make_tokenizer(d + "/tok")
