@@ -93,9 +93,9 @@ def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, 
     assumed when a < param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16
     weights, no cast). lora_rank r > 0 (lora.py): the frozen weights get no gradients and no
     optimizer state; only the adapters' count_lora_params do (their activations, r per token per
-    projection, are left out). Not training (generation, sample.py): a KV cache of 2 K D a per token
-    per layer, one layer's working set and (B, V) float32 logits. The estimate leaves out allocator
-    fragmentation and the CUDA context."""
+    projection, are left out). Not training (generation, generate.py): a KV cache of 2 K D a per
+    token per layer, one layer's working set and (B, V) float32 logits. The estimate leaves out
+    allocator fragmentation and the CUDA context."""
     if optimizer not in ("adamw", "sgd"):
         raise ModelError(f"optimizer must be adamw or sgd, got {optimizer!r}")
     C, F, H, K, D, V, L = (args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size,

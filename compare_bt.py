@@ -215,13 +215,12 @@ def iterates(run, T=0):
         t += 1
     if T and len(paths) < T + 1:
         raise ValueError(f"{run}: {len(paths) - 1} finished iterations, --at asks for {T}")
-    key = evaluate.SELECT[cfg.get("select_by", "lc_vs_gold")]
-    val = []
+    rows = []
     for t in range(len(paths)):                                 # iter_t/eval: pi_{t+1}
         with open(os.path.join(run, f"iter_{t}", "eval", "metrics.json")) as f:
-            v = json.load(f).get(key)
-        val.append(-1.0 if v is None else v)
-    return paths, val.index(max(val))                           # 0 = pi_1, t = pi_{t+1}
+            rows.append(json.load(f))
+    best, _ = evaluate.best_iterate(rows, cfg.get("select_by", "lc_vs_gold"))
+    return paths, best                                          # 0 = pi_1, t = pi_{t+1}
 
 
 def answers(path, rows, temperature, top_p, seed, cache):

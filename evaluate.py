@@ -189,6 +189,17 @@ def mixture(out, ts, seed=0):
     return {"iter": "mix", "model": f"unif(pi_1..pi_{len(ts)})", **metrics(drawn)}
 
 
+def best_iterate(rows, select_by):
+    """Alg. 2, line 9: the index of the row (one validation metrics.json per iterate) with the
+    highest `select_by` measure, the earliest on a tie; with no gold in the prompts, the same
+    measure against pi_1. -> (index, metric key)"""
+    key = SELECT[select_by]
+    if all(r[key] is None for r in rows):
+        key = key.replace("gold", "init")
+    vals = [-1 if r[key] is None else r[key] for r in rows]
+    return vals.index(max(vals)), key
+
+
 def report(out, select_by="lc_vs_gold", final=False, last=999):
     """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; iterations 0..last; the table when
     final."""
@@ -202,11 +213,8 @@ def report(out, select_by="lc_vs_gold", final=False, last=999):
     mix = mixture(out, ts) if len(ts) > 1 else None
     write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n"
                                                              for r in rows + [mix] * bool(mix)))
-    key = SELECT[select_by]
-    # no gold in the prompts: fall back to vs pi_1
-    if all(r[key] is None for r in rows):
-        key = key.replace("gold", "init")
-    best = max(rows, key=lambda r: -1 if r[key] is None else r[key])
+    i, key = best_iterate(rows, select_by)
+    best = rows[i]
     write_atomic(os.path.join(out, "best.json"), json.dumps(
         {"iter": best["iter"], "model": best["model"], "by": f"{key} on validation", key: best[key],
          "mixture": mix}, indent=1))

@@ -111,7 +111,7 @@ def right_pad(prompts, pad_id=0):
     return idx, torch.tensor([len(p) for p in prompts])
 
 
-# drop idle rows once this fraction of the rows is idle and nothing waits (departure 2)
+# drop idle rows once this fraction of the rows is idle and nothing waits (departure 1)
 COMPACT_AT = 0.25
 
 
@@ -177,7 +177,7 @@ def _decode_all(model, prompts, K, seeds, n_rows, M, temperature, top_p, stops, 
     """Every (prompt, sample) job j = p * K + k through n_rows cache rows -> {j: raw tokens} (stop
     id included). refill: a row that finishes takes the next waiting job at once (continuous
     batching); else new jobs enter only once every row is idle (the lock-step batches of before).
-    compact: drop idle rows once nothing waits for them (departure 2)."""
+    compact: drop idle rows once nothing waits for them (departure 1)."""
     dev = model.embed_tokens.weight.device
     S = max(len(p) for p in prompts) + M
     if static:  # round the cache length so compiled shapes repeat across calls

@@ -134,7 +134,7 @@ def copy_rows(model, src, dst, lens):
 
 
 def keep_rows(model, keep, n_slots):
-    """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted,
+    """Drop finished rows from the decode batch (generate.py): move cache rows keep (n,), sorted,
     to rows 0..n-1 in place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid
     (N, S), next_pos (N,) -- to a view of its first n rows (same storage; nothing allocated but
     the gather). Slots [0, n_slots) hold keys."""
