@@ -5,16 +5,18 @@ Usage:
     python dno.py --candidates 8 --eta 0.5 --seed 1
     python -m pytest -q tests/test_dno.py tests/test_alg1_model.py   # the checks below, CPU, seconds
 
-    from dno import batch_logps, dno_loss, winrates, table_from_scores, select_pairs, all_pairs, soft_target
-    logp, n_tokens = batch_logps(model, [(prompt_ids, response_ids), ...], device)   # (B,) summed over y
+    from logps import pair_logps         # the loss's inputs, log pi(y|x) summed over y: logps.py
+    from dno import dno_loss, winrates, table_from_scores, select_pairs, all_pairs, soft_target
+    logp_pos, logp_neg, n_tokens = pair_logps(model, stored_pairs, device)   # (m,), (m,)
     losses, stats = dno_loss(logp_pos, logp_neg, ref_logp_pos, ref_logp_neg, target=1.0, eta=0.1)
     r = winrates(table_from_scores(scores)); pairs = all_pairs(r)   # Alg. 1: target soft_target(r_a, r_b)
 
-What lives here: per-sequence log-probs, the one loss behind both of the paper's objectives,
-win-rates, the authors' pair rule and Alg. 1's all pairs, replay, and diagnostics of general
-(possibly cyclic) preferences. Alg. 2's loop is train.py; Alg. 1 run exactly on a tabular game (no
-model, no estimates) is tabular.py. "Alg. 1, step k" (1: r_t, 2: the ideal update Eq. 9, 3: the
-regression Eq. 8) and "Alg. 2, line k" follow docs/paper.md.
+What lives here: the one loss behind both of the paper's objectives, win-rates, the authors' pair
+rule and Alg. 1's all pairs, and replay. The loss's inputs, per-sequence log-probs, are logps.py;
+diagnostics of general (possibly cyclic) preferences are preferences.py. Alg. 2's loop is train.py;
+Alg. 1 run exactly on a tabular game (no model, no estimates) is tabular.py. "Alg. 1, step k" (1:
+r_t, 2: the ideal update Eq. 9, 3: the regression Eq. 8) and "Alg. 2, line k" follow
+docs/paper.md.
 
 Glossary (the paper's notation):
     x, y, y'       a prompt and two responses to it.
@@ -57,24 +59,18 @@ Departures from the paper (deliberate, numbered):
        shuffles.
     4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective),
        and its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
-    5. fit_bradley_terry (the diagnostics' BT fit; tabular.py's baseline) fits its scalar reward
-       by maximum likelihood on all judged pairs weighted equally, with a 1e-3 L2 penalty so the
-       fit is finite.
-    6. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among
+    5. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among
        the K+1 candidates (for rubric judges over table_from_scores), gold included. train.py's pair
        distributions: "all" (all_pairs, closest to Alg. 1 with mu_1 = mu_2 = pi_t plus the gold) and
        "margin" (Alg. 2 line 6's large-margin rule, with target sigmoid(dr_t) instead of 1).
        all_pairs counts a defective candidate as r = 0 (it loses to every other).
-    7. The diagnostics (has_cycle, copeland, ranking_disagrees: BT vs Copeland, diagnostics) are
-       ours; the paper reports none.
-    8. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 /
+    6. train.py --target soft: r_t is estimated from pi_t's samples drawn at --temperature 0.7 /
        --top_p 0.95 (the tempered, truncated pi_t, as the paper samples), while the loss's reference
        is pi_t itself; --temperature 1 --top_p 1 makes the two the same policy.
-    9. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without
+    7. The paper's training paragraph lists "alpha 0.005" beside the learning rate and beta without
        saying what it weights (our guesses: a label-smoothing epsilon, dno_loss's target 1 - alpha,
        or the weight of an NLL term on y+). It is not implemented.
     Extension 1 (ours, after the paper's Appendix A): geometric_reference, train.py --ref_mix.
-Not a departure: sequence log-probs are sums over response tokens, as in the paper (never means).
 """
 from cli import early_help
 if __name__ == "__main__":
@@ -84,83 +80,12 @@ if __name__ == "__main__":
 import math
 import random
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from cli import cli
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def sequence_logps(logits, targets, mask):
-    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over positions where mask == 1 (the response).
-
-    The slow, obviously-correct reference (and batch_logps' test oracle): full (B, T, V) logits.
-    logits (B, T, V) already aligned with targets (B, T): logits[:, t] predicts targets[:, t]
-    (callers pass model(idx)[:, :-1] and idx[:, 1:]). mask (B, T) is 0 on prompt and padding.
-    Returns (B,) float32. Only the target's log-prob is formed: logit - logsumexp, no (B, T, V)
-    log-softmax is kept.
-    """
-    if logits.dim() != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
-        raise ValueError(f"sequence_logps: want logits (B,T,V), targets/mask (B,T); got "
-                         f"{tuple(logits.shape)}, {tuple(targets.shape)}, {tuple(mask.shape)}")
-    keep = mask.bool()                                                  # (B, T)
-    # pad / -100 ids -> a safe index
-    targets = torch.where(keep, targets, torch.zeros_like(targets))
-    # no copy when already float32
-    logits = logits.float()
-    tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)         # (B, T) logit of the target
-    tok = tok - torch.logsumexp(logits, dim=-1)                        # (B, T) log pi(y_t | ...)
-    return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1)       # (B,) sum, as the paper
-
-
-def autocast(device, dtype=None):
-    """dtype None: bf16 autocast on CUDA, none elsewhere; False: none; a dtype autocasts on any
-    device (CPU too)."""
-    device = torch.device(device)
-    if dtype is False:
-        return nullcontext()
-    if dtype is None:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def batch_logps(model, seqs, device, autocast_dtype=None):
-    """log pi(y | x) summed over response tokens for [(prompt_ids, response_ids)] -> (logp (B,),
-    n_tokens). The fast twin of sequence_logps, tested against it (tests/test_fast_logps.py): one
-    right-padded batch; the vocab projection + log-softmax run on the N response positions only,
-    fused (model.HeadLogp), so no (B, T, V) logits exist. n_tokens counts prompt and response tokens
-    (for throughput logs)."""
-    if not seqs or any(len(p) < 1 for p, _ in seqs):
-        raise ValueError("batch_logps: need at least one sequence, each with a non-empty prompt")
-    T = max(len(p) + len(r) for p, r in seqs)
-    # (B, T), pad id 0 is masked out
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    # (B, T-1) over next-token targets
-    mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(seqs):
-        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r))
-        # targets that are response tokens
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = True
-    idx, sel = idx.to(device), mask.to(device)
-    with autocast(device, autocast_dtype):
-        # (N,) log pi(y_t | x, y_<t), float32
-        tok = model(idx[:, :-1], select=sel, targets=idx[:, 1:][sel])
-    # (B, T-1) -> (B,) sum, as the paper
-    logp = tok.new_zeros(sel.shape).masked_scatter(sel, tok).sum(-1)
-    return logp, sum(len(p) + len(r) for p, r in seqs)
-
-
-def pair_logps(model, pairs, device, autocast_dtype=None):
-    """Stored pairs {"prompt_tokens", "chosen_tokens", "rejected_tokens"} -> (log pi(y+|x) (m,), log
-    pi(y-|x) (m,), n_tokens): both sides in one batch_logps call (one right-padded forward)."""
-    seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected")
-            for p in pairs]
-    logp, n = batch_logps(model, seqs, device, autocast_dtype)                 # (2m,)
-    return logp[:len(pairs)], logp[len(pairs):], n
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -297,7 +222,7 @@ def soft_target(r_a, r_b):
 
 def all_pairs(r, defective=None, gold_index=None):
     """Every unordered pair of judged candidates (r_t not None/NaN), for Alg. 1's soft targets
-    (departure 6): [{"chosen", "rejected", "provenance", "margin"}] in index order, r(chosen) >=
+    (departure 5): [{"chosen", "rejected", "provenance", "margin"}] in index order, r(chosen) >=
     r(rejected) (ties: lower index chosen), margin = r(chosen) - r(rejected) >= 0, so the target is
     sigmoid(margin). A defective candidate counts as r = 0 (provenance "defect"); two defective
     candidates are not paired."""
@@ -315,68 +240,6 @@ def all_pairs(r, defective=None, gold_index=None):
             kind = "defect" if defective[i] or defective[j] else _provenance(c, d, gold_index)
             pairs.append({"chosen": c, "rejected": d, "provenance": kind, "margin": abs(a - b)})
     return pairs
-
-
-# ----------------------------------------------------------------------------- diagnostics of
-# general preferences Over one prompt's (n, n) table P[i, j] = P(y_i > y_j | x), NaN = not judged:
-# how far the judge's preferences are from what a scalar reward (Bradley-Terry) can express
-# (departure 7).
-
-def has_cycle(P, tol=1e-9):
-    """An intransitive triple i > j > k > i, each preference strictly above 1/2 (+ tol)."""
-    W = (np.nan_to_num(_table(P), nan=0.5) > 0.5 + tol).astype(np.int64)    # (n, n) strict wins
-    # a directed 3-cycle closes a walk of length 3
-    return bool(np.trace(W @ W @ W) > 0)
-
-
-def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
-    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2
-    (departure 5); NaN entries (not judged) are left out of the sum."""
-    n = len(P)
-    off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
-    r, P = np.zeros(n), np.nan_to_num(P)
-    # concave: plain gradient ascent suffices
-    for _ in range(steps):
-        s = 1 / (1 + np.exp(r[None, :] - r[:, None]))           # (n, n) sigmoid(r_i - r_j)
-        r += lr / n * (((P - s) * off).sum(1) - l2 * r)
-    return r - r.mean()
-
-
-def fit_bt_table(P):
-    """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged
-    candidates."""
-    return np.where(np.isnan(winrates(P)), np.nan, fit_bradley_terry(_table(P)))
-
-
-def copeland(P, tol=1e-9):
-    """Copeland scores (n,): pairwise majorities won + 1/2 per tie, over the judged pairs (NaN = not
-    judged)."""
-    A = _table(P)
-    known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)             # (n, n)
-    return ((A > 0.5 + tol) & known).sum(1) + 0.5 * ((np.abs(A - 0.5) <= tol) & known).sum(1)
-
-
-def ranking_disagrees(P, tol=1e-9):
-    """True if the Bradley-Terry fit r and the Copeland ranking c (who wins the pairwise majorities)
-    order some pair strictly oppositely: c_i > c_j while r_i < r_j - tol. On a transitive table
-    (e.g. rubric scores) they agree; a lopsided loss or a cycle can split them. On a complete table
-    BT's order is the win-rate (Borda) order -- at the fit (m - 1) w_i = sum_j sigmoid(r_i - r_j) +
-    l2 r_i rises in r_i -- so r = w there, no fit."""
-    A = _table(P)
-    w = winrates(A)
-    ok = ~np.isnan(w)                                           # judged candidates
-    r = w if not np.isnan(A[np.ix_(ok, ok)]).any() else fit_bt_table(A)
-    r, c = r[ok], copeland(A, tol)[ok]
-    return bool(((c[:, None] > c[None, :]) & (r[:, None] < r[None, :] - tol)).any())
-
-
-def diagnostics(tables):
-    """Shares over prompts: {"n", "cycle_share", "bt_disagreement_share"} (None when there are no
-    tables)."""
-    n = len(tables)
-    share = lambda f: sum(f(P) for P in tables) / n if n else None
-    return {"n": n, "cycle_share": share(has_cycle),
-            "bt_disagreement_share": share(ranking_disagrees)}
 
 
 # ----------------------------------------------------------------------------- replay
@@ -439,8 +302,9 @@ class Config:
 
 
 def main(cfg):
-    """One prompt's K+1 candidates under a general (possibly cyclic) judge: r_t, the diagnostics,
-    the pairs of Alg. 2 (hard) and Alg. 1 (soft), and the loss at three policies."""
+    """One prompt's K+1 candidates under a general (possibly cyclic) judge: r_t, the pairs of Alg.
+    2 (hard) and Alg. 1 (soft), and the loss at three policies (a table's cycles and BT fit: python
+    preferences.py)."""
     if cfg.candidates < 2 or cfg.eta <= 0:
         raise ValueError(f"need --candidates >= 2 and --eta > 0, got {cfg.candidates}, {cfg.eta}")
     rng = np.random.default_rng(cfg.seed)
@@ -452,7 +316,7 @@ def main(cfg):
     r = winrates(P)                                             # (n,) r_t, Alg. 2 line 5
     print(f"config: {cfg}")
     print("P(y_i > y_j):\n" + np.array2string(P, precision=2))
-    print("r_t (win-rates):", np.round(r, 3).tolist(), "| diagnostics:", diagnostics([P]))
+    print("r_t (win-rates):", np.round(r, 3).tolist())
     hard = select_pairs(r, gold, kind="winrate")                # Alg. 2 line 6, target 1
     soft = all_pairs(r, gold_index=gold)                        # Alg. 1 step 3, sigmoid(dr_t)
     print(f"pairs: {len(hard)} large-margin (Alg. 2), {len(soft)} all (Alg. 1)")

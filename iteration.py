@@ -23,8 +23,10 @@ from safetensors import SafetensorError
 
 import dno
 import evaluate
+import logps
 import lora
 import oracle
+import preferences
 import stages
 from distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
 from distributed import world
@@ -229,7 +231,7 @@ def make_pairs(run, t, D_t, samples, judgments, earlier, want):
     print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
     counts = {"pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
               "judged": len(judged),
-              "preferences": dno.diagnostics(tables),   # cycles, BT vs win-rate ranking
+              "preferences": preferences.diagnostics(tables),   # cycles, BT vs Copeland ranking
               "teacher_winrate": float(np.mean([w for w, _ in teacher])) if teacher else None,
               "teacher_score": float(np.mean([s for _, s in teacher])) if teacher else None}
     commit(run, t, "pairs", want, {"pairs.jsonl": pairs}, counts)
@@ -282,9 +284,9 @@ def reference_logps(run, policy, P):
     got = []
     for k in range(0, len(mine), mb):
         idx = mine[k:k + mb]
-        c, r, _ = dno.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
+        c, r, _ = logps.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
         if init is not None:                            # (m,) log pi_1, then the geometric mixture
-            c1, r1, _ = dno.pair_logps(init, [P[i] for i in idx], run.device, run.amp)
+            c1, r1, _ = logps.pair_logps(init, [P[i] for i in idx], run.device, run.amp)
             c = dno.geometric_reference(c, c1, run.cfg.ref_mix)
             r = dno.geometric_reference(r, r1, run.cfg.ref_mix)
         got += list(zip(idx, c.tolist(), r.tolist()))

@@ -19,6 +19,7 @@ import time
 import torch
 
 import dno
+import logps
 from distributed import rank, sum_over_ranks, world
 
 
@@ -45,7 +46,7 @@ def train_step(model, opt, pairs, batch, cfg, device, amp=None):
             model.set_requires_gradient_sync(k == n_micro - 1)
         P = [pairs[i] for i in chunk]
         m = len(chunk)
-        logp_c, logp_r, ntok = dno.pair_logps(model, P, device, amp)   # (m,) log pi(y+|x), (y-|x)
+        logp_c, logp_r, ntok = logps.pair_logps(model, P, device, amp)   # (m,) log pi(y+|x), (y-|x)
         ref = [[p["ref_chosen"], p["ref_rejected"]] for p in P]
         ref = torch.tensor(ref, device=device)          # (m, 2) log pi_t
         r = torch.tensor([[p["r_chosen"], p["r_rejected"]] for p in P], device=device)   # (m, 2)

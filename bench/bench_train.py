@@ -173,7 +173,7 @@ def run_dno(cfg):
     """Our step: optimize.train_step on the pairs, reference log-probs computed once beforehand."""
     import torch
     from transformers import AutoTokenizer
-    import dno
+    import logps
     from distributed import for_training
     from model import Transformer
     from optimize import train_step
@@ -193,7 +193,7 @@ def run_dno(cfg):
             chunk = pairs[k:k + cfg.micro_batch]
             sides = ("chosen", "rejected")
             seqs = [(p["prompt_tokens"], p[f"{s}_tokens"]) for s in sides for p in chunk]
-            logp = dno.batch_logps(model, seqs, device, amp)[0].tolist()
+            logp = logps.batch_logps(model, seqs, device, amp)[0].tolist()
             for j, p in enumerate(chunk):
                 p["ref_chosen"], p["ref_rejected"] = logp[j], logp[j + len(chunk)]
     tcfg = SimpleNamespace(micro_batch=cfg.micro_batch, eta=0.1, grad_clip=1.0, target="hard")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dno
+import logps
 from model import ModelArgs, Transformer
 
 torch.set_num_threads(1)
@@ -48,7 +49,7 @@ def train_alg1(model, ref_logp, seqs, pairs, r, eta, target_fn, steps=200, lr=1e
     target = torch.tensor([target_fn(r[i], r[j]) for i, j in pairs], dtype=torch.float32)   # (N,)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        logp, _ = dno.batch_logps(model, seqs, "cpu")                                         # (B,)
+        logp, _ = logps.batch_logps(model, seqs, "cpu")                                       # (B,)
         losses, _ = dno.dno_loss(logp[a], logp[b], ref_logp[a], ref_logp[b], target, eta)
         opt.zero_grad()
         losses.mean().backward()
@@ -59,7 +60,7 @@ def train_alg1(model, ref_logp, seqs, pairs, r, eta, target_fn, steps=200, lr=1e
 def errors(model, ref_logp, seqs, pairs, r, eta):
     """eta * (log pi_{t+1}/pi_t (y_a) - log pi_{t+1}/pi_t (y_b)) - (r_t(y_a) - r_t(y_b)) per pair."""
     with torch.no_grad():
-        ratio = (dno.batch_logps(model, seqs, "cpu")[0] - ref_logp).numpy()                 # (B,) log pi/pi_t
+        ratio = (logps.batch_logps(model, seqs, "cpu")[0] - ref_logp).numpy()               # (B,) log pi/pi_t
     return np.array([eta * (ratio[i] - ratio[j]) - (r[i] - r[j]) for i, j in pairs])
 
 
@@ -71,7 +72,7 @@ def setup():
     ref = copy.deepcopy(model).requires_grad_(False)                  # pi_t, frozen
     seqs, r, pairs = candidates()
     with torch.no_grad():
-        ref_logp = dno.batch_logps(ref, seqs, "cpu")[0]               # (B,) log pi_t(y | x)
+        ref_logp = logps.batch_logps(ref, seqs, "cpu")[0]             # (B,) log pi_t(y | x)
     soft = train_alg1(copy.deepcopy(model), ref_logp, seqs, pairs, r, ETA, dno.soft_target)
     return model, ref_logp, seqs, pairs, r, soft
 

@@ -1,5 +1,5 @@
-"""Tests for dno.py: the loss, log-probs, win-rates, pair selection, diagnostics, replay, the demo (the tabular
-theory: test_tabular.py)."""
+"""Tests for dno.py: the loss, win-rates, pair selection, replay, the demo (the tabular theory:
+test_tabular.py; log-probs: test_logps.py; diagnostics: test_preferences.py)."""
 import math
 import re
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import dno
-import tabular
 
 torch.set_num_threads(1)
 
@@ -89,58 +88,6 @@ def test_soft_target_is_label_smoothed_dpo():
     # large margins stay finite (logsigmoid, not log(sigmoid))
     losses, _ = dno.dno_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.zeros(1), torch.zeros(1), 0.0, 1.0)
     assert torch.isfinite(losses).all() and losses.item() == pytest.approx(2e4)
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-class TinyLM(torch.nn.Module):                                   # causal by construction (a GRU)
-    def __init__(self, vocab=11, d=8):
-        super().__init__()
-        self.emb, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, vocab)
-        self.rnn = torch.nn.GRU(d, d, batch_first=True)
-
-    def forward(self, idx):
-        return self.head(self.rnn(self.emb(idx))[0])             # (B, T, V)
-
-
-def test_logps_match_token_by_token_and_ignore_prompt_and_padding():
-    torch.manual_seed(0)
-    model = TinyLM()
-    seqs = [([1, 5, 3], [4, 4, 2]), ([1, 7], [9, 3, 6, 8, 2]), ([1, 2, 3, 4], [5])]   # (prompt, response)
-    T = max(len(p) + len(r) for p, r in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)            # right padding with id 0
-    mask = torch.zeros(len(seqs), T)
-    for i, (p, r) in enumerate(seqs):
-        idx[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p):len(p) + len(r)] = 1
-    with torch.no_grad():
-        got = dno.sequence_logps(model(idx)[:, :-1], idx[:, 1:], mask[:, 1:])
-        for i, (p, r) in enumerate(seqs):                         # slow path: one token at a time, no padding
-            want, prefix = 0.0, list(p)
-            for tok in r:
-                logits = model(torch.tensor([prefix]))[0, -1]
-                want += torch.log_softmax(logits.double(), -1)[tok].item()
-                prefix.append(tok)
-            assert got[i].item() == pytest.approx(want, abs=1e-5)
-    assert got.dtype == torch.float32 and got.shape == (3,)
-
-
-def test_logps_masked_positions_do_not_count():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 6, 13, generator=g)
-    targets = torch.randint(0, 13, (2, 6), generator=g)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
-    base = dno.sequence_logps(logits, targets, mask)
-    want = sum(torch.log_softmax(logits[0, t], -1)[targets[0, t]] for t in (2, 3, 4))
-    assert base[0].item() == pytest.approx(want.item(), abs=1e-5)
-    off = mask == 0
-    logits2 = torch.where(off[..., None], torch.randn(2, 6, 13, generator=g) * 100, logits)
-    targets2 = torch.where(off, torch.full_like(targets, -100), targets)  # ignore-index ids are fine
-    assert torch.equal(dno.sequence_logps(logits2, targets2, mask), base)
-    half = dno.sequence_logps(logits.bfloat16(), targets, mask)    # bf16 logits: float32 sum
-    assert half.dtype == torch.float32 and torch.allclose(half, base, atol=0.1)
-    with pytest.raises(ValueError):
-        dno.sequence_logps(logits, targets[:, :-1], mask)
 
 
 # ----------------------------------------------------------------------------- win-rates
@@ -242,55 +189,6 @@ def test_soft_target_and_all_pairs():
     assert dno.all_pairs([]) == [] and dno.all_pairs([0.5]) == []
     with pytest.raises(ValueError):
         dno.all_pairs([0.5, 0.5], [True])
-
-
-# ----------------------------------------------------------------------------- diagnostics
-
-RPS = [[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]]       # 0 > 1 > 2 > 0: rock-paper-scissors
-
-
-def test_cycles():
-    assert dno.has_cycle(RPS)
-    assert dno.has_cycle(tabular.cyclic_game()[0])
-    assert not dno.has_cycle([[0.5, 0.9, 0.2], [0.1, 0.5, 0.5], [0.8, 0.5, 0.5]])     # a tie breaks the cycle
-    assert not dno.has_cycle([[0.5, 0.9, None], [0.1, 0.5, 0.7], [None, 0.3, 0.5]])   # unjudged: no evidence
-    assert dno.has_cycle([[0.5, 0.5 + 2e-9, 0], [0.5 - 2e-9, 0.5, 1], [1, 0, 0.5]])
-    assert not dno.has_cycle([[0.5, 0.5 + 2e-9, 0], [0.5 - 2e-9, 0.5, 1], [1, 0, 0.5]], tol=1e-6)
-    rng = np.random.default_rng(0)
-    for _ in range(20):                                          # rubric tables are transitive by construction
-        scores = [None if rng.random() < 0.1 else int(rng.integers(0, 7)) for _ in range(6)]
-        P = dno.table_from_scores(scores)
-        assert not dno.has_cycle(P) and not dno.ranking_disagrees(P)
-        w, r = dno.winrates(P), dno.fit_bt_table(P)               # the BT fit itself keeps the Borda order
-        ok = ~np.isnan(w)
-        assert np.isnan(r[~ok]).all()
-        wi, ri = w[ok], r[ok]
-        assert not ((wi[:, None] > wi[None, :] + 1e-9) & (ri[:, None] < ri[None, :] - 1e-9)).any()
-
-
-def test_bt_ranking_disagrees_with_copeland():
-    # y0 narrowly wins its majorities against y1 and y2 (0.55) but loses y3 badly (0.05): Copeland ranks y0 first
-    # (2 wins), while BT (= the win-rates on a complete table) ranks it last (0.383) and y3 first (0.617).
-    P = [[0.5, 0.55, 0.55, 0.05], [0.45, 0.5, 0.5, 0.55], [0.45, 0.5, 0.5, 0.55], [0.95, 0.45, 0.45, 0.5]]
-    assert np.allclose(dno.copeland(P), [2, 1.5, 1.5, 1]) and np.allclose(dno.winrates(P), [0.383333, 0.5, 0.5,
-                                                                                           0.616667])
-    assert dno.ranking_disagrees(P) and dno.has_cycle(P)      # (y0 > y1 > y3 > y0)
-    assert not dno.ranking_disagrees(RPS)                       # a pure cycle: every Copeland score ties
-    # incomplete tables are fitted: y0 beat a weak y2 (0.9), y1 narrowly beat a strong y3 (0.6); BT puts y1 above
-    # y0, Borda the reverse; Copeland ties y0, y1, y3 (one win each), so it disagrees with neither strictly
-    n = None
-    Q = [[0.5, n, 0.9, n], [n, 0.5, n, 0.6], [0.1, n, 0.5, 0.01], [n, 0.4, 0.99, 0.5]]
-    w, r = dno.winrates(Q), dno.fit_bt_table(Q)
-    assert np.allclose(w, [0.9, 0.6, 0.055, 0.695]) and r[0] < r[3] < r[1] and r[2] == r.min()
-    assert not dno.ranking_disagrees(Q)
-    # on complete tables BT keeps the Borda order (see ranking_disagrees): check the claim on random ones
-    rng = np.random.default_rng(1)
-    for _ in range(20):
-        G = tabular.random_game(int(rng.integers(3, 7)), rng)
-        assert (np.argsort(dno.winrates(G)) == np.argsort(dno.fit_bt_table(G))).all()
-    d = dno.diagnostics([RPS, dno.table_from_scores([6, 4, 4]), P])
-    assert d == {"n": 3, "cycle_share": pytest.approx(2 / 3), "bt_disagreement_share": pytest.approx(1 / 3)}
-    assert dno.diagnostics([]) == {"n": 0, "cycle_share": None, "bt_disagreement_share": None}
 
 
 # ----------------------------------------------------------------------------- replay
