@@ -272,7 +272,9 @@ def evaluate_seed(cfg, seed, T=0):
     known = {r["prompt"] for r in jsonl(run_config(os.path.join(root, "dno"))["prompts"])}
     styles = demo_task.parse_styles(cfg.teacher_styles) if cfg.teacher_styles else None
     styles = styles or demo_task.TEACHER_STYLE_P
-    rows = prompt_rows(cfg.n_prompts, seed, "heldout", known, styles)   # no prompt the runs saw
+    sizes = [len(demo_task.parse_prompt(p)) for p in known]    # the runs' prompts' list lengths
+    rows = prompt_rows(cfg.n_prompts, seed, "heldout", known, styles,   # no prompt the runs saw
+                       (min(sizes), max(sizes)))
     cache, policies, which = {}, {}, {}
     dno_pols, dno_which, pi_1 = run_policies(os.path.join(root, "dno"), rows, cfg, seed, cache, T)
     policies["pi_1"] = answers(pi_1, rows, cfg.temperature, cfg.top_p, seed, cache)

@@ -25,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from cli import cli
-from demo_task import LONG, MAX_LEN, MIN_LEN, P_ROTATE, P_TAIL, parse_styles, prompt_rows, rubric
+from demo_task import (LONG, P_ROTATE, P_TAIL, parse_lengths, parse_styles, prompt_rows,
+                       rubric)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHARS = list(" \n0123456789,|:") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -117,6 +118,7 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
 class Config:
     seed: int = 0                 # seeds the prompts, the teacher and the SFT
     teacher_styles: str = "0.55,0.3,0.15"  # the teacher's style mix (demo_task departure 2)
+    lengths: str = "3,7"          # digits per prompt: min,max (3,4: a task learned in fewer steps)
     n_prompts: int = 1000         # prompts.jsonl rows (train.py cuts them into T slices + validation)
     n_demos: int = 4000           # teacher demonstrations for SFT (prompts disjoint from prompts.jsonl's)
     dim: int = 64                 # tiny Llama: hidden size
@@ -153,9 +155,9 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
     # a bad mix: one line, before the SFT
-    styles = parse_styles(cfg.teacher_styles)
+    styles, lengths = parse_styles(cfg.teacher_styles), parse_lengths(cfg.lengths)
     stamp = {k: v for k, v in asdict(cfg).items() if k != "threads"}   # threads: no artifact
-    stamp["task"] = [P_TAIL, P_ROTATE, LONG, MIN_LEN, MAX_LEN]  # a changed teacher rebuilds
+    stamp["task"] = [P_TAIL, P_ROTATE, LONG]  # a changed teacher rebuilds
     stamp_path = os.path.join(model_dir, "demo_task.json")
     if os.path.exists(stamp_path) and os.path.exists(prompts_path):
         with open(stamp_path) as f:
@@ -167,8 +169,8 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
         os.remove(stamp_path)  # stale: rebuilding
     t0 = time.time()
     tok = make_tokenizer()
-    rows = prompt_rows(cfg.n_prompts, cfg.seed, "p", styles=styles)
-    demos = prompt_rows(cfg.n_demos, cfg.seed, "sft", {r["prompt"] for r in rows}, styles)
+    rows = prompt_rows(cfg.n_prompts, cfg.seed, "p", styles=styles, lengths=lengths)
+    demos = prompt_rows(cfg.n_demos, cfg.seed, "sft", {r["prompt"] for r in rows}, styles, lengths)
     demos = [(r["prompt"], r["gold"]) for r in demos]
     with torch.random.fork_rng():  # leaves the caller's torch RNG as it was
         model = build_model(cfg, len(tok), cfg.seed)
@@ -197,6 +199,7 @@ if __name__ == "__main__":
     cfg = cli(Config)
     try:
         parse_styles(cfg.teacher_styles)
+        parse_lengths(cfg.lengths)
     except ValueError as e:
         sys.exit(f"error: {e}")
     import torch

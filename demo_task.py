@@ -8,7 +8,7 @@
     from demo_task import make_prompt, teacher, rubric, JUDGES   # pi_1, the SFT'd Llama: demo_sft
 
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
-  prompt   "sort: 7 2 9 2\n"      (3..7 digits)
+  prompt   "sort: 7 2 9 2\n"      (3..7 digits; demo_sft's --lengths sets the range)
   response "2 2 7 9"               (separated by " ", "," or "|": the response's *style*)
 A programmatic, imperfect teacher plays GPT-4-Turbo: it writes both the SFT demonstrations and the
 gold responses. On lists of 4+ digits it usually botches the tail (swaps the last two digits: score
@@ -73,9 +73,9 @@ PROMPT_RE = re.compile(r"sort: ([0-9](?: [0-9])*)\n?$")
 
 # ----------------------------------------------------------------------------- the task
 
-def make_prompt(rng):
-    """One prompt 'sort: d d d\\n' with MIN_LEN..MAX_LEN random digits."""
-    n = rng.randint(MIN_LEN, MAX_LEN)
+def make_prompt(rng, lengths=(MIN_LEN, MAX_LEN)):
+    """One prompt 'sort: d d d\\n' with lengths[0]..lengths[1] random digits."""
+    n = rng.randint(*lengths)
     return "sort: " + " ".join(str(rng.randint(0, 9)) for _ in range(n)) + "\n"
 
 
@@ -84,6 +84,18 @@ def parse_prompt(prompt):
     if m is None:
         raise ValueError(f"not a demo prompt (expected 'sort: d d d'): {prompt!r}")
     return [int(c) for c in m.group(1).split(" ")]
+
+
+def parse_lengths(text):
+    """'3,4' -> (3, 4): the fewest and most digits of a prompt (2..9; one digit has no style)."""
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        lo = hi = 0
+    if not 2 <= lo <= hi <= 9:
+        raise ValueError(f"--lengths must be two digit counts 2 <= min <= max <= 9, like 3,7; "
+                         f"got {text!r}")
+    return lo, hi
 
 
 def parse_styles(text):
@@ -215,12 +227,17 @@ JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps}
 PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}
 
 
-def prompt_rows(n, seed, salt, exclude=(), styles=TEACHER_STYLE_P):
+def prompt_rows(n, seed, salt, exclude=(), styles=TEACHER_STYLE_P,
+                lengths=(MIN_LEN, MAX_LEN)):
     """n rows {"id", "prompt", "gold"} with distinct prompts not in exclude; gold = the teacher's
     response (its style drawn from `styles`)."""
     rng, seen, rows = random.Random(f"{salt}-{seed}"), set(exclude), []
+    distinct = sum(10 ** k for k in range(lengths[0], lengths[1] + 1))
+    if n + len(seen) > distinct:       # a bound: the loop below would never end
+        raise ValueError(f"{n} new prompts beside {len(seen)} others, but lists of "
+                         f"{lengths[0]}..{lengths[1]} digits make only {distinct} prompts")
     while len(rows) < n:
-        p = make_prompt(rng)
+        p = make_prompt(rng, lengths)
         if p not in seen:
             seen.add(p)
             rows.append({"id": f"{salt}-{len(rows)}", "prompt": p, "gold": teacher(p, rng, styles)})

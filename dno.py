@@ -60,7 +60,9 @@ Departures from the paper (deliberate, numbered):
     4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective),
        and its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
     5. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among
-       the K+1 candidates (for rubric judges over table_from_scores), gold included. train.py's pair
+       the K+1 candidates (for rubric judges over table_from_scores), gold included; with
+       train.py --opponents samples, against pi_t's K samples only (winrates(P, opponents): Alg. 1
+       line 3's E_{y' ~ pi_t}, the gold a candidate but no opponent). train.py's pair
        distributions: "all" (all_pairs, closest to Alg. 1 with mu_1 = mu_2 = pi_t plus the gold) and
        "margin" (Alg. 2 line 6's large-margin rule, with target sigmoid(dr_t) instead of 1).
        all_pairs counts a defective candidate as r = 0 (it loses to every other).
@@ -123,11 +125,15 @@ def _table(P):
     return np.array(rows, dtype=np.float64).reshape(len(rows), len(rows))
 
 
-def winrates(P):
+def winrates(P, opponents=None):
     """r(y_i) = mean over j != i of P[i, j] = P(y_i > y_j | x) (Alg. 2, line 5). NaN/None skipped;
-    a candidate with no known comparison gets NaN."""
+    a candidate with no known comparison gets NaN. opponents (indices): only those j count, e.g.
+    pi_t's samples, so r_t(y) estimates E_{y' ~ pi_t} P(y > y') (Alg. 1, line 3) for every
+    candidate y, the gold included (leave-one-out for a sample)."""
     A = _table(P)
     known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)          # (n, n)
+    if opponents is not None:
+        known &= np.isin(np.arange(len(A)), list(opponents))[None, :]
     count = known.sum(1)
     total = np.where(known, A, 0.0).sum(1)
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)   # (n,)

@@ -55,7 +55,7 @@ STAGES = {
                      ("prompts_per_iter", "num_val", "num_samples", "temperature") + SAMPLING),
     "judgments": Reads(("prompts", "samples"), JUDGE + ("position_audit", "gold")),
     "pairs": Reads(("prompts", "samples", "judgments", "earlier_pairs"),
-                   ("pairs", "replay", "seed")),
+                   ("pairs", "opponents", "replay", "seed")),
     "reference": Reads(("policy", "pairs"), ("precision", "ref_mix")),
     "checkpoint": Reads(("policy", "pairs"), ("precision",) + TRAINING),
     "eval": Reads(("policy", "val", "init"), ("num_val", "eval_temperature") + SAMPLING + JUDGE),
@@ -212,7 +212,10 @@ def make_pairs(run, t, D_t, samples, judgments, earlier, want):
             raise StageError(f"{samples}: prompt id {s['id']!r} has no prompt row or no judgment")
         if not res["ok"]:
             continue                                    # a failed judgment never becomes a pair
-        r_t = dno.winrates(res["P"])                    # (K+1,) r_t(y) among the candidates
+        vs = None                                       # r_t among all K+1 candidates
+        if run.cfg.opponents == "samples":
+            vs = range(len(s["samples"]))               # ... or against pi_t's K samples only
+        r_t = dno.winrates(res["P"], vs)                # (K+1,) r_t(y)
         tables.append(res["P"])
         if row["gold"]:
             gold = len(s["samples"])

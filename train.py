@@ -28,6 +28,8 @@ Departures from the paper (numbered):
     3. "Rank by win-rate" (line 5): r_t(y) is y's win-rate among the K+1 candidates (dno.winrates of
        the judge's table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's
        large-margin pairs (dno.select_pairs); --pairs all keeps every candidate pair.
+       --opponents samples: r_t(y) is the win-rate against pi_t's K samples only (Alg. 1, line 3:
+       E_{y' ~ pi_t} P(y > y')); the gold stays a candidate, never an opponent.
     4. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same
        pipeline (mu_1 = mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
     5. lr_t = lr * lr_decay**(t-1) (the paper lowers it later without saying how); linear warmup,
@@ -87,6 +89,7 @@ class Config:
     target: str = "hard"          # hard: Alg. 2, line 7 | soft: Alg. 1's sigmoid(r(y+) - r(y-))
     pairs: str = "margin"         # margin: large-margin pairs (line 6) | all: every candidate pair
     gold: bool = True             # the gold joins the K samples as a candidate (Alg. 1: off-policy mu)
+    opponents: str = "candidates"  # r_t(y) a win-rate vs: candidates (K+1) | samples (pi_t's K)
     ref_mix: float = 0.0          # extension 1: log ref = (1-ref_mix) log pi_t + ref_mix log pi_1
     teacher_styles: str = ""      # built-in demo: the teacher's style mix, e.g. 0.8,0.15,0.05
     eta: float = 0.1              # eta of the contrastive loss (line 7; DPO's beta); see dno.py
@@ -123,6 +126,7 @@ class Config:
 
 
 CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": ("cosine", "linear"),
+           "opponents": ("candidates", "samples"),
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32")}
 PRECISION = {"bf16": torch.bfloat16, "fp32": False}    # --precision -> autocast dtype of training
@@ -237,6 +241,9 @@ def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs,
     split. -> Run."""
     check(cfg, CHOICES, LIMITS)                         # every flag, before any model is loaded
+    if cfg.opponents == "samples" and cfg.num_samples < 2:
+        raise ValueError("--opponents samples needs --num_samples >= 2 (a sample's r_t is against "
+                         "the other samples)")
     # --threads too (applied once the size is known)
     pick_threads(cfg.threads, 0)
     judge, fn = oracle.make_judge(cfg)                  # a bad judge, URL or key: refused up front

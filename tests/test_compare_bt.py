@@ -111,6 +111,22 @@ def test_teacher_style_mix_is_a_setting():
         assert abs(got.count(s) / n - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
+def test_prompt_lengths_are_a_setting():
+    """--lengths 3,4: every prompt has 3 or 4 digits; a bad range is one ValueError, and so is a
+    request for more distinct prompts than the range holds (it would loop forever)."""
+    assert d.parse_lengths("3,4") == (3, 4)
+    for bad in ("4,3", "1,3", "3", "3,x", "3,10"):
+        with pytest.raises(ValueError, match="--lengths"):
+            d.parse_lengths(bad)
+    rows = d.prompt_rows(500, 0, "t", lengths=(3, 4))
+    sizes = {len(d.parse_prompt(r["prompt"])) for r in rows}
+    assert sizes == {3, 4} and len({r["prompt"] for r in rows}) == 500
+    assert {len(d.parse_prompt(r["prompt"])) for r in d.prompt_rows(200, 0, "t")} == {3, 4, 5, 6, 7}
+    with pytest.raises(ValueError, match="make only 100 prompts"):
+        d.prompt_rows(60, 0, "t", {r["prompt"] for r in d.prompt_rows(50, 0, "u", lengths=(2, 2))},
+                      lengths=(2, 2))
+
+
 def test_geometric_reference_is_the_smoothed_policy():
     """log ref = (1 - beta) log pi_t + beta log pi_1 on a tabular policy: normalised, it is
     pi_t^(1-beta) pi_1^beta / Z; beta = 0 is pi_t (the paper's DNO), beta = 1 is pi_1; a beta

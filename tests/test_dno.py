@@ -106,6 +106,18 @@ def test_table_from_scores_and_winrates():
     assert dno.winrates([]).shape == (0,)
 
 
+def test_winrates_against_pi_t_samples_only():
+    """opponents = pi_t's samples (train.py --opponents samples, Alg. 1 line 3): every candidate's
+    r_t is its mean P against the samples (a sample's leave-one-out); the gold is no opponent."""
+    P = [[0.5, 0.2, 0.9, 1.0],          # samples 0, 1, 2 and the gold (index 3)
+         [0.8, 0.5, 0.4, 1.0],
+         [0.1, 0.6, 0.5, 1.0],
+         [0.0, 0.0, 0.0, 0.5]]
+    assert np.allclose(dno.winrates(P, range(3)), [0.55, 0.6, 0.35, 0.0])
+    assert np.allclose(dno.winrates(P), [0.7, 0.7333333, 0.5666667, 0.0])   # the gold counts
+    assert np.allclose(dno.winrates(P, range(4)), dno.winrates(P))
+
+
 # ----------------------------------------------------------------------------- pair selection
 
 def _pairs(*a, **k):

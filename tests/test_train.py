@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dno  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from stages import read_jsonl  # noqa: E402
@@ -289,6 +290,12 @@ def test_missing_prompts_file_and_unknown_judge(task, tmp_path, monkeypatch):
     assert "unknown --judge 'nope'" in run_inline(task, tmp_path / "o2", monkeypatch, "--judge", "nope")
 
 
+def test_opponents_samples_needs_two_samples(task, tmp_path, monkeypatch):
+    msg = run_inline(task, tmp_path / "out", monkeypatch, "--opponents", "samples", "--num_samples", "1")
+    assert "--opponents samples needs --num_samples >= 2" in msg
+    assert not (tmp_path / "out" / "iter_0").exists()
+
+
 def test_missing_api_key_fails_before_sampling(task, tmp_path, monkeypatch):
     monkeypatch.delenv("DNO_TEST_NO_KEY", raising=False)
     msg = run_inline(task, tmp_path / "out", monkeypatch, "--judge", "rubric", "--api_key_env", "DNO_TEST_NO_KEY")
@@ -360,6 +367,15 @@ def test_soft_target_on_all_pairs_end_to_end(task, tmp_path):
     assert {"gold>sample", "sample>sample"} <= {p["provenance"] for p in pairs}
     assert json.load(open(out / "iter_1/checkpoint/manifest.json"))["shape"]["flags"]["target"] == "soft"
     assert [m["iter"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, "mix"]
+    judged = {j["id"].split(":", 1)[-1]: j for j in read_jsonl(out / "iter_1/judgments/judgments.jsonl")}
+    for p in pairs:                                     # r_t among all K+1, the gold included
+        assert p["r_chosen"] == pytest.approx(dno.winrates(judged[p["id"]]["P"])[p["chosen"]])
+    run_ok(task, out, "--target", "soft", "--pairs", "all", "--opponents", "samples", "--rollback", "1")
+    judged = {j["id"].split(":", 1)[-1]: j for j in read_jsonl(out / "iter_1/judgments/judgments.jsonl")}
+    for p in read_jsonl(out / "iter_1/reference/pairs.jsonl"):   # against pi_t's K samples only
+        r = dno.winrates(judged[p["id"]]["P"], range(len(judged[p["id"]]["P"]) - 1))
+        assert (p["r_chosen"], p["r_rejected"]) == pytest.approx((r[p["chosen"]], r[p["rejected"]]))
+        assert p["r_chosen"] >= p["r_rejected"]
 
 
 def test_a_structured_judge_gets_messages_gold_and_id(task, tmp_path):
