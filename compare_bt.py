@@ -38,9 +38,11 @@ whole BT run, so its prefixes are BT runs of that length too. At prefix T: the m
 unif(pi_1..pi_{T+1}), the best iterate is line 9's choice among pi_1..pi_{T+1} (their validation
 metrics, --select_by of the run), the last is pi_{T+1}.
 Policies: pi_1; per run its best iterate (Alg. 2, line 9), its last one and the uniform mixture
-unif(pi_1..pi_{T+1}) (Alg. 1, line 6: each prompt answered by one iterate drawn by a seeded RNG,
-the same draw for both runs); the teacher in each style, and in the three styles in turn (a Nash
-policy under demo_rps). "Acceptable": well-formed with rubric >= 4 (demo_rps's "correct").
+unif(pi_1..pi_{T+1}) (Alg. 1, line 6; --mixture mean: every iterate answers every prompt and the
+mixture's win-rate on a prompt is their mean, the exact expectation over the uniform draw, so its
+standard error is smaller than with --mixture draw: each prompt answered by one iterate drawn by a
+seeded RNG, the same draw for both runs); the teacher in each style, and in the three styles in
+turn (a Nash policy under demo_rps). "Acceptable": well-formed with rubric >= 4 (demo_rps's "correct").
 
 Departures from the paper (numbered):
   1. The baseline is ours: the paper argues the BT limitation in theory but runs no such
@@ -79,6 +81,7 @@ class Config:
     top_p: float = 1.0              # nucleus of every evaluated policy (1: the policy itself)
     eval_only: bool = False         # only evaluate finished runs (no training)
     at: str = ""                    # evaluate these prefixes T, e.g. 8,16,32 ("": the whole runs)
+    mixture: str = "mean"           # mean: every iterate answers every prompt | draw: one drawn
 
 
 # ------------------------------------------------------------ the Bradley-Terry reward
@@ -240,27 +243,36 @@ def answers(path, rows, temperature, top_p, seed, cache):
 
 
 def run_policies(run, rows, cfg, seed, cache, T=0):
-    """{best, last, mixture} answers of one run's first T iterations (the mixture answers prompt
-    k with iterate pick[k]), which iterates they are, and pi_1's folder."""
+    """{best, last, mixture} of one run's first T iterations, each a list of answer sets (one
+    answer per row in each): best and last one set; the mixture one set per iterate (--mixture
+    mean: scored as the mean over iterates, the exact expectation over Alg. 1's uniform draw) or
+    one set where prompt k is answered by a drawn iterate pick[k] (--mixture draw). -> policies,
+    which iterates they are, pi_1's folder."""
     paths, best = iterates(run, T)
-    pick = random.Random(seed).choices(range(len(paths)), k=len(rows))
-    mix = [None] * len(rows)
-    for i, p in enumerate(paths):
-        mine = [k for k in range(len(rows)) if pick[k] == i]
-        got = answers(p, [rows[k] for k in mine], cfg.temperature, cfg.top_p, seed, cache)
-        for k, y in zip(mine, got):
-            mix[k] = y
     full = lambda p: answers(p, rows, cfg.temperature, cfg.top_p, seed, cache)
+    if cfg.mixture == "mean":
+        mix = [full(p) for p in paths]
+    else:
+        pick = random.Random(seed).choices(range(len(paths)), k=len(rows))
+        drawn = [None] * len(rows)
+        for i, p in enumerate(paths):
+            mine = [k for k in range(len(rows)) if pick[k] == i]
+            got = answers(p, [rows[k] for k in mine], cfg.temperature, cfg.top_p, seed, cache)
+            for k, y in zip(mine, got):
+                drawn[k] = y
+        mix = [drawn]
     which = {"best": f"pi_{best + 1}", "last": f"pi_{len(paths)}",
              "mixture": f"unif(pi_1..pi_{len(paths)})"}
-    return {"best": full(paths[best]), "last": full(paths[-1]), "mixture": mix}, which, paths[0]
+    return {"best": [full(paths[best])], "last": [full(paths[-1])], "mixture": mix}, which, paths[0]
 
 
-def score(pref_fn, rows, ys):
-    """Per-prompt win-rates (3, n) against the perfect answer in each style; the worst style."""
+def score(pref_fn, rows, sets):
+    """Per-prompt win-rates (3, n) against the perfect answer in each style, averaged over the
+    answer sets (a mixture's iterates); the worst style."""
     perfect = [sorted(demo_task.parse_prompt(r["prompt"])) for r in rows]
-    W = np.array([[pref_fn(r["prompt"], y, s.join(map(str, p)))
-                   for r, y, p in zip(rows, ys, perfect)] for s in STYLES])       # (3, n)
+    W = np.mean([[[pref_fn(r["prompt"], y, s.join(map(str, p)))
+                   for r, y, p in zip(rows, ys, perfect)] for s in STYLES]
+                 for ys in sets], axis=0)                                      # (3, n)
     return W, int(W.mean(1).argmin())
 
 
@@ -277,7 +289,7 @@ def evaluate_seed(cfg, seed, T=0):
                        (min(sizes), max(sizes)))
     cache, policies, which = {}, {}, {}
     dno_pols, dno_which, pi_1 = run_policies(os.path.join(root, "dno"), rows, cfg, seed, cache, T)
-    policies["pi_1"] = answers(pi_1, rows, cfg.temperature, cfg.top_p, seed, cache)
+    policies["pi_1"] = [answers(pi_1, rows, cfg.temperature, cfg.top_p, seed, cache)]
     policies.update({f"DNO {k}": v for k, v in dno_pols.items()})
     which.update({f"DNO {k}": v for k, v in dno_which.items()})
     if os.path.exists(os.path.join(root, "bt", "best.json")):
@@ -285,19 +297,20 @@ def evaluate_seed(cfg, seed, T=0):
         policies.update({f"BT loop {k}": v for k, v in bt_pols.items()})
         which.update({f"BT loop {k}": v for k, v in bt_which.items()})
     for s in STYLES:                                    # the exploiters a cycle rewards
-        policies[f"teacher {s!r}"] = [restyle(r["gold"], s) for r in rows]
+        policies[f"teacher {s!r}"] = [[restyle(r["gold"], s) for r in rows]]
     turn = [restyle(r["gold"], STYLES[k % 3]) for k, r in enumerate(rows)]
-    policies["teacher, styles in turn"] = turn
+    policies["teacher, styles in turn"] = [turn]
     n, per, report = len(rows), {}, {}
-    for name, ys in policies.items():
-        W, worst = score(pref_fn, rows, ys)
+    for name, sets in policies.items():
+        W, worst = score(pref_fn, rows, sets)
         per[name] = W[worst]                                    # (n,) vs the best response
-        sc = [rubric(r["prompt"], y) for r, y in zip(rows, ys)]
+        ys = [y for one in sets for y in one]                   # every answer of every set
+        sc = [rubric(r["prompt"], y) for r, y in zip(rows * len(sets), ys)]
         ok = [style_of(y) is not None and s >= demo_task.RPS_CAP for y, s in zip(ys, sc)]
         report[name] = {"which": which.get(name, ""), "worst": float(W[worst].mean()),
                         "se": float(W[worst].std(ddof=1) / math.sqrt(n)),
                         "best_response": STYLES[worst], "acceptable": float(np.mean(ok)),
-                        "styles": [sum(style_of(y) == s for y in ys) / n for s in STYLES],
+                        "styles": [sum(style_of(y) == s for y in ys) / len(ys) for s in STYLES],
                         "mean_rubric": float(np.mean(sc))}
     for name in report:                                         # paired by prompt
         twin = name.replace("DNO", "BT loop") if name.startswith("DNO") else None
@@ -351,6 +364,8 @@ def compare(cfg):
         demo_task.parse_styles(cfg.teacher_styles)     # a bad mix: one line, before any run
     if cfg.n_prompts < 2 or not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
         raise ValueError("need --n_prompts >= 2, --top_p in (0, 1], --temperature > 0")
+    if cfg.mixture not in ("mean", "draw"):
+        raise ValueError(f"--mixture must be mean or draw, got {cfg.mixture!r}")
     try:
         seeds = [int(s) for s in cfg.seeds.split(",")]
     except ValueError:

@@ -91,12 +91,15 @@ def test_score_is_against_the_exact_best_responses(judge, win):
     rows = [{"prompt": d.make_prompt(rng)} for _ in range(30)]
     perfect = [" ".join(map(str, sorted(d.parse_prompt(r["prompt"])))) for r in rows]
     for i, s in enumerate(d.STYLES):
-        W, worst = cb.score(d.PREFS[judge], rows, [cb.restyle(y, s) for y in perfect])
+        W, worst = cb.score(d.PREFS[judge], rows, [[cb.restyle(y, s) for y in perfect]])
         assert d.STYLES[worst] == d.STYLES[(i - 1) % 3] and abs(W[worst].mean() - win) < 1e-9
     turn = [cb.restyle(y, d.STYLES[k % 3]) for k, y in enumerate(perfect)]
-    W, worst = cb.score(d.PREFS[judge], rows, turn)
+    W, worst = cb.score(d.PREFS[judge], rows, [turn])
     assert abs(W.mean(1) - 0.5).max() < 1e-9
-    W, _ = cb.score(d.PREFS[judge], rows, ["oops"] * len(rows))
+    # a mixture of the three one-style policies (--mixture mean): 1/2 on every prompt, no spread
+    W, _ = cb.score(d.PREFS[judge], rows, [[cb.restyle(y, s) for y in perfect] for s in d.STYLES])
+    assert abs(W - 0.5).max() < 1e-9
+    W, _ = cb.score(d.PREFS[judge], rows, [["oops"] * len(rows)])
     assert W.max() < 0.01
 
 
@@ -144,7 +147,7 @@ def test_geometric_reference_is_the_smoothed_policy():
 def test_compare_refuses_bad_flags_before_any_run(tmp_path):
     for kw, msg in (({"judge": "demo"}, "pairwise demo judge"), ({"seeds": "0,x"}, "--seeds"),
                     ({"train": "--seed 3"}, "may not set --seed"),
-                    ({"teacher_styles": "1,1"}, "--teacher_styles"),
+                    ({"teacher_styles": "1,1"}, "--teacher_styles"), ({"mixture": "x"}, "--mixture"),
                     ({"init": str(tmp_path / "none")}, "--init")):
         with pytest.raises((ValueError, FileNotFoundError), match=msg):
             cb.compare(cb.Config(out=str(tmp_path / "cmp"), **kw))
