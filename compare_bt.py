@@ -42,7 +42,8 @@ unif(pi_1..pi_{T+1}) (Alg. 1, line 6; --mixture mean: every iterate answers ever
 mixture's win-rate on a prompt is their mean, the exact expectation over the uniform draw, so its
 standard error is smaller than with --mixture draw: each prompt answered by one iterate drawn by a
 seeded RNG, the same draw for both runs); the teacher in each style, and in the three styles in
-turn (a Nash policy under demo_rps). "Acceptable": well-formed with rubric >= 4 (demo_rps's "correct").
+turn (a Nash policy under demo_rps). "Acceptable": well-formed with rubric >= 4 (demo_rps's
+"correct").
 
 Departures from the paper (numbered):
   1. The baseline is ours: the paper argues the BT limitation in theory but runs no such
