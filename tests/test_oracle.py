@@ -210,18 +210,24 @@ def test_budget_stop_and_resume(tmp_path, key):
 
 
 def test_interrupt_stops_sending_and_keeps_answers(tmp_path, key):
-    import _thread, threading
+    import signal, threading
     items = [{"id": str(k), "prompt": "p", "candidates": ["a" * k, "b", "c"]} for k in range(20)]  # 120 requests
     cfg = api_cfg(tmp_path, None, concurrency=2)
+    # Ctrl-C as a terminal sends it: a real SIGINT to the main thread, Python's own handler installed
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.main_thread().ident
     with FaultServer(delay=0.02) as srv:
         cfg.base_url = srv.url
         def ctrl_c():  # in the middle of the run
             while srv.requests < 10:
                 time.sleep(0.005)
-            _thread.interrupt_main()
+            signal.pthread_kill(main, signal.SIGINT)
         threading.Thread(target=ctrl_c, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
-            judge_items(items, cfg, progress=False)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                judge_items(items, cfg, progress=False)
+        finally:
+            signal.signal(signal.SIGINT, saved)
         sent = srv.requests
         time.sleep(0.3)
         assert 10 <= sent < 30 and srv.requests == sent  # nothing more is sent after the interrupt
