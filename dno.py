@@ -117,7 +117,7 @@ def dno_loss(pi_logp_a, pi_logp_b, ref_logp_a, ref_logp_b, target, eta):
 
 # ----------------------------------------------------------------------------- win-rates
 
-def _table(P):
+def as_table(P):
     """Nested lists / arrays with None -> float (n, n) array with NaN."""
     rows = [[np.nan if v is None else float(v) for v in row] for row in P]
     if any(len(row) != len(rows) for row in rows):
@@ -130,7 +130,7 @@ def winrates(P, opponents=None):
     a candidate with no known comparison gets NaN. opponents (indices): only those j count, e.g.
     pi_t's samples, so r_t(y) estimates E_{y' ~ pi_t} P(y > y') (Alg. 1, line 3) for every
     candidate y, the gold included (leave-one-out for a sample)."""
-    A = _table(P)
+    A = as_table(P)
     known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)          # (n, n)
     if opponents is not None:
         known &= np.isin(np.arange(len(A)), list(opponents))[None, :]

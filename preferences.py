@@ -24,12 +24,12 @@ Departures from the paper (deliberate, numbered):
 """
 import numpy as np
 
-from dno import _table, winrates
+from dno import as_table, winrates
 
 
 def has_cycle(P, tol=1e-9):
     """An intransitive triple i > j > k > i, each preference strictly above 1/2 (+ tol)."""
-    W = (np.nan_to_num(_table(P), nan=0.5) > 0.5 + tol).astype(np.int64)    # (n, n) strict wins
+    W = (np.nan_to_num(as_table(P), nan=0.5) > 0.5 + tol).astype(np.int64)    # (n, n) strict wins
     # a directed 3-cycle closes a walk of length 3
     return bool(np.trace(W @ W @ W) > 0)
 
@@ -50,13 +50,13 @@ def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
 def fit_bt_table(P):
     """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged
     candidates."""
-    return np.where(np.isnan(winrates(P)), np.nan, fit_bradley_terry(_table(P)))
+    return np.where(np.isnan(winrates(P)), np.nan, fit_bradley_terry(as_table(P)))
 
 
 def copeland(P, tol=1e-9):
     """Copeland scores (n,): pairwise majorities won + 1/2 per tie, over the judged pairs (NaN = not
     judged)."""
-    A = _table(P)
+    A = as_table(P)
     known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)             # (n, n)
     return ((A > 0.5 + tol) & known).sum(1) + 0.5 * ((np.abs(A - 0.5) <= tol) & known).sum(1)
 
@@ -67,7 +67,7 @@ def ranking_disagrees(P, tol=1e-9):
     (e.g. rubric scores) they agree; a lopsided loss or a cycle can split them. On a complete table
     BT's order is the win-rate (Borda) order -- at the fit (m - 1) w_i = sum_j sigmoid(r_i - r_j) +
     l2 r_i rises in r_i -- so r = w there, no fit."""
-    A = _table(P)
+    A = as_table(P)
     w = winrates(A)
     ok = ~np.isnan(w)                                           # judged candidates
     r = w if not np.isnan(A[np.ix_(ok, ok)]).any() else fit_bt_table(A)
