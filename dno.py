@@ -74,7 +74,7 @@ Departures from the paper (deliberate, numbered):
        or the weight of an NLL term on y+). It is not implemented.
     Extension 1 (ours, after the paper's Appendix A): geometric_reference, train.py --ref_mix.
 """
-from cli import early_help
+from dnolib.cli import early_help
 if __name__ == "__main__":
     # --help before the heavy imports: under a second
     early_help(__file__)
@@ -87,7 +87,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cli import cli
+from dnolib.cli import cli
 
 
 # ----------------------------------------------------------------------------- the loss

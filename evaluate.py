@@ -27,7 +27,7 @@ Departures from the paper (numbered):
        beat the gold) are reported; the best-of-n win-rate and the student's mean judge score are
        not.
 """
-from cli import early_help
+from dnolib.cli import early_help
 if __name__ == "__main__":
     # --help before the heavy imports: under a second
     early_help(__file__)
@@ -42,9 +42,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 import oracle
-from cli import cli
-from distributed import print0
-from stages import read_json, read_jsonl, write_atomic
+from dnolib.cli import cli
+from dnolib.distributed import print0
+from dnolib.stages import read_json, read_jsonl, write_atomic
 
 SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_vs_init": "lc_winrate_vs_init",
           "vs_init": "winrate_vs_init"}

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from budget import free_memory, memory_estimate
-from model import MIN_ROWS, ModelArgs, Transformer
-from top_p import sample_tokens
+from dnolib.budget import free_memory, memory_estimate
+from dnolib.model import MIN_ROWS, ModelArgs, Transformer
+from dnolib.top_p import sample_tokens
 
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 

@@ -24,17 +24,17 @@ from safetensors import SafetensorError
 import dno
 import evaluate
 import logps
-import lora
+from dnolib import lora
 import oracle
 import preferences
-import stages
-from distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
-from distributed import world
-from model import Transformer
-from model_io import load_tokenizer
+from dnolib import stages
+from dnolib.distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
+from dnolib.distributed import world
+from dnolib.model import Transformer
+from dnolib.model_io import load_tokenizer
 from optimize import optimize, pair_len
 from generate import generate
-from stages import StageError, read_jsonl
+from dnolib.stages import StageError, read_jsonl
 
 
 # ------------------------------------------------------------------------ what each stage reads

@@ -204,9 +204,9 @@ def run_local(units, model_dir, batch_size, ledger, done):
     over the verdict letters, batches left-padded. model_dir: a folder or a hub id ORG/NAME
     (--judge_model)."""
     import torch
-    from ledger import OracleError
-    from model import Transformer
-    from model_io import ModelError, load_tokenizer, resolve_model
+    from dnolib.ledger import OracleError
+    from dnolib.model import Transformer
+    from dnolib.model_io import ModelError, load_tokenizer, resolve_model
     try:  # a folder, or a hub id ORG/NAME -> its cached snapshot, as transformers resolves it
         path = resolve_model(model_dir, what="--judge_model")
         tok, model = load_tokenizer(path), Transformer.from_pretrained(path).eval()
@@ -279,9 +279,9 @@ cyclic_judge.score_kind = "winrate"
 
 # The one registry: every Python judge is module:function; these short names are aliases.
 ALIASES = {"length": "judges:length_judge", "overlap": "judges:overlap_judge",
-           "cyclic": "judges:cyclic_judge", "demo": "demo_task:demo",
-           "demo_cyclic": "demo_task:demo_cyclic", "demo_rps": "demo_task:demo_rps",
-           "demo_bt": "compare_bt:demo_bt"}
+           "cyclic": "judges:cyclic_judge", "demo": "demo.task:demo",
+           "demo_cyclic": "demo.task:demo_cyclic", "demo_rps": "demo.task:demo_rps",
+           "demo_bt": "experiments.compare_bt:demo_bt"}
 API_JUDGES = ("rubric", "pairwise", "local")  # asked over HTTP or run on a local model
 SCORE_RANGE = {"rubric": (0.0, 6.0), "winrate": (0.0, 1.0)}
 
@@ -289,7 +289,7 @@ SCORE_RANGE = {"rubric": (0.0, 6.0), "winrate": (0.0, 1.0)}
 def resolve(name):
     """--judge NAME -> the Python judge function (an alias or module:function); a one-line
     OracleError."""
-    from ledger import OracleError
+    from dnolib.ledger import OracleError
     spec = ALIASES.get(name, name)
     if ":" not in spec:
         raise OracleError(f"unknown --judge {name!r}; choose {', '.join(API_JUDGES)}, "
@@ -349,7 +349,7 @@ def context_of(item):
 def run_fn(units, fn, ledger, done):
     """A Python judge: one call per shown item (unit["item"]), its answer checked against the
     contract."""
-    from ledger import OracleError
+    from dnolib.ledger import OracleError
     more = wants_context(fn)
     for u in units:
         ticket = ledger.spend(0, 0)

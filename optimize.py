@@ -20,7 +20,7 @@ import torch
 
 import dno
 import logps
-from distributed import rank, sum_over_ranks, world
+from dnolib.distributed import rank, sum_over_ranks, world
 
 
 def pair_len(p):
@@ -112,7 +112,7 @@ def optimize(model, pairs, cfg, t, device, amp=None):
 if __name__ == "__main__":
     from dataclasses import replace
 
-    from model import ModelArgs, Transformer
+    from dnolib.model import ModelArgs, Transformer
     from train import Config
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,

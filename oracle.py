@@ -34,7 +34,7 @@ Departures from the paper (numbered; the judges' own are in judges.py):
    flips) and first_slot_advantage (mean over items of the mean over moved candidates of
    win-rate shown earlier - shown later, in [-1, 1]).
 """
-from cli import early_help
+from dnolib.cli import early_help
 if __name__ == "__main__":
     early_help(__file__)                                # --help before torch loads: under a second
 
@@ -46,10 +46,10 @@ import numpy as np
 
 import dno
 import judges
-from chat_api import (Breaker, Cache, JudgeUnavailable, call, connect, count_tokens, encoder,
+from dnolib.chat_api import (Breaker, Cache, JudgeUnavailable, call, connect, count_tokens, encoder,
                       endpoint, fit, host, run_pool)
-from cli import check, cli
-from ledger import PRICES, BudgetExceeded, Ledger, OracleError
+from dnolib.cli import check, cli
+from dnolib.ledger import PRICES, BudgetExceeded, Ledger, OracleError
 
 
 @dataclass

@@ -17,7 +17,7 @@ Departures:
  1. A prompt's id (its samples' seeds: generate.row_seed) is the JSONL "id", default: the line
     number.
 """
-from cli import early_help
+from dnolib.cli import early_help
 if __name__ == "__main__":
     early_help(__file__)                                # --help before torch loads: under a second
 
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import cli
+from dnolib.cli import cli
 from generate import check_sampling, demo, generate
-from model import ModelArgs, Transformer
-from budget import pick_threads
-from model_io import check_vocab, load_tokenizer, read_config, resolve_model
+from dnolib.model import ModelArgs, Transformer
+from dnolib.budget import pick_threads
+from dnolib.model_io import check_vocab, load_tokenizer, read_config, resolve_model
 
 
 @dataclass

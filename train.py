@@ -44,7 +44,7 @@ Departures from the paper (numbered):
        that outgrows its prompts takes another pass over them, reshuffled (the paper: fresh prompts
        every iteration).
 """
-from cli import early_help
+from dnolib.cli import early_help
 if __name__ == "__main__":
     early_help(__file__)                                # --help before torch loads: under a second
 
@@ -57,17 +57,17 @@ import numpy as np
 import torch
 
 import oracle
-import stages
-from cli import check, cli, show
-from distributed import barrier, on_rank0, print0, rank, world
-from distributed import finish as finish_processes
-from distributed import setup as setup_device
+from dnolib import stages
+from dnolib.cli import check, cli, show
+from dnolib.distributed import barrier, on_rank0, print0, rank, world
+from dnolib.distributed import finish as finish_processes
+from dnolib.distributed import setup as setup_device
 from iteration import (Run, eval_step, judge_step, pairs_step, reference_step, sample_step,
                        train_pi)
 from generate import encode_prompt
-from model import ModelArgs
-from budget import check_memory, pick_threads
-from model_io import check_vocab, load_tokenizer, read_config, resolve_model
+from dnolib.model import ModelArgs
+from dnolib.budget import check_memory, pick_threads
+from dnolib.model_io import check_vocab, load_tokenizer, read_config, resolve_model
 from sample import read_prompts
 
 
@@ -256,7 +256,7 @@ def prepare(cfg):
         stages.lock(cfg.out)                            # one run per folder, for the whole run
         stages.rollback(cfg.out, cfg.rollback)          # --rollback t: redo iteration t and later
     if not (model and cfg.prompts):                     # the built-in demo task, prepared once
-        import demo_sft
+        from demo import sft as demo_sft
         demo = os.path.join(cfg.out, "demo")
         demo_cfg = demo_sft.Config(threads=cfg.threads)    # its SFT picks its own threads
         if cfg.teacher_styles:                          # another teacher: another pi_1 and gold

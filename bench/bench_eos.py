@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time  # noqa: E402
 from bench_sample import bench_model, timed  # noqa: E402
 from eos_vllm import run_vllm  # noqa: E402
-from model import Transformer  # noqa: E402
-from cli import cli  # noqa: E402
+from dnolib.model import Transformer  # noqa: E402
+from dnolib.cli import cli  # noqa: E402
 from generate import default_rows, generate, left_pad  # noqa: E402
 
 

@@ -61,7 +61,7 @@ def transport_cpu(base_url, payloads, key="x"):
     `openai` package's own post() (option parsing per call), its httpx client with prebuilt headers
     (chat_api.post, what the oracle uses), and a bare keep-alive http.client connection."""
     import openai
-    import chat_api
+    from dnolib import chat_api
     u = urlparse(base_url)
     hdr = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
     oc = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)

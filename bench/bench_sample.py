@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelArgs, Transformer  # noqa: E402
-from cli import cli  # noqa: E402
+from dnolib.model import ModelArgs, Transformer  # noqa: E402
+from dnolib.cli import cli  # noqa: E402
 from generate import generate, left_pad  # noqa: E402
 
 HBM_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039}  # GPU name part -> memory bandwidth, GB/s

@@ -47,7 +47,7 @@ from types import SimpleNamespace
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-from cli import cli  # noqa: E402 (after the sys.path line)
+from dnolib.cli import cli  # noqa: E402 (after the sys.path line)
 
 
 @dataclass
@@ -174,10 +174,10 @@ def run_dno(cfg):
     import torch
     from transformers import AutoTokenizer
     import logps
-    from distributed import for_training
-    from model import Transformer
+    from dnolib.distributed import for_training
+    from dnolib.model import Transformer
     from optimize import train_step
-    from stages import read_jsonl
+    from dnolib.stages import read_jsonl
     device, mdir = torch.device(cfg.device), os.path.join(cfg.workdir, "model")
     tok = AutoTokenizer.from_pretrained(mdir)
     rows = read_jsonl(os.path.join(cfg.workdir, "pairs.jsonl"))

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import cli  # noqa: E402  (stdlib only: the child imports it in vLLM's venv)
+from dnolib.cli import cli  # noqa: E402  (stdlib only: the child imports it in vLLM's venv)
 
 
 @dataclass
@@ -166,7 +166,7 @@ def demo(python):
     """A tiny job (2-layer random Llama, head size 32, 4 prompts x K=2, 16 new tokens) through
     `python`."""
     import torch
-    from model import ModelArgs, Transformer
+    from dnolib.model import ModelArgs, Transformer
 
     from bench_eos import Config as BenchConfig  # noqa: E402
     args = ModelArgs(arch="llama", vocab_size=512, dim=64, n_layers=2, n_heads=2, n_kv_heads=1,

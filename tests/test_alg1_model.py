@@ -14,7 +14,7 @@ import torch
 
 import dno
 import logps
-from model import ModelArgs, Transformer
+from dnolib.model import ModelArgs, Transformer
 
 torch.set_num_threads(1)
 

@@ -6,29 +6,31 @@ from dataclasses import dataclass
 
 import pytest
 
-import cli
+from dnolib import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "dno.py", "tabular.py", "demo_task.py", "demo_sft.py",
-                                    "prepare_data.py", "sample.py", "oracle.py"])
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "dno.py", "experiments/tabular.py", "demo/task.py",
+                                    "demo/sft.py", "data/ultrafeedback/prepare.py", "sample.py", "oracle.py",
+                                    "experiments/compare_bt.py"])
 def test_early_help_matches_the_full_help_and_imports_no_torch(script, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setattr(sys, "argv", [script])                  # argparse names the program after argv[0]
+    name = os.path.basename(script)
     path = os.path.join(ROOT, script)
     with pytest.raises(SystemExit) as e:
         cli.early_help(path, ["--out", "x", "-h"])
     assert e.value.code == 0
     early = capsys.readouterr().out
     code = ("import atexit, runpy, sys; atexit.register(lambda: print('torch loaded:', 'torch' in sys.modules)); "
-            f"sys.argv = [{script!r}, '--help']; runpy.run_path({path!r}, run_name='__main__')")
+            f"sys.argv = [{name!r}, '--help']; runpy.run_path({path!r}, run_name='__main__')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, COLUMNS="120", PYTHONPATH=ROOT))
     assert run.returncode == 0, run.stderr
     assert run.stdout.endswith("torch loaded: False\n")           # answered before the heavy imports
     assert run.stdout[:-len("torch loaded: False\n")] == early    # the same text as the parser of cli() prints
-    assert early.startswith(f"usage: {script} [-h]")
+    assert early.startswith(f"usage: {name} [-h]")
     if script == "train.py":
         assert "--threads THREADS" in early and "CPU threads: auto" in early   # a field's trailing comment ...
         assert "seconds to sleep inside each stage" in early                    # ... the last field's too

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import compare_bt as cb  # noqa: E402
-import demo_sft as ds  # noqa: E402
-import demo_task as d  # noqa: E402
+from experiments import compare_bt as cb  # noqa: E402
+from demo import sft as ds  # noqa: E402
+from demo import task as d  # noqa: E402
 import dno  # noqa: E402
 
 P = "sort: 4 1 3 0\n"
@@ -78,7 +78,7 @@ def test_demo_bt_is_the_fitted_bradley_terry_table(tmp_path, monkeypatch):
     assert all(abs(Pb[i][j] + Pb[j][i] - 1) < 1e-12 for i in range(4) for j in range(4))
     assert Pb[2][0] > 0.5 and Pb[0][1] > 0.5 and Pb[2][1] > 0.5    # transitive: no style cycle
     import judges
-    assert judges.resolve("compare_bt:demo_bt") is cb.demo_bt      # --judge compare_bt:demo_bt
+    assert judges.resolve("demo_bt") is cb.demo_bt      # --judge demo_bt
     assert judges.resolve("demo_bt") is cb.demo_bt                 # its alias
 
 

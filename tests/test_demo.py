@@ -10,8 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import demo_sft as ds  # noqa: E402
-import demo_task as d  # noqa: E402
+from demo import sft as ds  # noqa: E402
+from demo import task as d  # noqa: E402
 
 P = "sort: 4 1 3 0\n"
 
@@ -122,7 +122,7 @@ def test_prepare_is_cached_and_loadable(tmp_path):
     tok = AutoTokenizer.from_pretrained(m)
     assert tok.decode(tok.encode(rows[0]["prompt"])) == rows[0]["prompt"]
     hf = AutoModelForCausalLM.from_pretrained(m)
-    from model import Transformer
+    from dnolib.model import Transformer
     ours = Transformer.from_pretrained(m)
     idx = torch.tensor([tok.encode(rows[0]["prompt"])])
     assert torch.allclose(hf(idx).logits, ours(idx), atol=1e-4)

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import chat_api, dno, judges, oracle
-from chat_api import JudgeUnavailable
-from ledger import BudgetExceeded, OracleError
+import dno, judges, oracle
+from dnolib import chat_api
+from dnolib.chat_api import JudgeUnavailable
+from dnolib.ledger import BudgetExceeded, OracleError
 from fault_proxy import FaultServer, canned_score
 from judges import parse_scores, verdict_prob
 from oracle import Config, judge_items
@@ -214,7 +215,7 @@ def samples_file(tmp_path):
 
 
 def test_f9_clis_check_their_flags_and_fail_loudly(tmp_path, key, capsys):
-    import prepare_data
+    from data.ultrafeedback import prepare as prepare_data
     s = samples_file(tmp_path)
     for flag, value, says in (("--max_usd", "nan", "--max_usd must be >= 0"),
                               ("--retries", "-1", "--retries must be >= 0"),
@@ -295,7 +296,8 @@ def test_f13_two_rooms_one_registry_same_flag_names():
     assert "demo_task" not in imported
     assert not hasattr(importlib.import_module("evaluate"), "make_judge")
     assert not hasattr(oracle, "RUBRIC_TEMPLATE") and not hasattr(judges, "judge_items")
-    import demo_task, train
+    import train
+    from demo import task as demo_task
     for alias, spec in judges.ALIASES.items():  # every Python judge is module:function
         mod, fn = spec.split(":")
         assert judges.resolve(alias) is getattr(importlib.import_module(mod), fn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import logps
-from model import Transformer
+from dnolib.model import Transformer
 from tiny import make_hf_model
 
 torch.set_num_threads(1)

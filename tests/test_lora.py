@@ -6,9 +6,9 @@ from transformers import AutoModelForCausalLM
 
 import dno
 import logps
-import lora
-from model import ModelArgs, Transformer
-from budget import count_lora_params, memory_estimate
+from dnolib import lora
+from dnolib.model import ModelArgs, Transformer
+from dnolib.budget import count_lora_params, memory_estimate
 from tiny import make_hf_model
 
 torch.set_num_threads(1)

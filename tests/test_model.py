@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from model import ModelArgs, Transformer
+from dnolib.model import ModelArgs, Transformer
 from tiny import make_hf_model, make_tokenizer
 
 torch.set_num_threads(1)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model
-import budget as B
-import model_io as M
-from model import ModelArgs, Transformer
-from model_io import ModelError
+from dnolib import model
+from dnolib import budget as B
+from dnolib import model_io as M
+from dnolib.model import ModelArgs, Transformer
+from dnolib.model_io import ModelError
 from tiny import hf_config, hub_snapshot, make_hf_model, offline_hub
 
 torch.set_num_threads(1)
@@ -306,14 +306,14 @@ def test_model_io_never_imports_model_and_model_reexports_nothing():
     for name in ("check_memory", "check_fits", "memory_estimate", "pick_threads", "count_params"):
         assert not hasattr(M, name)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "import sys, model_io, budget; print('model' in sys.modules)"
+    code = "import sys; from dnolib import model_io, budget; print('dnolib.model' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 
 
 def test_pick_threads_grows_with_the_model_within_the_cores(monkeypatch):
-    from budget import PARAMS_PER_THREAD, pick_threads
+    from dnolib.budget import PARAMS_PER_THREAD, pick_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)

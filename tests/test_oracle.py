@@ -5,8 +5,9 @@ import base64, json, math, re, socket, time, warnings
 
 import pytest
 
-import chat_api, judges, ledger, oracle
-from ledger import BudgetExceeded, OracleError
+import judges, oracle
+from dnolib import chat_api, ledger
+from dnolib.ledger import BudgetExceeded, OracleError
 from judges import parse_scores, verdict_prob
 from oracle import Config, judge_items
 from fault_proxy import FaultServer, canned_p, canned_score

@@ -3,7 +3,7 @@ on hand tables, the diagnostics' shares over prompts."""
 import numpy as np
 import pytest
 
-import tabular
+from experiments import tabular
 from dno import table_from_scores, winrates
 from preferences import copeland, diagnostics, fit_bt_table, has_cycle, ranking_disagrees
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from prepare_data import Config, DataError, convert, main, read_source
+from data.ultrafeedback.prepare import Config, DataError, convert, main, read_source
 from sample import read_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,14 +120,14 @@ def test_user_mistakes_are_one_line(tmp_path):
     except ImportError:  # a hub name without the optional package: one line, no network
         cases.append(["--source", "openbmb/UltraFeedback"])
     for args in cases:
-        p = subprocess.run([sys.executable, "prepare_data.py", *args, "--out", str(tmp_path / "o.jsonl")],
+        p = subprocess.run([sys.executable, "-m", "data.ultrafeedback.prepare", *args, "--out", str(tmp_path / "o.jsonl")],
                            cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 1 and "Traceback" not in p.stderr, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: "), (args, p.stderr)
 
 
 def test_demo_runs_with_no_arguments():
-    p = subprocess.run([sys.executable, "prepare_data.py"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "data.ultrafeedback.prepare"], cwd=ROOT, capture_output=True, text=True)
     lines = p.stdout.strip().splitlines()
     assert p.returncode == 0 and lines[-1].startswith("rows 5 | kept 3")
     assert [json.loads(x)["gold"] for x in lines[:-1]] == [

@@ -21,7 +21,7 @@ import pytest
 
 from test_train import FLAGS, ROOT, artifacts, baseline, cmd, env_for, run_inline, run_ok, task  # noqa: F401
 import iteration  # noqa: E402
-import stages  # noqa: E402
+from dnolib import stages  # noqa: E402
 import train  # noqa: E402
 
 
@@ -165,7 +165,7 @@ def test_hashes_see_every_byte_of_a_large_file(tmp_path):
         fh.write(b"\0" * (65 << 20))                                # past the old 64 MB shortcut
 
     def fresh_sha():
-        code = f"import stages; print(stages.sha({str(f)!r}))"
+        code = f"from dnolib import stages; print(stages.sha({str(f)!r}))"
         p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0, p.stderr

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sample
-from model import Transformer
-from model_io import ModelError
+from dnolib.model import Transformer
+from dnolib.model_io import ModelError
 from generate import (_rows_to_keep, default_stop_ids, encode_prompt, generate, left_pad, naive_greedy,
                       right_pad, row_seed)
-from top_p import _sample_sorted, _sample_top, sample_tokens
+from dnolib.top_p import _sample_sorted, _sample_top, sample_tokens
 from tiny import hub_snapshot, make_hf_model, make_tokenizer, offline_hub
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import preferences
-import tabular
+from experiments import tabular
 
 
 def test_cyclic_game_average_converges_last_iterate_circles():

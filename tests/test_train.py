@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 import dno  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from stages import read_jsonl  # noqa: E402
+from dnolib.stages import read_jsonl  # noqa: E402
 from tiny import make_hf_model  # noqa: E402
 
 STAGES = ["samples", "judgments", "pairs", "reference", "checkpoint", "eval"]
@@ -341,7 +341,7 @@ def test_torchrun_lora_under_fsdp2_saves_a_plain_merged_folder(task, baseline, t
     """--lora_rank under FSDP2 (2 ranks, gloo): the adapters train (a fresh adapter starts at pi = pi_t: loss log 2),
     the merged checkpoint is a plain HF folder (pi_1's tensor names, no lora_A / lora_B, transformers loads it) in
     which only the adapted projections moved, and it equals one process's LoRA run."""
-    import lora
+    from dnolib import lora
     from transformers import AutoModelForCausalLM
     one, two = one_and_two_ranks(task, baseline[0], tmp_path, "--max_steps", "1", "--micro_batch", "1",
                                  "--lora_rank", "4")

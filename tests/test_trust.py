@@ -14,9 +14,9 @@ import time
 import pytest
 
 from test_train import FLAGS, ROOT, baseline, cmd, env_for, free_port, run_inline, run_ok, task  # noqa: F401
-from stages import read_jsonl  # noqa: E402
+from dnolib.stages import read_jsonl  # noqa: E402
 import iteration  # noqa: E402
-import stages  # noqa: E402
+from dnolib import stages  # noqa: E402
 import train  # noqa: E402
 
 HALF_JUDGE = '''
@@ -175,10 +175,10 @@ def test_response_tokens_score_the_recorded_stop_token():
 
 def test_every_script_prints_its_help():
     """--help of every script: its flags and their comments (a '%' in a comment once crashed argparse)."""
-    for script in ("train.py", "sample.py", "oracle.py", "dno.py", "tabular.py", "evaluate.py", "demo_task.py",
-                   "demo_sft.py", "prepare_data.py"):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
-                           timeout=120)
+    for script in ("train.py", "sample.py", "oracle.py", "dno.py", "evaluate.py", "-m experiments.tabular",
+                   "-m experiments.compare_bt", "-m demo.task", "-m demo.sft", "-m data.ultrafeedback.prepare"):
+        p = subprocess.run([sys.executable, *script.split(), "--help"], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
         assert p.returncode == 0 and "--" in p.stdout and "Traceback" not in p.stderr, (script, p.stderr[-500:])
 
 

@@ -17,7 +17,7 @@ import torch
 def make_tokenizer(path=None):
     """A char-level PreTrainedTokenizerFast (printable ASCII + 5 specials, 102 ids) with a ChatML template:
     <pad>=0 <s>=1 </s>=2 <|im_start|>=3 <|im_end|>=4; plain text gets no BOS."""
-    import demo_sft
+    from demo import sft as demo_sft
     return demo_sft.make_tokenizer(path, chars=[c for c in string.printable if c not in "\r\x0b\x0c"])
 
 

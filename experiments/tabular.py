@@ -5,7 +5,7 @@ Usage:
     python tabular.py --eta 0.5 --iters 3000 --log_every 100
     python -m pytest -q tests/test_tabular.py     # the checks, CPU, seconds
 
-    from tabular import cyclic_game, run_tabular, exploitability
+    from experiments.tabular import cyclic_game, run_tabular, exploitability
     P, pi_1 = cyclic_game()                       # (n, n) P(action i > action j), the "SFT" policy
     hist, r_bt, pi_last = run_tabular(P, pi_1, eta=0.1, iters=1000)   # hist[-1]["avg"] < 0.01
 
@@ -25,7 +25,7 @@ Departures from the paper (deliberate, numbered):
        the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass rounds
        to 0.
 """
-from cli import early_help
+from dnolib.cli import early_help
 if __name__ == "__main__":
     # --help before the heavy imports
     early_help(__file__)
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cli import cli
+from dnolib.cli import cli
 from preferences import fit_bradley_terry
 
 ACTIONS = ["rock", "paper", "scissors", "bland", "rambling"]

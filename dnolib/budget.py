@@ -2,7 +2,7 @@
 anything is allocated.
 
     python budget.py                    # memory estimates of the paper's Mistral-7B (no download)
-    from budget import check_memory, count_params, pick_threads
+    from dnolib.budget import check_memory, count_params, pick_threads
     check_memory(args, "cuda", micro_batch=8, seq_len=2048, seqs_per_item=2)  # ModelError: no fit
     torch.set_num_threads(pick_threads("auto", count_params(args)))  # threads the size warrants
 
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from model_io import ModelError
+from dnolib.model_io import ModelError
 
 
 def count_params(args) -> int:
@@ -182,7 +182,7 @@ def check_memory(args, device, **kw) -> dict:
 
 
 if __name__ == "__main__":
-    from model import ModelArgs  # the demo only: this module never imports model.py at import time
+    from dnolib.model import ModelArgs  # the demo only: this module never imports model.py at import time
 
     mistral7b = ModelArgs(arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                           head_dim=128, hidden_dim=14336)

@@ -1,9 +1,9 @@
 """A from-scratch Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), Hugging Face checkpoint I/O.
 
     python model.py                                   # CPU demo: tiny random model, save -> load
-    from model import Transformer
-    from budget import check_memory
-    from model_io import load_tokenizer, resolve_model
+    from dnolib.model import Transformer
+    from dnolib.budget import check_memory
+    from dnolib.model_io import load_tokenizer, resolve_model
     path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
     tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
     m = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
@@ -42,10 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kv_cache
-from kv_cache import MIN_ROWS, make_mask
-from budget import check_fits
-from model_io import ModelError, read_config, read_weights, stored_dtype, write_weights
+from dnolib import kv_cache
+from dnolib.kv_cache import MIN_ROWS, make_mask
+from dnolib.budget import check_fits
+from dnolib.model_io import ModelError, read_config, read_weights, stored_dtype, write_weights
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}

@@ -40,7 +40,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from cli import check, cli
+from dnolib.cli import check, cli
 
 
 @dataclass

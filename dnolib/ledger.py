@@ -5,7 +5,7 @@ Usage:
     python ledger.py                              # demo: two sessions share one file and one budget
     python -m pytest -q tests/test_oracle.py -k ledger tests/test_judges.py -k "ledger or kill"
 
-    from ledger import PRICES, Ledger, BudgetExceeded
+    from dnolib.ledger import PRICES, Ledger, BudgetExceeded
     led = Ledger(PRICES["gpt-4o-mini"], max_usd=5.0, path="run/judge_ledger.json")
     ticket = led.spend(n_in, max_out)             # reserve the worst case, or BudgetExceeded
     led.settle(ticket, usage_in, usage_out)       # the reply's real bill replaces the reservation

@@ -1,7 +1,7 @@
 """cli.py: command-line flags generated from a script's one flat @dataclass Config, so each default
 lives in one place.
 
-    from cli import cli
+    from dnolib.cli import cli
     cfg = cli(Config)                 # --name VALUE for every field; --help shows each field's trailing comment
     cfg = cli(Config, ["--lr", "1e-5"])
     print(show(cfg))                  # lr = 1e-05     steps = 10     compile = False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
 
-from ledger import BudgetExceeded, OracleError
+from dnolib.ledger import BudgetExceeded, OracleError
 
 
 class JudgeUnavailable(OracleError):
@@ -334,7 +334,7 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
 if __name__ == "__main__":
     import argparse
 
-    from ledger import PRICES, Ledger
+    from dnolib.ledger import PRICES, Ledger
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("prompt")
     ap.add_argument("--base_url", default="")

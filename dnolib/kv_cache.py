@@ -174,7 +174,7 @@ def decode(model, tok, kv_len):
 
 
 if __name__ == "__main__":
-    from model import ModelArgs, Transformer
+    from dnolib.model import ModelArgs, Transformer
 
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,

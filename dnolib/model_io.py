@@ -2,7 +2,7 @@
 outside the network, except memory and thread budgets (budget.py).
 
     python model_io.py                                # a tiny folder written and read back
-    from model_io import resolve_model, load_tokenizer, read_config
+    from dnolib.model_io import resolve_model, load_tokenizer, read_config
     path = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a local folder as is, or a hub id -> its cached snapshot
     tok = load_tokenizer(path)                        # AutoTokenizer, trust_remote_code=False, one-line errors
 

@@ -2,7 +2,7 @@
 
     python demo_sft.py --sft_steps 100          # pi_1 in a temporary folder, and its answers
     python -c "import demo_sft as s; s.prepare('runs/i80', 0, s.Config(teacher_styles='0.8,0.15,0.05'))"
-    from demo_sft import prepare, Config
+    from demo.sft import prepare, Config
     model_dir, prompts_path = prepare("runs/demo/demo", seed=0)   # cached: reruns reuse the folder
 
 prepare is what train.py runs for its built-in demo (no --model and --prompts): it makes the
@@ -24,8 +24,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from cli import cli
-from demo_task import (LONG, P_ROTATE, P_TAIL, parse_lengths, parse_styles, prompt_rows,
+from dnolib.cli import cli
+from demo.task import (LONG, P_ROTATE, P_TAIL, parse_lengths, parse_styles, prompt_rows,
                        rubric)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -133,7 +133,7 @@ class Config:
 
 def build_model(cfg, vocab_size, seed):
     import torch
-    from model import ModelArgs, Transformer
+    from dnolib.model import ModelArgs, Transformer
 
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.from_hf_config(hf_config(vocab_size, cfg.dim, cfg.n_layers,
@@ -150,7 +150,7 @@ def prepare(out_dir, seed=0, cfg=None, log=print):
     layout to out_dir/init, and write out_dir/prompts.jsonl. Cached: reruns with the same settings
     do nothing."""
     import torch
-    from budget import pick_threads
+    from dnolib.budget import pick_threads
 
     cfg = Config(seed=seed) if cfg is None else replace(cfg, seed=seed)
     model_dir, prompts_path = os.path.join(out_dir, "init"), os.path.join(out_dir, "prompts.jsonl")
@@ -204,7 +204,7 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     import torch
 
-    from model import Transformer
+    from dnolib.model import Transformer
 
     with tempfile.TemporaryDirectory() as d:
         model_dir, prompts_path = prepare(d, cfg.seed, cfg)

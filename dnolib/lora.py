@@ -2,7 +2,7 @@
 weights on save.
 
     python lora.py                                    # CPU demo: adapters, a few steps, merged == adapted
-    from lora import add_lora, merged_state_dict
+    from dnolib.lora import add_lora, merged_state_dict
     add_lora(model, rank=16, alpha=32)                # every weight frozen; q/k/v/o, gate/up/down get A, B
     model.save_pretrained(d, state_dict=merged_state_dict(model))   # a plain Hugging Face folder again
 
@@ -80,7 +80,7 @@ def merged_state_dict(model, state=None):
 
 
 if __name__ == "__main__":
-    from model import ModelArgs, Transformer
+    from dnolib.model import ModelArgs, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,

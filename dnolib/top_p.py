@@ -2,7 +2,7 @@
 4: temperature 0.7, top-p 0.95).
 
     python top_p.py                                   # demo: draw frequencies == the exact nucleus
-    from top_p import sample_tokens
+    from dnolib.top_p import sample_tokens
     tok = sample_tokens(logits, u, temperature=0.7, top_p=0.95)  # (N, V), (N, 3) uniforms -> (N,)
 
 generate.py draws every token with this: the three uniforms per (job, step) come from the job's

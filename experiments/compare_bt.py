@@ -6,14 +6,14 @@
     python compare_bt.py --out runs/cmp --eval_only true   # the table again, from finished runs
     python compare_bt.py --out runs/cmp --at 8,16,32 \
         --train "--iterations 32 --prompts_per_iter 50"   # one run per seed, tables at 8, 16, 32
-    python train.py --judge compare_bt:demo_bt ...  # a loop on a fitted BT reward, $DEMO_BT_REWARD
+    python train.py --judge demo_bt ...  # a loop on a fitted BT reward, $DEMO_BT_REWARD
 
 Per seed s, in OUT/s<s>/:
   1. dno/            python train.py --judge J --seed s TRAIN: DNO on the demo task (or on --init).
   2. bt_reward.json  a Bradley-Terry reward r(x, y) = w . features(x, y), fitted by logistic
                      regression on the soft labels of every pair that run 1's judge annotated (its
                      own annotations: every iteration, or with --at its first min(--at)).
-  3. bt/             python train.py --judge compare_bt:demo_bt --seed s TRAIN from run 1's pi_1
+  3. bt/             python train.py --judge demo_bt --seed s TRAIN from run 1's pi_1
                      and prompts: the same loop, flags, prompts and pair rule; only the preference
                      is the fitted, transitive one.
   4. evaluation      every policy answers the same held-out prompts, one sample each at temperature
@@ -51,6 +51,10 @@ Departures from the paper (numbered):
   2. The worst case is over the 3 style-fixed perfect answerers (exact for these judges, see 4),
      on held-out prompts with one sample per prompt and policy; not AlpacaEval / MT-Bench.
 """
+from dnolib.cli import early_help
+if __name__ == "__main__":
+    early_help(__file__)                                # --help before torch loads: under a second
+
 import json
 import math
 import os
@@ -61,12 +65,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import demo_task
 import evaluate
-from cli import cli
-from demo_task import STYLES, prompt_rows, rubric, style_of
+from demo import task as demo_task
+from dnolib.cli import cli
+from demo.task import STYLES, prompt_rows, rubric, style_of
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -122,12 +126,12 @@ def fit_bt(annotations, steps=500, lr=0.5, l2=1e-3):
 
 
 def demo_bt(prompt, candidates):
-    """The BT loop's judge (train.py --judge compare_bt:demo_bt): P[i][j] = sigmoid(r_i - r_j)
+    """The BT loop's judge (train.py --judge demo_bt): P[i][j] = sigmoid(r_i - r_j)
     under the reward of fit_bt, its weights read from the JSON file named by $DEMO_BT_REWARD
     (compare writes it and sets it for the BT run). DNO's loop; only the preference differs."""
     path = os.environ.get("DEMO_BT_REWARD", "")
     if not path or not os.path.exists(path):
-        raise ValueError("judge compare_bt:demo_bt needs DEMO_BT_REWARD=FILE.json "
+        raise ValueError("judge demo_bt needs DEMO_BT_REWARD=FILE.json "
                          "(written by compare_bt.py)")
     with open(path) as f:
         w = json.load(f)["w"]
@@ -169,7 +173,7 @@ def restyle(response, style):
 # ------------------------------------------------------------ the two runs
 def train(argv, env=None):
     """python train.py ARGV in a child process (flags, errors and resumption are train.py's)."""
-    cmd = [sys.executable, os.path.join(HERE, "train.py")] + argv
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + argv
     print("$ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
         raise ValueError(f"train.py failed: {' '.join(argv)}")
@@ -193,7 +197,7 @@ def run_pair(cfg, seed, flags, upto=0):
                    "annotated_prompts": len(annotations), "iterations": T}, f)
     print(f"BT reward on {len(annotations)} prompts judged by {cfg.judge} over {T} iterations: "
           f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')", flush=True)
-    train(["--judge", "compare_bt:demo_bt", "--out", bt_dir] + start + common,
+    train(["--judge", "demo_bt", "--out", bt_dir] + start + common,
           env={"DEMO_BT_REWARD": reward})
 
 
@@ -229,8 +233,8 @@ def iterates(run, T=0):
 
 def answers(path, rows, temperature, top_p, seed, cache):
     """One sample per row from the policy at path (cached by (path, row id))."""
-    from model import Transformer
-    from model_io import load_tokenizer
+    from dnolib.model import Transformer
+    from dnolib.model_io import load_tokenizer
     from generate import generate
 
     todo = [r for r in rows if (path, r["id"]) not in cache]

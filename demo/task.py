@@ -5,7 +5,7 @@
     python train.py --out runs/demo             # the default DNO demo (CPU, ~35 s on 2 idle cores, offline)
     python train.py --judge demo_rps --teacher_styles 0.8,0.15,0.05 --out runs/rps   # the intransitive preset
     python compare_bt.py --out runs/cmp         # DNO vs a Bradley-Terry-reward loop, like for like
-    from demo_task import make_prompt, teacher, rubric, JUDGES   # pi_1, the SFT'd Llama: demo_sft
+    from demo.task import make_prompt, teacher, rubric, JUDGES   # pi_1, the SFT'd Llama: demo_sft
 
 The task stands in for the paper's instruction data (Sec. 5) at a size a CPU trains in minutes:
   prompt   "sort: 7 2 9 2\n"      (3..7 digits; demo_sft's --lengths sets the range)
@@ -51,7 +51,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from cli import cli
+from dnolib.cli import cli
 
 STYLES = (" ", ",", "|")  # the three response styles; cycle: STYLES[i] beats STYLES[i + 1 (mod 3)]
 # the teacher's default style mix (uneven: a BT fit has a favourite)
@@ -221,7 +221,7 @@ def demo_rps(prompt, candidates):
     return {"P": pref_table(pref_rps, prompt, candidates)}
 
 
-# compare_bt:demo_bt is the BT one
+# demo_bt (experiments/compare_bt.py) is the BT one
 JUDGES = {"demo": demo, "demo_cyclic": demo_cyclic, "demo_rps": demo_rps}
 # the pairwise judges, P(a > b | x) of two answers
 PREFS = {"demo_cyclic": pref, "demo_rps": pref_rps}
