@@ -82,6 +82,7 @@ if __name__ == "__main__":
 import math
 import random
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,6 +347,77 @@ def main(cfg):
             row.append(f"{kind} {losses.mean().item():.4f}")
         print(f"loss at {name:<18}: " + ", ".join(row))
     print("the soft loss is least at pi_t exp(r_t / eta) (Eq. 8's optimum is Eq. 9's update)")
+
+
+# -----------------------------------------------------------------------------
+def sequence_logps(logits, targets, mask):
+    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over positions where mask == 1 (the response).
+
+    The slow, obviously-correct reference (and batch_logps' test oracle): full (B, T, V) logits.
+    logits (B, T, V) already aligned with targets (B, T): logits[:, t] predicts targets[:, t]
+    (callers pass model(idx)[:, :-1] and idx[:, 1:]). mask (B, T) is 0 on prompt and padding.
+    Returns (B,) float32. Only the target's log-prob is formed: logit - logsumexp, no (B, T, V)
+    log-softmax is kept.
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
+        raise ValueError(f"sequence_logps: want logits (B,T,V), targets/mask (B,T); got "
+                         f"{tuple(logits.shape)}, {tuple(targets.shape)}, {tuple(mask.shape)}")
+    keep = mask.bool()                                                  # (B, T)
+    # pad / -100 ids -> a safe index
+    targets = torch.where(keep, targets, torch.zeros_like(targets))
+    # no copy when already float32
+    logits = logits.float()
+    tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)         # (B, T) logit of the target
+    tok = tok - torch.logsumexp(logits, dim=-1)                        # (B, T) log pi(y_t | ...)
+    return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1)       # (B,) sum, as the paper
+
+
+def autocast(device, dtype=None):
+    """dtype None: bf16 autocast on CUDA, none elsewhere; False: none; a dtype autocasts on any
+    device (CPU too)."""
+    device = torch.device(device)
+    if dtype is False:
+        return nullcontext()
+    if dtype is None and device.type != "cuda":
+        return nullcontext()
+    if dtype is None:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def batch_logps(model, seqs, device, autocast_dtype=None):
+    """log pi(y | x) summed over response tokens for [(prompt_ids, response_ids)] -> (logp (B,),
+    n_tokens). The fast twin of sequence_logps, tested against it (tests/test_logps.py): one
+    right-padded batch; the vocab projection + log-softmax run on the N response positions only,
+    fused (model.HeadLogp), so no (B, T, V) logits exist. n_tokens counts prompt and response tokens
+    (for throughput logs)."""
+    if not seqs or any(len(p) < 1 for p, _ in seqs):
+        raise ValueError("batch_logps: need at least one sequence, each with a non-empty prompt")
+    T = max(len(p) + len(r) for p, r in seqs)
+    # (B, T), pad id 0 is masked out
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    # (B, T-1) over next-token targets
+    mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(seqs):
+        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        # targets that are response tokens
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = True
+    idx, sel = idx.to(device), mask.to(device)
+    with autocast(device, autocast_dtype):
+        # (N,) log pi(y_t | x, y_<t), float32
+        tok = model(idx[:, :-1], select=sel, targets=idx[:, 1:][sel])
+    # (B, T-1) -> (B,) sum, as the paper
+    logp = tok.new_zeros(sel.shape).masked_scatter(sel, tok).sum(-1)
+    return logp, sum(len(p) + len(r) for p, r in seqs)
+
+
+def pair_logps(model, pairs, device, autocast_dtype=None):
+    """Stored pairs {"prompt_tokens", "chosen_tokens", "rejected_tokens"} -> (log pi(y+|x) (m,), log
+    pi(y-|x) (m,), n_tokens): both sides in one batch_logps call (one right-padded forward)."""
+    seqs = [(p["prompt_tokens"], p[f"{side}_tokens"]) for side in ("chosen", "rejected")
+            for p in pairs]
+    logp, n = batch_logps(model, seqs, device, autocast_dtype)                 # (2m,)
+    return logp[:len(pairs)], logp[len(pairs):], n
 
 
 if __name__ == "__main__":

@@ -37,40 +37,18 @@ import os
 import random
 import sys
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 import oracle
+from dno import as_table, winrates
 from dnolib.cli import cli
 from dnolib.distributed import print0
 from dnolib.stages import read_json, read_jsonl, write_atomic
 
 SELECT = {"lc_vs_gold": "lc_winrate_vs_gold", "vs_gold": "winrate_vs_gold", "lc_vs_init": "lc_winrate_vs_init",
           "vs_init": "winrate_vs_init"}
-
-
-# ----------------------------------------------------------------------------- the run's judge
-def ask(run, items, what, audit=True):
-    """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the
-    whole run). More failures than --max_failure_rate: a one-line ValueError, nothing committed (a
-    rerun re-asks only them). audit=False: no position audit (the evaluation already asks both
-    orders)."""
-    judge = run.judge if audit else replace(run.judge, position_audit=0.0)
-    results, s = oracle.judge_items(items, judge, fn=run.fn, progress=True)
-    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise one;
-    # identical
-    # requests of one batch share one answer); sent requests include the retries
-    print0(f"judge: {s['items']} items ({s['ok']} ok) from {s['cache_hits'] + s['calls']} requests: "
-           f"{s['cache_hits']} answered by the cache, {s['calls']} sent ({s['retries']} of them retries), "
-           f"${s['usd']:.4f}")
-    failed = 1 - s["ok"] / max(1, len(items))
-    if failed > run.cfg.max_failure_rate:
-        first = next((r["error"] for r in results if not r["ok"]), "")
-        raise ValueError(f"{what}: {failed:.0%} of {len(items)} judgments failed (> --max_failure_rate "
-                         f"{run.cfg.max_failure_rate}; first: {first}); nothing committed, the {s['ok']} answers are "
-                         "cached and a rerun re-asks only the failures")
-    return [{k: v for k, v in r.items() if k != "cached"} for r in results], s
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -138,7 +116,7 @@ def judge_eval(run, t, outs):
     items = [{"id": f"eval{t}:{rid}:{k}:{order}", "prompt": run_rows[rid]["prompt"], "shuffle": False,
               "candidates": [new[rid]["text"], opponents[k][rid][0]][::1 if order == "ab" else -1]}
              for rid, k, order in meta]
-    judged, _ = ask(run, items, f"iter {t} eval", audit=False)
+    judged, _ = oracle.ask(run, items, f"iter {t} eval", audit=False)
     outcomes = {r["id"]: {"id": r["id"], "length": len(new[r["id"]]["tokens"])} for r in run.val}
     for (rid, k, order), res in zip(meta, judged):             # P(new > other) in each order
         p = None if not res["ok"] else res["P"][0][1] if order == "ab" else 1 - res["P"][0][1]
@@ -279,6 +257,64 @@ def plot(out, rows, best=None, key=None):
 class Config:
     out: str = "out"                # the run folder of a finished or partial train.py run
     select_by: str = "lc_vs_gold"   # best iterate by: lc_vs_gold | vs_gold | lc_vs_init | vs_init
+
+
+# -----------------------------------------------------------------------------
+def has_cycle(P, tol=1e-9):
+    """An intransitive triple i > j > k > i, each preference strictly above 1/2 (+ tol)."""
+    W = (np.nan_to_num(as_table(P), nan=0.5) > 0.5 + tol).astype(np.int64)    # (n, n) strict wins
+    # a directed 3-cycle closes a walk of length 3
+    return bool(np.trace(W @ W @ W) > 0)
+
+
+def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
+    """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2
+    (departure 2); NaN entries (not judged) are left out of the sum."""
+    n = len(P)
+    off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
+    r, P = np.zeros(n), np.nan_to_num(P)
+    # concave: plain gradient ascent suffices
+    for _ in range(steps):
+        s = 1 / (1 + np.exp(r[None, :] - r[:, None]))           # (n, n) sigmoid(r_i - r_j)
+        r += lr / n * (((P - s) * off).sum(1) - l2 * r)
+    return r - r.mean()
+
+
+def fit_bt_table(P):
+    """Bradley-Terry rewards (n,) fitted to one table (fit_bradley_terry); NaN for never-judged
+    candidates."""
+    return np.where(np.isnan(winrates(P)), np.nan, fit_bradley_terry(as_table(P)))
+
+
+def copeland(P, tol=1e-9):
+    """Copeland scores (n,): pairwise majorities won + 1/2 per tie, over the judged pairs (NaN = not
+    judged)."""
+    A = as_table(P)
+    known = ~np.isnan(A) & ~np.eye(len(A), dtype=bool)             # (n, n)
+    return ((A > 0.5 + tol) & known).sum(1) + 0.5 * ((np.abs(A - 0.5) <= tol) & known).sum(1)
+
+
+def ranking_disagrees(P, tol=1e-9):
+    """True if the Bradley-Terry fit r and the Copeland ranking c (who wins the pairwise majorities)
+    order some pair strictly oppositely: c_i > c_j while r_i < r_j - tol. On a transitive table
+    (e.g. rubric scores) they agree; a lopsided loss or a cycle can split them. On a complete table
+    BT's order is the win-rate (Borda) order -- at the fit (m - 1) w_i = sum_j sigmoid(r_i - r_j) +
+    l2 r_i rises in r_i -- so r = w there, no fit."""
+    A = as_table(P)
+    w = winrates(A)
+    ok = ~np.isnan(w)                                           # judged candidates
+    r = w if not np.isnan(A[np.ix_(ok, ok)]).any() else fit_bt_table(A)
+    r, c = r[ok], copeland(A, tol)[ok]
+    return bool(((c[:, None] > c[None, :]) & (r[:, None] < r[None, :] - tol)).any())
+
+
+def diagnostics(tables):
+    """Shares over prompts: {"n", "cycle_share", "bt_disagreement_share"} (None when there are no
+    tables)."""
+    n = len(tables)
+    share = lambda f: sum(f(P) for P in tables) / n if n else None
+    return {"n": n, "cycle_share": share(has_cycle),
+            "bt_disagreement_share": share(ranking_disagrees)}
 
 
 if __name__ == "__main__":

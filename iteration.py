@@ -13,7 +13,10 @@ Departures from the paper: train.py's 2 (the scored end token, `response_tokens`
 win-rate among the K+1 candidates, `make_pairs`) and 7 (a judged stage with too many failures is
 not committed, evaluate.ask) live here.
 """
+import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,18 +26,14 @@ from safetensors import SafetensorError
 
 import dno
 import evaluate
-import logps
-from dnolib import lora
 import oracle
-import preferences
-from dnolib import stages
+from dnolib import lora, stages
 from dnolib.distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
-from dnolib.distributed import world
+from dnolib.distributed import sum_over_ranks, world
 from dnolib.model import Transformer
 from dnolib.model_io import load_tokenizer
-from optimize import optimize, pair_len
-from generate import generate
 from dnolib.stages import StageError, read_jsonl
+from sample import generate
 
 
 # ------------------------------------------------------------------------ what each stage reads
@@ -184,7 +183,7 @@ def judge_samples(run, t, D_t, samples, want):
         gold = len(s["samples"]) if row["gold"] else None
         items.append({"id": prefix + s["id"], "prompt": row["prompt"],
                       "candidates": texts(candidates(row, s)), "gold_index": gold})
-    results, summary = evaluate.ask(run, items, f"iter {t} judgments")
+    results, summary = oracle.ask(run, items, f"iter {t} judgments")
     judged = [{**r, "id": s["id"][len(prefix):]} for r, s in zip(results, items)]
     audit = {k: summary.get(k) for k in ("order_disagreement", "position", "truncated")}
     counts = {"items": len(items), "ok": sum(r["ok"] for r in results), "judge": audit}
@@ -234,7 +233,7 @@ def make_pairs(run, t, D_t, samples, judgments, earlier, want):
     print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
     counts = {"pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
               "judged": len(judged),
-              "preferences": preferences.diagnostics(tables),   # cycles, BT vs Copeland ranking
+              "preferences": evaluate.diagnostics(tables),   # cycles, BT vs Copeland ranking
               "teacher_winrate": float(np.mean([w for w, _ in teacher])) if teacher else None,
               "teacher_score": float(np.mean([s for _, s in teacher])) if teacher else None}
     commit(run, t, "pairs", want, {"pairs.jsonl": pairs}, counts)
@@ -287,9 +286,9 @@ def reference_logps(run, policy, P):
     got = []
     for k in range(0, len(mine), mb):
         idx = mine[k:k + mb]
-        c, r, _ = logps.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
+        c, r, _ = dno.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
         if init is not None:                            # (m,) log pi_1, then the geometric mixture
-            c1, r1, _ = logps.pair_logps(init, [P[i] for i in idx], run.device, run.amp)
+            c1, r1, _ = dno.pair_logps(init, [P[i] for i in idx], run.device, run.amp)
             c = dno.geometric_reference(c, c1, run.cfg.ref_mix)
             r = dno.geometric_reference(r, r1, run.cfg.ref_mix)
         got += list(zip(idx, c.tolist(), r.tolist()))
@@ -350,6 +349,93 @@ def eval_step(run, t):
 def judge_eval(run, t, want, outs):
     files, counts = evaluate.judge_eval(run, t, outs)
     commit(run, t, "eval", want, files, counts)
+
+
+# -----------------------------------------------------------------------------
+def pair_len(p):
+    """Padded length of a pair's two sequences (both sides share one right-padded batch)."""
+    return len(p["prompt_tokens"]) + max(len(p["chosen_tokens"]), len(p["rejected_tokens"]))
+
+
+def train_step(model, opt, pairs, batch, cfg, device, amp=None):
+    """One optimizer step on a global batch of pairs; each rank takes batch[rank::world] in
+    micro-batches (gradient accumulation).
+    -> float64 tensor [loss sum, margin sum, accuracy sum, pairs, tokens]."""
+    batch = sorted(batch, key=lambda i: pair_len(pairs[i]))    # a sum: order is free, pad little
+    mine = batch[rank()::world()]
+    mb = cfg.micro_batch
+    n_micro = math.ceil(math.ceil(len(batch) / world()) / mb)
+    acc = torch.zeros(5, dtype=torch.float64)
+    for k in range(n_micro):
+        chunk = mine[k * mb:(k + 1) * mb]
+        weight = 1.0
+        if not chunk:                           # every rank runs the same passes (FSDP collectives)
+            chunk, weight = batch[:1], 0.0
+        if world() > 1:
+            model.set_requires_gradient_sync(k == n_micro - 1)
+        P = [pairs[i] for i in chunk]
+        m = len(chunk)
+        logp_c, logp_r, ntok = dno.pair_logps(model, P, device, amp)   # (m,) log pi(y+|x), (y-|x)
+        ref = [[p["ref_chosen"], p["ref_rejected"]] for p in P]
+        ref = torch.tensor(ref, device=device)          # (m, 2) log pi_t
+        r = torch.tensor([[p["r_chosen"], p["r_rejected"]] for p in P], device=device)   # (m, 2)
+        target = 1.0                                            # Alg. 2, line 7
+        if cfg.target == "soft":
+            target = dno.soft_target(r[:, 0], r[:, 1])          # Alg. 1: sigmoid(r+ - r-) (m,)
+        losses, st = dno.dno_loss(logp_c, logp_r, ref[:, 0], ref[:, 1], target=target,
+                                  eta=cfg.eta)                  # (m,)
+        # the mean over the global batch; FSDP averages gradients over ranks, hence * world
+        (losses.sum() * (weight * world() / len(batch))).backward()
+        sums = [losses.sum().item(), st["margin"].item() * m, st["accuracy"].item() * m, m, ntok]
+        acc += weight * torch.tensor(sums, dtype=torch.float64)
+    acc = sum_over_ranks(acc, device)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return acc
+
+
+def lr_at(cfg, lr_t, s, steps, warm):
+    """The lr of step s (0-based): linear warmup over `warm` steps, then cosine or linear decay."""
+    if s < warm:
+        return lr_t * (s + 1) / warm
+    frac = (s + 1 - warm) / max(1, steps - warm)
+    if cfg.schedule == "cosine":
+        return lr_t * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr_t * (1 - frac)
+
+
+def optimize(model, pairs, cfg, t, device, amp=None):
+    """AdamW over <= epochs passes of the pairs, warmup then decay (departure 1). -> step log."""
+    from tqdm import tqdm
+    lr_t = cfg.lr * cfg.lr_decay ** (t - 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_t, betas=(0.9, 0.95),
+                            weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + t)
+    passes = [torch.randperm(len(pairs), generator=g) for _ in range(math.ceil(cfg.epochs))]
+    order = torch.cat(passes).tolist()[:max(1, round(len(pairs) * cfg.epochs))]
+    steps = math.ceil(len(order) / cfg.batch_size)
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    warm = max(1, round(cfg.warmup * steps))
+    log = []
+    bar = tqdm(range(steps), disable=rank() != 0, desc=f"train iter {t}", file=sys.stderr)
+    for s in bar:
+        t0 = time.time()
+        lr = lr_at(cfg, lr_t, s, steps, warm)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        acc = train_step(model, opt, pairs, batch, cfg, device, amp)
+        n = acc[3].item()
+        log.append({"step": s + 1, "loss": acc[0].item() / n, "margin": acc[1].item() / n,
+                    "acc": acc[2].item() / n, "lr": lr})
+        if rank() == 0:
+            tok_s = acc[4].item() / (time.time() - t0)
+            last = log[-1]
+            tqdm.write(f"step {s + 1} | loss {last['loss']:.4f} | margin {last['margin']:.4f} | "
+                       f"acc {last['acc']:.3f} | lr {lr:.3e} | tok/s {tok_s:.0f}")
+    return log
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""oracle.py -- how a DNO run asks its judge for P(y > y' | x), its money and its audit.
+"""oracle.py: Alg. 2, line 5 -- the preference oracle P(y > y' | x): Fig. 3's rubric, the pairwise
+verdict, how a run asks, reads, pays and audits.
 
 Usage:
   python oracle.py                               # offline demo: the Python judges on two items
   python oracle.py --judge mymod:judge --samples s.jsonl --out j.jsonl   # yours, or --judge cyclic
-  OPENAI_API_KEY=sk-... python oracle.py --judge rubric --judge_model gpt-4-turbo --max_usd 5 \
+  OPENAI_API_KEY=sk-... python oracle.py --judge rubric --judge_model gpt-4.1-mini --max_usd 5 \
       --ledger run/ledger.json --samples s.jsonl --out j.jsonl   # one budget, many processes
   OPENAI_API_KEY=x python oracle.py --judge pairwise --base_url http://127.0.0.1:8080/v1 \
       --judge_model tiny --samples s.jsonl --out j.jsonl         # llama.cpp / vLLM / Ollama
 
-It plans the requests, shuffles the candidates, caches the answers, keeps the budget, assembles and
-audits the results. What a judge says (and the judge contract) is judges.py; HTTP, breaker and
-cache are chat_api.py; the run's spending ledger and its budget are ledger.py.
+What the judge is asked (Fig. 3's rubric, the pairwise verdict) and how its replies are read are
+here, with the planning of the requests, the shown orders, the assembly of P and the position
+audit. The machinery is in dnolib/: judging.py sends the requests (and holds the Python judges'
+registry and contract), chat_api.py is HTTP, the breaker and the cache, ledger.py the run's budget.
 
 Input lines {"id", "prompt" (text or chat), "samples", "gold"?} (gold: the last candidate). Output
 lines: {"id", "ok", "error", "scores", "score_kind" ("rubric": 0..6 | "winrate": in [0, 1]), "P",
@@ -23,7 +25,7 @@ with its raw text (it was billed) and bought again only with --retry_unreadable;
 flight at a kill -9 (at most --concurrency) may be resent by the rerun: the ledger keeps it at its
 worst case as "unsettled". The key (from the variable named by --api_key_env) is never written.
 
-Departures from the paper (numbered; the judges' own are in judges.py):
+Departures from the paper (numbered):
 1. Rubric scores give P[i][j] = 1/0.5/0 by comparison; the "scores" of P judges are win-rates.
 2. Candidates are cut only when a request would not fit --judge_context, the room left split
    evenly among one request's candidates (--max_judge_tokens > 0: a fixed cap instead).
@@ -33,22 +35,50 @@ Departures from the paper (numbered; the judges' own are in judges.py):
    and reports rank_disagreement (share of audited pairs whose outcome, i wins / tie / j wins,
    flips) and first_slot_advantage (mean over items of the mean over moved candidates of
    win-rate shown earlier - shown later, in [-1, 1]).
+5. The rubric is our wording of Fig. 3, point by point and in its order (a first point, a second,
+   "add a third point", "award a fourth point", ...), keeping the clauses that carry its meaning:
+   point 2 "even if it is incomplete or contains some irrelevant content", point 3 "but does not
+   completely resolve the query or provide a direct answer", point 4's "extraneous content, or
+   excess wordiness" (the paper's only length penalty), and point 6 in full (tailored, no
+   extraneous information, expert, high quality, engaging and insightful).
+6. Fig. 3's prompt invites the judge to use web search; ours does not. The paper's judge is
+   GPT-4-Turbo; ours is any OpenAI-compatible endpoint.
+7. Fig. 3 closes with the "Score:" line and prefills the start of the answer dictionary in the
+   assistant's turn. Chat APIs cannot prefill the assistant turn, so the prompt ends with the
+   dictionary's start (PREFILL) and the reply is read either as a whole dictionary or as the rest
+   of the prefilled one; each justification ends with its "Score: <points>" line, and the integer
+   under "idK_score" is what counts.
+8. The reply is parsed as JSON and validated (exactly the keys id1_score..idn_score, integers
+   0..6); anything else is a failed judgment with the raw reply kept, never a default score. Two
+   valid dictionaries in one reply (e.g. one quoted from a candidate) are a failure too, so no
+   candidate's text can set another one's score.
+9. The pairwise and local judges are not in the paper (it ranks by rubric scores only); they give a
+   soft P(y > y' | x) from the verdict token's log-probs.
 """
 from dnolib.cli import early_help
 if __name__ == "__main__":
     early_help(__file__)                                # --help before torch loads: under a second
 
-import hashlib, json, math, os, random, sys, threading, time
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 import dno
-import judges
-from dnolib.chat_api import (Breaker, Cache, JudgeUnavailable, call, connect, count_tokens, encoder,
-                      endpoint, fit, host, run_pool)
+from dnolib import judging
+from dnolib.chat_api import (Breaker, JudgeUnavailable, connect, count_tokens, encoder,
+                             endpoint, fit, host)
 from dnolib.cli import check, cli
+from dnolib.distributed import print0
+from dnolib.judging import prompt_text
 from dnolib.ledger import PRICES, BudgetExceeded, Ledger, OracleError
 
 
@@ -96,6 +126,154 @@ RUN_FLAGS = ("judge", "base_url", "judge_model", "api_key_env", "concurrency", "
              "max_calls", "position_audit", "judge_context", "seed")  # train.py's, same names
 
 
+
+# ----------------------------------------------------------------------------- what the judge is asked
+TEMPLATE_VERSION = "dno-judges-v4"  # bump when a template below changes: it is in every cache key
+SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."
+PREFILL = '{"id1_justification": "'  # the start of the answer dictionary (departure 7)
+RUBRIC_TEMPLATE = """Review the user's prompt and the {n} candidate responses below with the
+additive 6-point scoring system described here, scoring every candidate on its own. Points
+accumulate in order: start at 0 and stop at the first criterion a candidate does not meet.
+- Give 1 point if the response reads as an answer: it does not loop or repeat itself, and it is
+  not a continuation of the prompt or a list of unrelated examples.
+- Add a second point if the response is relevant and gives some information related to the user's
+  request, even if it is incomplete or contains some irrelevant content.
+- Add a third point if the response addresses a substantial portion of the user's request, but
+  does not completely resolve the query or provide a direct answer.
+- Award a fourth point if the response answers the basic elements of the request directly and
+  usefully, with few errors, extraneous content, or excess wordiness.
+- Award a fifth point if the response is written from an AI assistant's point of view, answers the
+  request directly and completely, is well organised and helpful, and has no errors or made-up
+  facts, even if it could be slightly clearer, more concise or more focused.
+- Award a sixth point if the response is impeccably tailored to the request, has no extraneous
+  information, reflects expert knowledge, and is a high-quality, engaging and insightful answer.
+
+[Prompt]
+{prompt}
+
+{candidates}
+
+After examining the prompt and the candidates, justify the total of each candidate in at most 100
+words, ending its justification with the line "Score: <points>". Reply with one JSON dictionary and
+nothing else, with the keys "id<k>_justification" and "id<k>_score" (an integer from 0 to 6) for
+candidate k = 1..{n}:
+{{"id1_justification": "...", "id1_score": <points>, ...,
+"id{n}_justification": "...", "id{n}_score": <points>}}
+"""
+CANDIDATE_TEMPLATE = "[Candidate {i}]\n{text}\n[End of candidate {i}]"
+PAIRWISE_TEMPLATE = """Which response answers the user prompt better? Consider helpfulness,
+correctness and clarity.
+
+[Prompt]
+{prompt}
+
+[Response A]
+{a}
+
+[Response B]
+{b}
+
+Reply with one letter only: A or B."""
+
+
+def rubric_prompt(text, candidates):
+    """The rubric request for one shown order; it ends with the prefilled start of the
+    dictionary."""
+    shown = [CANDIDATE_TEMPLATE.format(i=k + 1, text=c) for k, c in enumerate(candidates)]
+    cands = "\n\n".join(shown)
+    return RUBRIC_TEMPLATE.format(n=len(candidates), prompt=text, candidates=cands) + PREFILL
+
+
+def pairwise_prompt(text, a, b):
+    return PAIRWISE_TEMPLATE.format(prompt=text, a=a, b=b)
+
+
+# ----------------------------------------------------------------------------- reading replies
+def score_dicts(text):
+    """Every JSON object in text that starts at a '{' outside any decoded object's span (json, not
+    regex)."""
+    dec, found, k = json.JSONDecoder(strict=False), [], text.find("{")  # raw newlines allowed
+    while k >= 0:
+        try:
+            obj, end = dec.raw_decode(text, k)
+        except ValueError:
+            end = k + 1
+        else:
+            if isinstance(obj, dict):
+                found.append(obj)
+        k = text.find("{", end)
+    return found
+
+
+def valid_scores(obj, n):
+    """A Fig. 3 dictionary -> n floats, or None unless its scores are exactly id1..idn, integers in
+    0..6."""
+    keys = {k for k in obj if re.fullmatch(r"id\d+_score", k)}
+    if keys != {f"id{k}_score" for k in range(1, n + 1)}:
+        return None
+    vals = [obj[f"id{k}_score"] for k in range(1, n + 1)]
+    if not all(type(v) is int and 0 <= v <= 6 for v in vals):  # bool is not a score
+        return None
+    return [float(v) for v in vals]
+
+
+def parse_scores(text, n):
+    """The rubric reply -> n scores in 0..6, or None (a failure: departure 8). The reply is one
+    dictionary, alone or after prose, or the rest of the prefilled one (PREFILL + reply)."""
+    for whole in (text, PREFILL + text):
+        good = [s for s in (valid_scores(d, n) for d in score_dicts(whole)) if s is not None]
+        if len(good) == 1:
+            return good[0]
+        if len(good) > 1:
+            return None  # a second dictionary (e.g. quoted from a candidate): ambiguous
+    return None
+
+
+def verdict_letter(token):
+    """'A' / 'B' when a verdict token says it ('A', ' B', 'A.', '**B', '\u2581A'), else None
+    ('Both', 'a')."""
+    m = re.fullmatch(r"[\W_]*([AB])[\W_]*", token.replace("\u2581", " "))
+    return m.group(1) if m else None
+
+
+def verdict_prob(top):
+    """Soft P(first response wins) from [(token, logprob), ...] at the verdict position: mass on A
+    over mass on A or B. None when neither letter is listed."""
+    mass = {"A": 0.0, "B": 0.0}
+    for tok, lp in top:
+        v = verdict_letter(tok)
+        if v:
+            mass[v] += math.exp(lp)
+    tot = mass["A"] + mass["B"]
+    return mass["A"] / tot if tot > 0 else None
+
+
+def read_reply(data, kind, n):
+    """A chat completion (decoded JSON) -> the cache value. Raises on a reply that is not a
+    completion at all (retried); returns {"fail", "error", "raw"} for a completion that cannot be
+    read (stored, billed)."""
+    ch = data["choices"][0]
+    if kind == "rubric":
+        text = ch["message"]["content"]
+        scores = parse_scores(text, n)
+        if scores is None:
+            why = f"no valid dictionary with integer id1_score..id{n}_score in 0..6"
+            return {"fail": "parse", "error": why, "raw": text, "scores": [None] * n}
+        return {"scores": scores, "raw": text}
+    lp = ch.get("logprobs") or {}
+    if not lp.get("content"):
+        why = "no log-probs in the reply"
+        return {"fail": "no_verdict", "error": why, "raw": ch["message"]["content"]}
+    pos = lp["content"][0]  # the verdict token position
+    top = {t["token"]: t["logprob"] for t in pos.get("top_logprobs") or []}
+    top = {pos["token"]: pos["logprob"], **top}  # the sampled token may be missing from top
+    p = verdict_prob(list(top.items()))
+    if p is None:
+        why = f"no A/B among the top log-probs (got {pos['token']!r})"
+        return {"fail": "no_verdict", "error": why, "raw": pos["token"]}
+    return {"p": p, "raw": pos["token"]}
+
+
 def make_judge(cfg):
     """train.py's flags -> (Config, fn or None): the run's judge, cached in OUT/judge_cache.jsonl
     and budgeted by OUT/judge_ledger.json. A bad judge, URL or missing key is refused here, before
@@ -106,7 +284,7 @@ def make_judge(cfg):
     if ocfg.judge in ("rubric", "pairwise"):
         connect(ocfg.base_url, ocfg.api_key_env, ocfg.timeout)
         return ocfg, None
-    return ocfg, None if ocfg.judge == "local" else judges.resolve(ocfg.judge)
+    return ocfg, None if ocfg.judge == "local" else judging.resolve(ocfg.judge)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -137,16 +315,16 @@ def plan_item(item, cfg, fn, enc, judge_id):
     version, prompt, ordered candidates, decoding)."""
     prompt, cands = item["prompt"], list(item["candidates"])
     if fn is not None:
-        ctx = judges.context_of(item) if judges.wants_context(fn) else {}
+        ctx = judging.context_of(item) if judging.wants_context(fn) else {}
         return [{"key": digest(judge_id, prompt, cands, ctx), "kind": "fn", "item": item,
-                 "score_kind": judges.score_kind(fn)}], [], None
-    text, rubric = judges.prompt_text(prompt), cfg.judge == "rubric"
+                 "score_kind": judging.score_kind(fn)}], [], None
+    text, rubric = prompt_text(prompt), cfg.judge == "rubric"
     if rubric:
-        empty = judges.rubric_prompt(text, [""] * len(cands))
+        empty = rubric_prompt(text, [""] * len(cands))
     else:
-        empty = judges.pairwise_prompt(text, "", "")
+        empty = pairwise_prompt(text, "", "")
     out = cfg.max_new_tokens if rubric else 1
-    room = cfg.judge_context - count_tokens(enc, judges.SYSTEM + empty) - 10 - out  # departure 2
+    room = cfg.judge_context - count_tokens(enc, SYSTEM + empty) - 10 - out  # departure 2
     per_request = len(cands) if rubric else 2
     cands, truncated, cap = fit(cands, enc, cfg.max_judge_tokens, room, per_request)
     dec = {"temperature": cfg.temperature, "extra_body": cfg.extra_body, "max_tokens": out}
@@ -154,16 +332,16 @@ def plan_item(item, cfg, fn, enc, judge_id):
     def unit(kind, content, order):
         dec_u = {**dec, **({"top_logprobs": cfg.top_logprobs} if kind == "verdict" else {})}
         shown = [cands[k] for k in order]
-        return {"key": digest(judge_id, judges.TEMPLATE_VERSION, kind, text, shown, dec_u),
+        return {"key": digest(judge_id, TEMPLATE_VERSION, kind, text, shown, dec_u),
                 "kind": kind, "pair": tuple(order), "n": len(cands), "max_tokens": out,
-                "n_in": count_tokens(enc, judges.SYSTEM + content) + 10,  # + chat-format overhead
-                "messages": [{"role": "system", "content": judges.SYSTEM},
+                "n_in": count_tokens(enc, SYSTEM + content) + 10,  # + chat-format overhead
+                "messages": [{"role": "system", "content": SYSTEM},
                              {"role": "user", "content": content}]}
     if rubric:
-        units = [unit("rubric", judges.rubric_prompt(text, cands), range(len(cands)))]
+        units = [unit("rubric", rubric_prompt(text, cands), range(len(cands)))]
         return units, truncated, cap
     pairs = [(a, b) for a in range(len(cands)) for b in range(len(cands)) if a != b]
-    units = [unit("verdict", judges.pairwise_prompt(text, cands[a], cands[b]), (a, b))
+    units = [unit("verdict", pairwise_prompt(text, cands[a], cands[b]), (a, b))
              for a, b in pairs]
     return units, truncated, cap
 
@@ -248,47 +426,9 @@ def position_bias(results):
 
 
 # ----------------------------------------------------------------------------- asking
-def check_inputs(items, cfg, fn):
-    """-> the Python judge to use (or None); a one-line OracleError for any user mistake."""
-    if fn is None and cfg.judge not in judges.API_JUDGES:
-        fn = judges.resolve(cfg.judge)
-    for it in items:
-        cands = it.get("candidates") if isinstance(it, dict) else None
-        if not (isinstance(cands, list) and "id" in it and "prompt" in it
-                and all(isinstance(c, str) for c in cands)):
-            raise OracleError(f"bad item {str(it)[:80]!r}: need 'id', 'prompt' and 'candidates' "
-                              "(a list of strings)")
-    for flag, text in (("extra_body", cfg.extra_body), ("prices", cfg.prices)):
-        try:
-            obj = json.loads(text or "{}")
-            assert isinstance(obj, dict)
-            assert flag == "extra_body" or all(len(v) == 2 for v in obj.values())
-        except (ValueError, AssertionError, TypeError):
-            raise OracleError(f"--{flag} must be a JSON object (--prices: "
-                              f"{{\"model\": [in, out]}}), got {text!r}") from None
-    return fn
-
-
-def run_api(pending, cfg, client, key, ledger, breaker, done):
-    """Bounded concurrency: cfg.concurrency threads; `done` caches each answer as soon as it lands,
-    so an interrupt, a budget stop or a tripped breaker loses at most the requests in flight."""
-    extra = json.loads(cfg.extra_body or "{}")
-
-    def work(u):  # one judge request through chat_api.call
-        body = dict(model=cfg.judge_model, messages=u["messages"], max_tokens=u["max_tokens"],
-                    temperature=cfg.temperature, **extra)
-        if u["kind"] == "verdict":  # llama.cpp needs top_logprobs >= 1
-            body.update(logprobs=True, top_logprobs=max(1, cfg.top_logprobs))
-        read = lambda data: judges.read_reply(data, u["kind"], u["n"])
-        call(client, key, body, read, ledger, breaker, n_in=u["n_in"], max_out=u["max_tokens"],
-             retries=cfg.retries, backoff=cfg.backoff, seed=f"{cfg.seed}:{u['key']}",
-             keep=lambda value: done(u, value))
-    run_pool(work, pending, cfg.concurrency)
-
-
 def judge_items(items, cfg, *, fn=None, progress=True):
     """Judge each {"id", "prompt", "candidates"} -> (results in the same order, summary)."""
-    t0, fn = time.time(), check_inputs(items, cfg, fn)
+    t0, fn = time.time(), judging.check_inputs(items, cfg, fn)
     api = fn is None and cfg.judge != "local"
     client, key = connect(cfg.base_url, cfg.api_key_env, cfg.timeout) if api else (None, "")
     prices = {**PRICES, **json.loads(cfg.prices or "{}")}
@@ -302,42 +442,14 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     name = cfg.judge_model  # a local judge: a folder (by absolute path) or a hub id (as given)
     local = f"local:{os.path.abspath(name) if os.path.exists(name) else name}"
     judge_id = f"{host(cfg.base_url)}|{cfg.judge_model}" if api else local
-    judge_id = judges.identity(fn) if fn else judge_id  # what the cache knows the judge by
+    judge_id = judging.identity(fn) if fn else judge_id  # what the cache knows the judge by
     listwise = fn is not None or cfg.judge == "rubric"
     views = [(k, order, show(it, order)) for k, it in enumerate(items)
              for order in shown_orders(it, cfg, listwise)]
     plans = [plan_item(v, cfg, fn, enc, judge_id) for _, _, v in views]
-    cache, values, pending, lock = Cache(cfg.cache), {}, {}, threading.Lock()
-    for u in (u for units, _, _ in plans for u in units):
-        v = cache.data.get(u["key"])
-        if v is not None and not (cfg.retry_unreadable and "fail" in v):
-            values[u["key"]] = {**v, "_cached": True}
-        else:
-            pending.setdefault(u["key"], u)
-    hits = sum(u["key"] in values for units, _, _ in plans for u in units)
-    pending = list(pending.values())
-    from tqdm import tqdm
-    label = getattr(fn, "__name__", cfg.judge) if fn else cfg.judge
-    bar = tqdm(total=len(pending), disable=not progress, desc=f"judge[{label}]", unit="call")
-
-    def done(u, v):  # called by the worker threads too
-        if "fail" not in v or "raw" in v:  # unreadable replies are kept (billed); outages not
-            cache.put(u["key"], v)
-        with lock:
-            values[u["key"]] = v
-            bar.update(1)
-    try:
-        if fn is not None:
-            judges.run_fn(pending, fn, ledger, done)
-        elif cfg.judge == "local":
-            judges.run_local(pending, cfg.judge_model, cfg.local_batch_size, ledger, done)
-        elif pending:
-            run_api(pending, cfg, client, key, ledger, breaker, done)
-    except (BudgetExceeded, JudgeUnavailable):
-        pass  # ledger.stopped / breaker.tripped hold the reason; every answer so far is cached
-    finally:
-        bar.close()
-        cache.close()
+    units = [u for units, _, _ in plans for u in units]
+    values, hits = judging.answer(units, cfg, fn, (client, key), ledger, breaker, progress,
+                                  read_reply=read_reply, verdict_prob=verdict_prob)
     why = "judge unavailable" if breaker.tripped else "budget exhausted"
     results = [None] * len(items)
     for (k, order, view), (units, tr, cap) in zip(views, plans):
@@ -366,27 +478,30 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     return results, summary
 
 
+# ----------------------------------------------------------------------------- a run asks
+def ask(run, items, what, audit=True):
+    """The run's oracle (cached in OUT/judge_cache.jsonl, budgeted by OUT/judge_ledger.json for the
+    whole run). More failures than --max_failure_rate: a one-line ValueError, nothing committed (a
+    rerun re-asks only them). audit=False: no position audit (the evaluation already asks both
+    orders)."""
+    judge = run.judge if audit else replace(run.judge, position_audit=0.0)
+    results, s = judge_items(items, judge, fn=run.fn, progress=True)
+    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise one;
+    # identical
+    # requests of one batch share one answer); sent requests include the retries
+    print0(f"judge: {s['items']} items ({s['ok']} ok) from {s['cache_hits'] + s['calls']} requests: "
+           f"{s['cache_hits']} answered by the cache, {s['calls']} sent ({s['retries']} of them retries), "
+           f"${s['usd']:.4f}")
+    failed = 1 - s["ok"] / max(1, len(items))
+    if failed > run.cfg.max_failure_rate:
+        first = next((r["error"] for r in results if not r["ok"]), "")
+        raise ValueError(f"{what}: {failed:.0%} of {len(items)} judgments failed (> --max_failure_rate "
+                         f"{run.cfg.max_failure_rate}; first: {first}); nothing committed, the {s['ok']} answers are "
+                         "cached and a rerun re-asks only the failures")
+    return [{k: v for k, v in r.items() if k != "cached"} for r in results], s
+
+
 # ----------------------------------------------------------------------------- CLI
-def load_samples(path):
-    """samples JSONL {"id", "prompt", "samples", "gold"?} -> items with candidates = samples (+
-    gold)."""
-    with open(path, encoding="utf-8") as f:
-        lines = list(enumerate(f, 1))
-    items = []
-    for ln, line in lines:
-        try:
-            rec = json.loads(line) if line.strip() else None
-            if rec is not None:
-                has_gold = rec.get("gold") is not None
-                cands = list(rec["samples"]) + ([rec["gold"]] if has_gold else [])
-                gold = len(cands) - 1 if has_gold else None
-                items.append({"id": str(rec.get("id", ln)), "prompt": rec["prompt"],
-                              "candidates": cands, "gold_index": gold})
-        except (ValueError, KeyError, TypeError) as e:
-            raise OracleError(f"{path}:{ln}: bad samples line ({type(e).__name__}: {e})")
-    return items
-
-
 def main(argv=None):
     cfg = cli(Config, argv)
     try:
@@ -404,7 +519,7 @@ def main(argv=None):
         return
     print(json.dumps({"config": asdict(cfg)}), file=sys.stderr)  # the key's variable NAME only
     try:
-        items = load_samples(cfg.samples)
+        items = judging.load_samples(cfg.samples)
         results, s = judge_items(items, cfg)
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(cfg.out, "w", encoding="utf-8") as f:

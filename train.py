@@ -17,7 +17,7 @@ judge_cache.jsonl, judge_ledger.json (the run's judge budget), metrics.jsonl, be
 metrics.png. Each stage folder is atomic and records what it read and the flags that shaped it
 (iteration.STAGES declares both): a rerun resumes, reusing a stage only when they match (stages.py).
 --judge: rubric | pairwise | local (oracle.py), a Python judge module:function or its alias
-(judges.ALIASES). Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU): ranks split sampling and
+(judging.ALIASES). Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU): ranks split sampling and
 reference log-probs; rank 0 judges and writes (OUT must be shared; distributed.py).
 
 Departures from the paper (numbered):
@@ -64,11 +64,11 @@ from dnolib.distributed import finish as finish_processes
 from dnolib.distributed import setup as setup_device
 from iteration import (Run, eval_step, judge_step, pairs_step, reference_step, sample_step,
                        train_pi)
-from generate import encode_prompt
+from sample import encode_prompt
 from dnolib.model import ModelArgs
 from dnolib.budget import check_memory, pick_threads
 from dnolib.model_io import check_vocab, load_tokenizer, read_config, resolve_model
-from sample import read_prompts
+from dnolib.prompts import read_prompts
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Config:
     out: str = "out"              # run folder
     model: str = ""               # pi_1: a HF folder or model id; "" = the demo model (OUT/demo)
     prompts: str = ""             # prompts JSONL; "" = the built-in demo prompts
-    judge: str = "demo"           # rubric|pairwise|local, module:function or a judges.ALIASES name
+    judge: str = "demo"           # rubric|pairwise|local, module:function or a judging.ALIASES name
     iterations: int = 3           # T; raise it on a finished run to grow it (1..T are reused)
     prompts_per_iter: int = 0     # |D_t|; 0 = the size of this run's D_1, on a fresh run pool // T
     num_val: int = 200            # held-out validation prompts (line 9 chooses the best iterate)
@@ -155,7 +155,7 @@ NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ck
 
 # ----------------------------------------------------------------------------- prompts
 def load_prompts(path, tok, max_prompt_tokens):
-    """Prompts JSONL (sample.read_prompts) -> ([{"id": str, "prompt", "gold", "prompt_tokens"}],
+    """Prompts JSONL (dnolib.prompts.read_prompts) -> ([{"id": str, "prompt", "gold", "prompt_tokens"}],
     n_skipped). Checks the optional gold response (a string) and unique ids; prompts longer than
     max_prompt_tokens are skipped and counted (departure 1)."""
     rows, skipped, seen = [], 0, set()

@@ -40,7 +40,7 @@ from bench_sample import bench_model, timed  # noqa: E402
 from eos_vllm import run_vllm  # noqa: E402
 from dnolib.model import Transformer  # noqa: E402
 from dnolib.cli import cli  # noqa: E402
-from generate import default_rows, generate, left_pad  # noqa: E402
+from sample import default_rows, generate, left_pad  # noqa: E402
 
 
 @dataclass

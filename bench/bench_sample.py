@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dnolib.model import ModelArgs, Transformer  # noqa: E402
 from dnolib.cli import cli  # noqa: E402
-from generate import generate, left_pad  # noqa: E402
+from sample import generate, left_pad  # noqa: E402
 
 HBM_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039}  # GPU name part -> memory bandwidth, GB/s
 

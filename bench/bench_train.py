@@ -1,4 +1,4 @@
-"""bench/bench_train.py: one DNO training step (optimize.train_step) vs TRL's DPOTrainer with
+"""bench/bench_train.py: one DNO training step (iteration.train_step) vs TRL's DPOTrainer with
 precomputed reference log-probs, on the same model, the same pairs, the same effective batch; pairs
 per CPU-second and per wall second, and peak memory, printed as ratios.
 
@@ -20,7 +20,7 @@ What each side runs (same model weights, same pairs, `pairs` per step in micro-b
 `micro_batch`, AdamW, clip 1.0, beta = eta = 0.1, activation checkpointing per block in both,
 float32 on CPU / bf16 autocast on CUDA). The paper's batch is 64 pairs (--pairs 64); the default is
 smaller so that a run takes minutes.
-    dno  optimize.train_step: pairs sorted by length into micro-batches; chosen and rejected in
+    dno  iteration.train_step: pairs sorted by length into micro-batches; chosen and rejected in
          one right-padded forward; the vocab projection + log-softmax only at the response positions
          (model(idx, select, targets), fused backward); DNO-Prct loss = DPO's sigmoid loss with
          reference pi_t.
@@ -170,13 +170,13 @@ def flops_per_token(model_dir, mean_len):
 
 
 def run_dno(cfg):
-    """Our step: optimize.train_step on the pairs, reference log-probs computed once beforehand."""
+    """Our step: iteration.train_step on the pairs, reference log-probs computed once beforehand."""
     import torch
     from transformers import AutoTokenizer
-    import logps
+    import dno
     from dnolib.distributed import for_training
     from dnolib.model import Transformer
-    from optimize import train_step
+    from iteration import train_step
     from dnolib.stages import read_jsonl
     device, mdir = torch.device(cfg.device), os.path.join(cfg.workdir, "model")
     tok = AutoTokenizer.from_pretrained(mdir)
@@ -193,7 +193,7 @@ def run_dno(cfg):
             chunk = pairs[k:k + cfg.micro_batch]
             sides = ("chosen", "rejected")
             seqs = [(p["prompt_tokens"], p[f"{s}_tokens"]) for s in sides for p in chunk]
-            logp = logps.batch_logps(model, seqs, device, amp)[0].tolist()
+            logp = dno.batch_logps(model, seqs, device, amp)[0].tolist()
             for j, p in enumerate(chunk):
                 p["ref_chosen"], p["ref_rejected"] = logp[j], logp[j + len(chunk)]
     tcfg = SimpleNamespace(micro_batch=cfg.micro_batch, eta=0.1, grad_clip=1.0, target="hard")
@@ -312,7 +312,7 @@ def main():
         print(f"model: {c['model_type']} d={c['hidden_size']} L={c['num_hidden_layers']} "
               f"ffn={c['intermediate_size']} V={c['vocab_size']}; "
               f"lm_head = {head_share:.0%} of the matmul FLOPs per token")
-        print("dno: optimize.train_step: length-sorted micro-batches, chosen+rejected in one "
+        print("dno: iteration.train_step: length-sorted micro-batches, chosen+rejected in one "
               "forward, vocab projection and log-softmax only at response positions (fused)\n"
               "trl: DPOTrainer(precompute_ref_log_probs): chosen+rejected in one forward, chunked "
               "fused LM head over every position on CPU (completion positions only on Triton "

@@ -93,7 +93,7 @@ def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, 
     assumed when a < param_bytes and shards == 1; FSDP2's MixedPrecisionPolicy hands the blocks bf16
     weights, no cast). lora_rank r > 0 (lora.py): the frozen weights get no gradients and no
     optimizer state; only the adapters' count_lora_params do (their activations, r per token per
-    projection, are left out). Not training (generation, generate.py): a KV cache of 2 K D a per
+    projection, are left out). Not training (generation, sample.py): a KV cache of 2 K D a per
     token per layer, one layer's working set and (B, V) float32 logits. The estimate leaves out
     allocator fragmentation and the CUDA context."""
     if optimizer not in ("adamw", "sgd"):

@@ -6,7 +6,7 @@ Usage:
 Pooled keep-alive HTTP, failure classes (permanent ones stop the run, transient ones are retried
 and feed a circuit breaker), token counts, an append-only JSONL cache. Every request is reserved in
 the run's ledger (ledger.py: calls, tokens, dollars, one budget across processes) before it leaves
-and settled after. It knows nothing about preferences; oracle.py asks the judges (judges.py)
+and settled after. It knows nothing about preferences; oracle.py asks the judges (judging.py)
 through it.
 
 Transport: the `openai` package builds the client (base URL, auth and its own headers, proxy and

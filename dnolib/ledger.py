@@ -3,7 +3,7 @@ every process shares, with a hard budget checked before each request leaves.
 
 Usage:
     python ledger.py                              # demo: two sessions share one file and one budget
-    python -m pytest -q tests/test_oracle.py -k ledger tests/test_judges.py -k "ledger or kill"
+    python -m pytest -q tests/test_oracle.py -k ledger tests/test_dnolib/judging.py -k "ledger or kill"
 
     from dnolib.ledger import PRICES, Ledger, BudgetExceeded
     led = Ledger(PRICES["gpt-4o-mini"], max_usd=5.0, path="run/judge_ledger.json")
@@ -16,7 +16,7 @@ write atomically. A request's worst-case cost is reserved (and fsynced) before i
 from the reply's `usage` after, whatever the parse outcome (chat_api.call: a 200 that cannot be
 read is billed). A request in flight when its process is killed (kill -9) stays reserved at its
 worst case: the ledger counts it as spent and reports it as "unsettled"; the rerun may send it
-again (at most --concurrency such requests per kill). The local and Python judges (judges.py) spend
+again (at most --concurrency such requests per kill). The local and Python judges (judging.py) spend
 through it at price 0, so --max_calls bounds them too.
 
 Departures from the paper: none (the paper states no budget).

@@ -19,8 +19,8 @@ Checkpoints: safetensors only (one file or a sharded index), never pickle. Our p
 transformers' names without the "model." prefix, so the whole checkpoint mapping is
 model_io.HF_PREFIX.
 
-KV cache (generate.py samples with it): setup_cache, prefill, copy_rows, keep_rows and decode live
-in kv_cache.py and are bound here as methods.
+KV cache (sample.py samples with it): setup_cache, prefill, copy_rows, keep_rows and decode are
+defined in this file, before the Transformer, and bound to it as methods.
 
 Folders, hub ids and tokenizers live in model_io.py, memory budgets in budget.py (import them
 from there). A folder's mistakes are one-line `ModelError`s (a ValueError) naming the file:
@@ -42,8 +42,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dnolib import kv_cache
-from dnolib.kv_cache import MIN_ROWS, make_mask
 from dnolib.budget import check_fits
 from dnolib.model_io import ModelError, read_config, read_weights, stored_dtype, write_weights
 
@@ -280,6 +278,153 @@ class HeadLogp(torch.autograd.Function):
         return gh, gw, None
 
 
+
+# ------------------------------------------------------------ the KV cache for sampling
+# CPU BLAS (MKL / oneDNN) runs a matmul of 1-3 rows through other kernels than 4+ rows, which round
+# differently: the sampler never multiplies fewer rows, so a sample does not depend on its batch
+MIN_ROWS = 4
+
+
+class KVCache(nn.Module):
+    def __init__(self, n, n_kv_heads, seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n, n_kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    # prefill: k/v (B, H_kv, T, D) of B prompts; prompt src[j] -> row rows[j] (slots past the
+    # cache's end are padding: dropped)
+    def fill(self, rows, src, k, v):
+        T = min(k.shape[2], self.k.shape[2])
+        self.k[rows, :, :T] = k[src, :, :T]
+        self.v[rows, :, :T] = v[src, :, :T]
+
+    # decode: row r writes its slot pos[r]; pos (N,), k/v (N, H_kv, 1, D)
+    def write(self, pos, k, v):
+        r = torch.arange(len(pos), device=pos.device)
+        self.k[r, :, pos] = k[:, :, 0]
+        self.v[r, :, pos] = v[:, :, 0]
+
+
+def make_mask(key_valid, q_slots, window=0):
+    """(B, 1, T, S) bool attention mask: key s visible from query slot q if valid, s <= q (causal)
+    and inside the sliding window; every query also sees itself so fully padded rows stay finite.
+    key_valid (B, S), q_slots (T,)."""
+    k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    m = key_valid[:, None, None, :] & (k_slots <= q_slots[:, None])
+    if window:
+        m = m & (q_slots[:, None] - k_slots < window)
+    return m | (k_slots == q_slots[:, None])
+
+
+def setup_cache(model, n_rows, max_seq_len, dtype=None, device=None):
+    """Preallocate a static (N, H_kv, S, D) cache per layer; same-shaped caches are reused
+    (torch.compile)."""
+    w = model.embed_tokens.weight
+    dtype, device = dtype or w.dtype, torch.device(device or w.device)
+    shape = (n_rows, model.args.n_kv_heads, max_seq_len, model.args.head_dim)
+    # undo keep_rows: the full-size tensors (compiled graphs point at them)
+    for m, name, x in model._full_rows:
+        setattr(m, name, x)
+    model._full_rows = []
+    for layer in model.layers:
+        c = layer.self_attn.cache
+        if c is None or c.k.shape != shape or c.k.dtype != dtype or c.k.device != device:
+            layer.self_attn.cache = KVCache(*shape[:3], model.args.head_dim, dtype, device)
+    kv = model.key_valid
+    if kv is None or kv.shape != (n_rows, max_seq_len) or kv.device != device:
+        # buffers:
+        model.key_valid = torch.zeros(n_rows, max_seq_len, dtype=torch.bool, device=device)
+        # CUDA graphs mutate them
+        model.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)
+    cos, sin = model._rope(torch.arange(max_seq_len, device=device)[None], dtype)  # (1, 1, S, D)
+    model.rope_table = cos[0, 0], sin[0, 0]  # (S, D): decode looks its positions up
+
+
+def clear_cache(model):
+    """Free the KV cache (e.g. before training the same module)."""
+    for layer in model.layers:
+        layer.self_attn.cache = None
+    model.key_valid, model.next_pos, model._full_rows, model.rope_table = None, None, [], None
+
+
+# rows (n,) now hold prompts of lens (n,) tokens in slots [0, len)
+def _start_rows(model, rows, lens):
+    slots = torch.arange(model.key_valid.shape[1], device=rows.device)
+    model.key_valid[rows] = slots < lens[:, None]
+    model.next_pos[rows] = lens
+
+
+@torch.no_grad()
+def prefill(model, idx, lens, rows, src):
+    """Run B RIGHT-padded prompts idx (B, T) of lens (B,) tokens once; prompt src[j] fills cache
+    row rows[j] (slots [0, T), the padding masked), so one prompt can start several samples.
+    Causal attention never sees the padding on the right. Returns each prompt's last-token
+    logits (B, V)."""
+    if idx.numel() < MIN_ROWS:  # pad on the right (causal: unseen by the prompt), see MIN_ROWS
+        idx = F.pad(idx, (0, -(-MIN_ROWS // idx.shape[0]) - idx.shape[1]))
+    B, T = idx.shape
+    slots = torch.arange(T, device=idx.device)
+    w = model.args.sliding_window
+    mask = make_mask(torch.ones_like(idx, dtype=torch.bool), slots, w) if w and T > w else None
+    last = slots == (lens[:, None] - 1)  # (B, T): one position per prompt
+    logits = model._trunk(idx, slots.expand(B, T), mask, fill=(rows, src), select=last)
+    _start_rows(model, rows, lens[src])
+    return logits
+
+
+@torch.no_grad()
+def copy_rows(model, src, dst, lens):
+    """Cache rows dst (n,) start from the prompts already in rows src (n,): their first lens
+    (n,) slots."""
+    n = int(lens.max())
+    for layer in model.layers:
+        c = layer.self_attn.cache
+        c.k[dst, :, :n] = c.k[src, :, :n]
+        c.v[dst, :, :n] = c.v[src, :, :n]
+    _start_rows(model, dst, lens)
+
+
+def keep_rows(model, keep, n_slots):
+    """Drop finished rows from the decode batch (sample.py): move cache rows keep (n,), sorted,
+    to rows 0..n-1 in place and shrink every per-row tensor -- k, v (N, H_kv, S, D), key_valid
+    (N, S), next_pos (N,) -- to a view of its first n rows (same storage; nothing allocated but
+    the gather). Slots [0, n_slots) hold keys."""
+    rows = [(layer.self_attn.cache, n) for layer in model.layers for n in ("k", "v")]
+    rows += [(model, "key_valid"), (model, "next_pos")]
+    if not model._full_rows:  # the first shrink of this batch: setup_cache gives these back
+        model._full_rows = [(m, name, getattr(m, name)) for m, name in rows]
+    for m, name in rows:
+        x = getattr(m, name)
+        if x.dim() == 4:  # k / v: only the slots written so far
+            x[:len(keep), :, :n_slots] = x[keep, :, :n_slots]
+        else:
+            x[:len(keep)] = x[keep]
+        setattr(m, name, x[:len(keep)])
+
+
+@torch.no_grad()
+def decode(model, tok, kv_len):
+    """One step for all N rows: tok (N,) long is written at each row's own slot next_pos (N,),
+    which is also its rope position; kv_len: slots attended (the longest row's + 1 eager; the
+    full cache length when compiled, so shapes stay static). Returns logits (N, V). A row at the
+    cache's end stays there (idle rows decode garbage until they are refilled or dropped)."""
+    pos = model.next_pos
+    model.key_valid.scatter_(1, pos[:, None], True)
+    mask = model.key_valid[:, :kv_len]  # (N, kv_len)
+    if model.args.sliding_window:
+        k_slots = torch.arange(kv_len, device=tok.device)
+        mask = mask & (pos[:, None] - k_slots < model.args.sliding_window)
+    cos, sin = (t[pos][:, None, None] for t in model.rope_table)  # (N, 1, 1, D)
+    # additive mask, made once for every layer (what SDPA would make of the bool one per call)
+    bias = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device)
+    bias.masked_fill_(~mask, float("-inf"))  # (N, kv_len)
+    logits = model._trunk(tok[:, None], pos[:, None], bias[:, None, None], step=(pos, kv_len),
+                         rope=(cos, sin))[:, -1]
+    model.next_pos.add_(1).clamp_(max=model.key_valid.shape[1] - 1)
+    return logits
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -345,9 +490,9 @@ class Transformer(nn.Module):
             mask = make_mask(attention_mask.bool(), q_slots, self.args.sliding_window)
         return self._trunk(idx, pos, mask, select=select, targets=targets)
 
-    # ---- the KV cache for sampling (kv_cache.py), bound here so torch.compile sees the module ----
-    setup_cache, clear_cache, prefill = kv_cache.setup_cache, kv_cache.clear_cache, kv_cache.prefill
-    copy_rows, keep_rows, decode = kv_cache.copy_rows, kv_cache.keep_rows, kv_cache.decode
+    # ---- the KV cache for sampling (above), bound here as methods so torch.compile sees the module ----
+    setup_cache, clear_cache, prefill = setup_cache, clear_cache, prefill
+    copy_rows, keep_rows, decode = copy_rows, keep_rows, decode
 
     # ---- Hugging Face checkpoint I/O ----
     @classmethod
@@ -398,6 +543,7 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
 
 
 if __name__ == "__main__":

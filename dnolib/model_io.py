@@ -9,7 +9,7 @@ outside the network, except memory and thread budgets (budget.py).
 What lives here: reading and writing a Hugging Face folder (config.json, safetensors shards renamed
 by HF_PREFIX, generation_config.json, tokenizer), resolving an id ORG/NAME the way transformers does
 (HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE), and ModelError, the one-line error budget.py raises too.
-model.py (the network) imports from here; train.py, sample.py and judges.py's local judge load
+model.py (the network) imports from here; train.py, sample.py and judging.py's local judge load
 tokenizers and folders through these; this file never imports model.py.
 
 User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.json that is not

@@ -5,7 +5,7 @@
     from dnolib.top_p import sample_tokens
     tok = sample_tokens(logits, u, temperature=0.7, top_p=0.95)  # (N, V), (N, 3) uniforms -> (N,)
 
-generate.py draws every token with this: the three uniforms per (job, step) come from the job's
+sample.py draws every token with this: the three uniforms per (job, step) come from the job's
 seed, so a row's draw depends on nothing else in the batch.
 
 Departures:

@@ -235,7 +235,7 @@ def answers(path, rows, temperature, top_p, seed, cache):
     """One sample per row from the policy at path (cached by (path, row id))."""
     from dnolib.model import Transformer
     from dnolib.model_io import load_tokenizer
-    from generate import generate
+    from sample import generate
 
     todo = [r for r in rows if (path, r["id"]) not in cache]
     if todo:

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import dno
-import logps
 from dnolib.model import ModelArgs, Transformer
 
 torch.set_num_threads(1)
@@ -49,7 +48,7 @@ def train_alg1(model, ref_logp, seqs, pairs, r, eta, target_fn, steps=200, lr=1e
     target = torch.tensor([target_fn(r[i], r[j]) for i, j in pairs], dtype=torch.float32)   # (N,)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        logp, _ = logps.batch_logps(model, seqs, "cpu")                                       # (B,)
+        logp, _ = dno.batch_logps(model, seqs, "cpu")                                       # (B,)
         losses, _ = dno.dno_loss(logp[a], logp[b], ref_logp[a], ref_logp[b], target, eta)
         opt.zero_grad()
         losses.mean().backward()
@@ -60,7 +59,7 @@ def train_alg1(model, ref_logp, seqs, pairs, r, eta, target_fn, steps=200, lr=1e
 def errors(model, ref_logp, seqs, pairs, r, eta):
     """eta * (log pi_{t+1}/pi_t (y_a) - log pi_{t+1}/pi_t (y_b)) - (r_t(y_a) - r_t(y_b)) per pair."""
     with torch.no_grad():
-        ratio = (logps.batch_logps(model, seqs, "cpu")[0] - ref_logp).numpy()               # (B,) log pi/pi_t
+        ratio = (dno.batch_logps(model, seqs, "cpu")[0] - ref_logp).numpy()               # (B,) log pi/pi_t
     return np.array([eta * (ratio[i] - ratio[j]) - (r[i] - r[j]) for i, j in pairs])
 
 
@@ -72,7 +71,7 @@ def setup():
     ref = copy.deepcopy(model).requires_grad_(False)                  # pi_t, frozen
     seqs, r, pairs = candidates()
     with torch.no_grad():
-        ref_logp = logps.batch_logps(ref, seqs, "cpu")[0]             # (B,) log pi_t(y | x)
+        ref_logp = dno.batch_logps(ref, seqs, "cpu")[0]             # (B,) log pi_t(y | x)
     soft = train_alg1(copy.deepcopy(model), ref_logp, seqs, pairs, r, ETA, dno.soft_target)
     return model, ref_logp, seqs, pairs, r, soft
 
@@ -101,10 +100,10 @@ def test_check_fails_with_a_hard_target(setup):
 
 @pytest.mark.slow
 def test_train_py_step_with_target_soft_is_algorithm_1(setup):
-    """The same regression through the pipeline's own step (optimize.train_step on stored pairs with r_t of both
+    """The same regression through the pipeline's own step (iteration.train_step on stored pairs with r_t of both
     sides, --target soft): it reaches the ideal update too, so `python train.py --target soft` trains Alg. 1."""
     from types import SimpleNamespace
-    import optimize
+    import iteration
     model, ref_logp, seqs, pairs, r, _ = setup
     stored = [{"prompt_tokens": seqs[i][0], "chosen_tokens": seqs[i][1], "rejected_tokens": seqs[j][1],
                "ref_chosen": ref_logp[i].item(), "ref_rejected": ref_logp[j].item(),
@@ -114,6 +113,6 @@ def test_train_py_step_with_target_soft_is_algorithm_1(setup):
         pi = copy.deepcopy(model)
         opt = torch.optim.Adam(pi.parameters(), lr=1e-2)
         for _ in range(200):
-            optimize.train_step(pi, opt, stored, list(range(len(stored))), cfg, torch.device("cpu"))
+            iteration.train_step(pi, opt, stored, list(range(len(stored))), cfg, torch.device("cpu"))
         err = errors(pi, ref_logp, seqs, pairs, r, ETA)
         assert (np.abs(err).max() < TOL) == ok, (target, err)

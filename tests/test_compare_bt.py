@@ -77,9 +77,9 @@ def test_demo_bt_is_the_fitted_bradley_terry_table(tmp_path, monkeypatch):
     assert Pb[1][3] == 0.5
     assert all(abs(Pb[i][j] + Pb[j][i] - 1) < 1e-12 for i in range(4) for j in range(4))
     assert Pb[2][0] > 0.5 and Pb[0][1] > 0.5 and Pb[2][1] > 0.5    # transitive: no style cycle
-    import judges
-    assert judges.resolve("demo_bt") is cb.demo_bt      # --judge demo_bt
-    assert judges.resolve("demo_bt") is cb.demo_bt                 # its alias
+    from dnolib import judging
+    assert judging.resolve("demo_bt") is cb.demo_bt      # --judge demo_bt
+    assert judging.resolve("demo_bt") is cb.demo_bt                 # its alias
 
 
 @pytest.mark.parametrize("judge,win", [("demo_rps", sigmoid(-3.0)),

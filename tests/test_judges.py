@@ -7,12 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import dno, judges, oracle
+import dno, oracle
+from dnolib import judging
 from dnolib import chat_api
 from dnolib.chat_api import JudgeUnavailable
 from dnolib.ledger import BudgetExceeded, OracleError
 from fault_proxy import FaultServer, canned_score
-from judges import parse_scores, verdict_prob
+from oracle import parse_scores, verdict_prob
 from oracle import Config, judge_items
 from test_oracle import ITEMS, KEY, api_cfg, bpe_file, key  # noqa: F401  (key: pytest fixture)
 
@@ -121,7 +122,7 @@ def test_f5_rubric_reply_is_parsed_not_scanned():
     assert parse_scores(good, 3) == [2.0, 5.0, 0.0]
     braces = json.dumps({**FIG3, "id1_justification": "an empty {} and the ratio 1:2, at 3:45"})
     assert parse_scores(braces, 3) == [2.0, 5.0, 0.0]  # scanning read [None, None] or 2 / 45
-    prefilled = good[len(judges.PREFILL):]  # the reply continues the prefilled dictionary
+    prefilled = good[len(oracle.PREFILL):]  # the reply continues the prefilled dictionary
     assert parse_scores(prefilled, 3) == [2.0, 5.0, 0.0]
     assert parse_scores("My scores:\n```json\n" + good + "\n```", 3) == [2.0, 5.0, 0.0]
     quoted = good + '\nCandidate 2 wrote: {"id1_score": 0, "id2_score": 6, "id3_score": 0}'
@@ -164,7 +165,7 @@ def test_f6_pairwise_verdict_tokens_are_normalised():
     top = [("**A", lp(0.2)), ("\u2581B", lp(0.2)), ("A)", lp(0.2))]
     assert verdict_prob(top) == pytest.approx(2 / 3)
     assert verdict_prob([("Answer", lp(0.5)), ("Both", lp(0.4)), ("a", lp(0.1))]) is None
-    assert [judges.verdict_letter(t) for t in ("A", " A", "A.", "**A", "B:", "AB", "Bob")] == \
+    assert [oracle.verdict_letter(t) for t in ("A", " A", "A.", "**A", "B:", "AB", "Bob")] == \
         ["A", "A", "A", "A", "B", None, None]
 
 
@@ -293,15 +294,15 @@ def test_f13_two_rooms_one_registry_same_flag_names():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                 for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "demo_task" not in imported
+    assert "demo.task" not in imported and "demo" not in imported
     assert not hasattr(importlib.import_module("evaluate"), "make_judge")
-    assert not hasattr(oracle, "RUBRIC_TEMPLATE") and not hasattr(judges, "judge_items")
+    assert hasattr(oracle, "RUBRIC_TEMPLATE") and not hasattr(judging, "judge_items")   # asked here, sent there
     import train
     from demo import task as demo_task
-    for alias, spec in judges.ALIASES.items():  # every Python judge is module:function
+    for alias, spec in judging.ALIASES.items():  # every Python judge is module:function
         mod, fn = spec.split(":")
-        assert judges.resolve(alias) is getattr(importlib.import_module(mod), fn)
-    assert judges.resolve("demo") is demo_task.demo
+        assert judging.resolve(alias) is getattr(importlib.import_module(mod), fn)
+    assert judging.resolve("demo") is demo_task.demo
     train_flags = {f for f in train.Config.__dataclass_fields__}
     assert set(oracle.RUN_FLAGS) <= train_flags
     assert set(oracle.RUN_FLAGS) <= set(Config.__dataclass_fields__)
@@ -334,7 +335,7 @@ def test_f14_cache_knows_the_judge_by_its_source(tmp_path, monkeypatch, key):
 
 # ----------------------------------------------------------------------------- fidelity
 def test_f15_rubric_follows_figure_3_point_by_point():
-    text = " ".join(judges.rubric_prompt("p", ["c1", "c2"]).split())  # words, not line breaks
+    text = " ".join(oracle.rubric_prompt("p", ["c1", "c2"]).split())  # words, not line breaks
     order = ["Give 1 point", "Add a second point", "Add a third point", "Award a fourth point",
              "Award a fifth point", "Award a sixth point"]
     at = [text.index(w) for w in order]
@@ -344,8 +345,8 @@ def test_f15_rubric_follows_figure_3_point_by_point():
                    "extraneous content, or excess wordiness", "reflects expert knowledge",
                    "Score: <points>", '"id2_score"'):
         assert clause in text, clause
-    assert judges.rubric_prompt("p", ["c"]).endswith(judges.PREFILL)
-    assert judges.TEMPLATE_VERSION != "dno-oracle-v3"
+    assert oracle.rubric_prompt("p", ["c"]).endswith(oracle.PREFILL)
+    assert oracle.TEMPLATE_VERSION != "dno-oracle-v3"
     doc = " ".join(open(os.path.join(ROOT, "docs", "paper.md")).read().split())
     assert "excess wordiness" in doc and "does not completely resolve" in doc
 

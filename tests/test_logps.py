@@ -1,11 +1,11 @@
 """Tests for logps.py: the slow reference (sequence_logps) token by token, and the training
-path's fused log-probs (logps.batch_logps: model(idx, select, targets)) against it: full (B, T, V)
-logits -> logps.sequence_logps. Values and gradients must agree; under bf16 autocast they agree to
+path's fused log-probs (dno.batch_logps: model(idx, select, targets)) against it: full (B, T, V)
+logits -> dno.sequence_logps. Values and gradients must agree; under bf16 autocast they agree to
 bf16's precision."""
 import pytest
 import torch
 
-import logps
+import dno
 from dnolib.model import Transformer
 from tiny import make_hf_model
 
@@ -13,13 +13,13 @@ torch.set_num_threads(1)
 
 
 def slow(model, seqs):
-    """logps.sequence_logps on full logits: the reference implementation."""
+    """dno.sequence_logps on full logits: the reference implementation."""
     T = max(len(p) + len(r) for p, r in seqs)
     idx, mask = torch.zeros(len(seqs), T, dtype=torch.long), torch.zeros(len(seqs), T - 1)
     for i, (p, r) in enumerate(seqs):
         idx[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
-    return logps.sequence_logps(model(idx[:, :-1]), idx[:, 1:], mask)
+    return dno.sequence_logps(model(idx[:, :-1]), idx[:, 1:], mask)
 
 
 def setup(arch, tmp_path):
@@ -44,8 +44,8 @@ W = torch.tensor([0.3, -1.0, 2.0, 0.5])   # an arbitrary weighting of the 4 sequ
 def test_fused_response_logps_match_full_logits(arch, tmp_path):
     model, seqs = setup(arch, tmp_path)
     want, ref = grads(model, lambda: slow(model, seqs), W)
-    got, gg = grads(model, lambda: logps.batch_logps(model, seqs, torch.device("cpu"))[0], W)
-    assert logps.batch_logps(model, seqs, "cpu")[1] == sum(len(p) + len(r) for p, r in seqs) and got.shape == (4,)
+    got, gg = grads(model, lambda: dno.batch_logps(model, seqs, torch.device("cpu"))[0], W)
+    assert dno.batch_logps(model, seqs, "cpu")[1] == sum(len(p) + len(r) for p, r in seqs) and got.shape == (4,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert want.abs().min() > 1.0                                       # real sums of log-probs, not zeros
     for n in ref:
@@ -57,7 +57,7 @@ def test_fused_response_logps_match_full_logits(arch, tmp_path):
         torch.testing.assert_close(model(idx, select=sel), model(idx)[sel])
     for bad in ([], [([], [5, 6])]):                                    # nothing to score / no prompt token
         with pytest.raises(ValueError):
-            logps.batch_logps(model, bad, "cpu")
+            dno.batch_logps(model, bad, "cpu")
 
 
 def cpu_bf16_autocast_works():
@@ -77,8 +77,8 @@ def test_bf16_autocast_matches_fp32(tmp_path):
     2e-2 would hide a log-softmax done in bf16). The gradient must point the same way: cosine > 0.99 between
     the flattened bf16 and fp32 gradients (measured > 0.9999)."""
     model, seqs = setup("llama", tmp_path)
-    f32, g32 = grads(model, lambda: logps.batch_logps(model, seqs, "cpu")[0], W)
-    b16, g16 = grads(model, lambda: logps.batch_logps(model, seqs, "cpu", autocast_dtype=torch.bfloat16)[0], W)
+    f32, g32 = grads(model, lambda: dno.batch_logps(model, seqs, "cpu")[0], W)
+    b16, g16 = grads(model, lambda: dno.batch_logps(model, seqs, "cpu", autocast_dtype=torch.bfloat16)[0], W)
     assert b16.dtype == torch.float32 and not torch.equal(b16, f32)      # autocast really ran in bf16
     rel = ((b16 - f32).abs() / f32.abs()).max().item()
     assert rel < 5e-3, rel
@@ -110,7 +110,7 @@ def test_logps_match_token_by_token_and_ignore_prompt_and_padding():
         idx[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p):len(p) + len(r)] = 1
     with torch.no_grad():
-        got = logps.sequence_logps(model(idx)[:, :-1], idx[:, 1:], mask[:, 1:])
+        got = dno.sequence_logps(model(idx)[:, :-1], idx[:, 1:], mask[:, 1:])
         for i, (p, r) in enumerate(seqs):                         # slow path: one token at a time, no padding
             want, prefix = 0.0, list(p)
             for tok in r:
@@ -126,14 +126,14 @@ def test_logps_masked_positions_do_not_count():
     logits = torch.randn(2, 6, 13, generator=g)
     targets = torch.randint(0, 13, (2, 6), generator=g)
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
-    base = logps.sequence_logps(logits, targets, mask)
+    base = dno.sequence_logps(logits, targets, mask)
     want = sum(torch.log_softmax(logits[0, t], -1)[targets[0, t]] for t in (2, 3, 4))
     assert base[0].item() == pytest.approx(want.item(), abs=1e-5)
     off = mask == 0
     logits2 = torch.where(off[..., None], torch.randn(2, 6, 13, generator=g) * 100, logits)
     targets2 = torch.where(off, torch.full_like(targets, -100), targets)  # ignore-index ids are fine
-    assert torch.equal(logps.sequence_logps(logits2, targets2, mask), base)
-    half = logps.sequence_logps(logits.bfloat16(), targets, mask)    # bf16 logits: float32 sum
+    assert torch.equal(dno.sequence_logps(logits2, targets2, mask), base)
+    half = dno.sequence_logps(logits.bfloat16(), targets, mask)    # bf16 logits: float32 sum
     assert half.dtype == torch.float32 and torch.allclose(half, base, atol=0.1)
     with pytest.raises(ValueError):
-        logps.sequence_logps(logits, targets[:, :-1], mask)
+        dno.sequence_logps(logits, targets[:, :-1], mask)

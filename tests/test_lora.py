@@ -5,7 +5,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import dno
-import logps
 from dnolib import lora
 from dnolib.model import ModelArgs, Transformer
 from dnolib.budget import count_lora_params, memory_estimate
@@ -53,12 +52,12 @@ def test_a_lora_run_trains_pairs():
     toks = lambda n: torch.randint(3, 64, (n,), generator=g).tolist()  # noqa: E731
     pairs = [{"prompt_tokens": toks(5), "chosen_tokens": toks(6), "rejected_tokens": toks(7)} for _ in range(8)]
     with torch.no_grad():
-        ref_c, ref_r, _ = logps.pair_logps(model, pairs, "cpu")
+        ref_c, ref_r, _ = dno.pair_logps(model, pairs, "cpu")
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(lora.add_lora(model, rank=4, alpha=8), lr=1e-2)
     log = []
     for _ in range(30):
-        c, r, _ = logps.pair_logps(model, pairs, "cpu")
+        c, r, _ = dno.pair_logps(model, pairs, "cpu")
         losses, st = dno.dno_loss(c, r, ref_c, ref_r, target=1.0, eta=0.1)
         losses.mean().backward()
         opt.step()

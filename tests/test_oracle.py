@@ -5,10 +5,11 @@ import base64, json, math, re, socket, time, warnings
 
 import pytest
 
-import judges, oracle
+import oracle
+from dnolib import judging
 from dnolib import chat_api, ledger
 from dnolib.ledger import BudgetExceeded, OracleError
-from judges import parse_scores, verdict_prob
+from oracle import parse_scores, verdict_prob
 from oracle import Config, judge_items
 from fault_proxy import FaultServer, canned_p, canned_score
 from llama_server import MODEL_ALIAS, llama_server  # noqa: F401  (pytest fixture)
@@ -57,42 +58,42 @@ def test_verdict_prob():
 def test_synthetic_swap_symmetry(name, tmp_path):
     texts = ["a", "b c", "d e f", "the quick brown fox", "say hello to everyone", ""]
     res, summ = judge_items([{"id": "x", "prompt": "say hello", "candidates": texts}],
-                            Config(cache=""), fn=judges.resolve(name), progress=False)
+                            Config(cache=""), fn=judging.resolve(name), progress=False)
     P = res[0]["P"]
     assert res[0]["ok"] and sym_ok(P) and all(P[i][i] == 0.5 for i in range(len(texts)))
-    raw = judges.resolve(name)("say hello", texts)  # a judge returning P gets win-rates as its scores
-    assert res[0]["score_kind"] == ("winrate" if "P" in raw else judges.score_kind(judges.resolve(name)))
+    raw = judging.resolve(name)("say hello", texts)  # a judge returning P gets win-rates as its scores
+    assert res[0]["score_kind"] == ("winrate" if "P" in raw else judging.score_kind(judging.resolve(name)))
     for a in texts:  # swapping the candidates of a pair gives the complementary probability
         for b in texts:
             ab = judge_items([{"id": "p", "prompt": "say hello", "candidates": [a, b]}], Config(cache=""),
-                             fn=judges.resolve(name), progress=False)[0][0]["P"][0][1]
+                             fn=judging.resolve(name), progress=False)[0][0]["P"][0][1]
             ba = judge_items([{"id": "p", "prompt": "say hello", "candidates": [b, a]}], Config(cache=""),
-                             fn=judges.resolve(name), progress=False)[0][0]["P"][0][1]
+                             fn=judging.resolve(name), progress=False)[0][0]["P"][0][1]
             assert ab + ba == pytest.approx(1.0)
 
 
 def test_cyclic_judge_really_cycles():
     rock, paper, scissors = "one", "one two", "one two three"  # word counts 1, 2, 3
-    P = judges.cyclic_judge("", [rock, paper, scissors])["P"]
+    P = judging.cyclic_judge("", [rock, paper, scissors])["P"]
     assert P[0][2] == 1.0 and P[2][1] == 1.0 and P[1][0] == 1.0  # rock > scissors > paper > rock
     res, _ = judge_items([{"id": "c", "prompt": "", "candidates": [rock, paper, scissors]}], Config(cache=""),
-                         fn=judges.cyclic_judge, progress=False)
+                         fn=judging.cyclic_judge, progress=False)
     assert res[0]["scores"] == [0.5, 0.5, 0.5]  # every candidate wins half: no Condorcet winner
 
 
 def test_cache_rerun_and_torn_line(tmp_path):
     cfg = Config(cache=str(tmp_path / "c.jsonl"))
-    r1, s1 = judge_items(ITEMS, cfg, fn=judges.length_judge, progress=False)
+    r1, s1 = judge_items(ITEMS, cfg, fn=judging.length_judge, progress=False)
     assert s1["calls"] == 3 and s1["cache_hits"] == 0
     with open(cfg.cache, "a") as f:
         f.write('{"key": "torn", "val')  # a crash in the middle of a line
-    r2, s2 = judge_items(ITEMS, cfg, fn=judges.length_judge, progress=False)
+    r2, s2 = judge_items(ITEMS, cfg, fn=judging.length_judge, progress=False)
     assert s2["calls"] == 0 and s2["cache_hits"] == 3 and all(r["cached"] for r in r2)
     assert [r["P"] for r in r2] == [r["P"] for r in r1]
-    judge_items(ITEMS, cfg, fn=judges.overlap_judge, progress=False)  # another judge -> other keys, appended
+    judge_items(ITEMS, cfg, fn=judging.overlap_judge, progress=False)  # another judge -> other keys, appended
     lines = open(cfg.cache).read().splitlines()
     assert len(lines) == 7 and sum(1 for ln in lines if ln.startswith('{"key": "torn"')) == 1
-    assert judge_items(ITEMS, cfg, fn=judges.overlap_judge, progress=False)[1]["calls"] == 0
+    assert judge_items(ITEMS, cfg, fn=judging.overlap_judge, progress=False)[1]["calls"] == 0
 
 
 # ----------------------------------------------------------------------------- fake server: the client
@@ -274,7 +275,7 @@ def test_api_key_never_on_disk(tmp_path, key, capsys):
 
 def test_bad_inputs_are_one_line_errors():
     with pytest.raises(OracleError, match="need 'id', 'prompt' and 'candidates'"):
-        judge_items([{"id": "x", "prompt": "p", "candidates": "not a list"}], Config(cache=""), fn=judges.length_judge)
+        judge_items([{"id": "x", "prompt": "p", "candidates": "not a list"}], Config(cache=""), fn=judging.length_judge)
     with pytest.raises(OracleError, match="extra_body"):
         judge_items(ITEMS, Config(cache="", judge="pairwise", extra_body="[1"), progress=False)
     with pytest.raises(OracleError, match="returned"):
@@ -442,9 +443,9 @@ def test_ledger_budget_holds_across_calls_and_resumes(tmp_path, key):
         assert all(r["ok"] for r in res) and srv.requests == 18 and s["run"]["calls"] == 18
     # free in-process judges: the count is exact at the end
     fcfg = Config(cache="", ledger=str(tmp_path / "fn.json"), max_calls=4, shuffle=False)
-    judge_items(ITEMS[:2], fcfg, fn=judges.length_judge, progress=False)
+    judge_items(ITEMS[:2], fcfg, fn=judging.length_judge, progress=False)
     with pytest.raises(BudgetExceeded):
-        judge_items(ITEMS, fcfg, fn=judges.length_judge, progress=False)
+        judge_items(ITEMS, fcfg, fn=judging.length_judge, progress=False)
     assert json.loads((tmp_path / "fn.json").read_text())["calls"] == 4
 
 
@@ -543,7 +544,7 @@ def test_position_audit_measures_a_first_slot_bias(tmp_path):
     assert s["position"]["rank_disagreement"] == 1.0 and s["position"]["first_slot_advantage"] == 1.0
     res2, s2 = judge_items(items, cfg, fn=first_slot_bonus, progress=False)  # same sample on a rerun, all cached
     assert s2["calls"] == 0 and [("audit" in r) for r in res2] == [("audit" in r) for r in res]
-    _, s3 = judge_items(items, Config(cache="", position_audit=1.0), fn=judges.length_judge, progress=False)
+    _, s3 = judge_items(items, Config(cache="", position_audit=1.0), fn=judging.length_judge, progress=False)
     assert s3["position"] == {"items": 40, "rank_disagreement": 0.0, "first_slot_advantage": 0.0}  # unbiased
 
 
@@ -582,11 +583,11 @@ def test_fn_judges_old_and_structured_signatures(tmp_path):
 def test_load_fn(tmp_path, monkeypatch):
     (tmp_path / "myjudges.py").write_text("def judge(p, c):\n    return {'scores': [1.0] * len(c)}\nNOT_FN = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert judges.resolve("myjudges:judge")("p", ["a"]) == {"scores": [1.0]}
+    assert judging.resolve("myjudges:judge")("p", ["a"]) == {"scores": [1.0]}
     for spec, msg in (("no_such_mod_xyz:judge", "cannot import module"), ("myjudges:nope", "no attribute 'nope'"),
                       ("myjudges:NOT_FN", "not callable")):
         with pytest.raises(OracleError, match=msg) as e:
-            judges.resolve(spec)
+            judging.resolve(spec)
         assert "\n" not in str(e.value)
     res, _ = judge_items(ITEMS, Config(cache="", judge="myjudges:judge"), progress=False)  # --judge module:function
     assert all(r["ok"] and r["scores"] == [1.0] * 3 for r in res)

@@ -5,7 +5,7 @@ import pytest
 
 from experiments import tabular
 from dno import table_from_scores, winrates
-from preferences import copeland, diagnostics, fit_bt_table, has_cycle, ranking_disagrees
+from evaluate import copeland, diagnostics, fit_bt_table, has_cycle, ranking_disagrees
 
 RPS = [[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]]   # 0 > 1 > 2 > 0: rock-paper-scissors
 

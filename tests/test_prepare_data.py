@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from data.ultrafeedback.prepare import Config, DataError, convert, main, read_source
-from sample import read_prompts
+from dnolib.prompts import read_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_openbmb_layout_gold_model_then_best_rated(tmp_path):
     assert [r["prompt"] for r in rows] == [[{"role": "user", "content": "Q1"}], [{"role": "user", "content": "Q2"}]]
     assert [r["gold"] for r in rows] == ["from gpt-4", "tie-break by fine-grained"]  # named model wins over rating
     assert rows[0]["id"].startswith("uf-") and len({r["id"] for r in rows}) == 2
-    # the output is what train.py reads: sample.read_prompts accepts it and keeps our ids
+    # the output is what train.py reads: dnolib.prompts.read_prompts accepts it and keeps our ids
     assert [r["id"] for r in read_prompts(str(tmp_path / "out.jsonl"))] == [r["id"] for r in rows]
 
 

@@ -1,4 +1,4 @@
-"""sample.py, generate.py, top_p.py: cached greedy == naive recomputation == transformers; seeded sampling; stops and compaction; top-p
+"""sample.py, sample.py, top_p.py: cached greedy == naive recomputation == transformers; seeded sampling; stops and compaction; top-p
 sampling paths; the compiled step; prompts; CLI."""
 import json
 import math
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import sample
 from dnolib.model import Transformer
 from dnolib.model_io import ModelError
-from generate import (_rows_to_keep, default_stop_ids, encode_prompt, generate, left_pad, naive_greedy,
+from sample import (_rows_to_keep, default_stop_ids, encode_prompt, generate, left_pad, naive_greedy,
                       right_pad, row_seed)
 from dnolib.top_p import _sample_sorted, _sample_top, sample_tokens
 from tiny import hub_snapshot, make_hf_model, make_tokenizer, offline_hub

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-import preferences
+import evaluate
 from experiments import tabular
 
 
@@ -21,13 +21,13 @@ def test_cyclic_game_average_converges_last_iterate_circles():
 
 def test_bt_baseline_stays_exploitable():
     P, pi_1 = tabular.cyclic_game()
-    r = preferences.fit_bradley_terry(P)
+    r = evaluate.fit_bradley_terry(P)
     assert int(np.argmax(r)) == 2                                 # scissors, beaten by rock by 0.4
     hist, _, _ = tabular.run_tabular(P, pi_1, eta=0.1, iters=300)
     assert min(h["bt"] for h in hist[-100:]) > 0.35
     # sanity: on transitive (Bradley-Terry) data the fit recovers the rewards
     true = np.array([1.0, 0.0, -0.5, -0.5])
-    r = preferences.fit_bradley_terry(1 / (1 + np.exp(true[None, :] - true[:, None])), l2=0.0)
+    r = evaluate.fit_bradley_terry(1 / (1 + np.exp(true[None, :] - true[:, None])), l2=0.0)
     assert np.allclose(r, true - true.mean(), atol=1e-3)
 
 
