@@ -27,7 +27,7 @@ Glossary (the paper's notation):
                    pi').
     pi_t           the policy at iteration t. It is also the REFERENCE of iteration t's loss:
                    the previous iterate, not the SFT model (pi_1 is the SFT model).
-    r_t(x, y)      P(y > pi_t | x) = E_{y' ~ pi_t} P(y > y' | x) in [0, 1] (Alg. 1, step 1). Alg. 2
+    r_t(x, y)      P(y > pi_t | x) = E_{y' ~ pi_t} P(y > y' | x) in [0, 1] (Alg. 1, line 3). Alg. 2
                    (line 5) estimates it by y's win-rate among the K+1 judged candidates (winrates).
     eta            Alg. 1: the learning rate of the ideal update pi_{t+1} ~ pi_t exp(r_t / eta) (Eq.
                    9); in the loss it scales the log-ratio like DPO's beta; the soft-target optimum
@@ -59,7 +59,7 @@ Departures from the paper (deliberate, numbered):
        shuffles.
     4. dno_loss detaches the reference log-probs (pi_t is a constant of iteration t's objective),
        and its "accuracy" diagnostic counts a pair right when sign(h) agrees with target > 1/2.
-    5. Soft targets (Alg. 1, step 3 on a model; train.py --target soft): r_t is the win-rate among
+    5. Soft targets (Alg. 1, line 4 on a model; train.py --target soft): r_t is the win-rate among
        the K+1 candidates (for rubric judges over table_from_scores), gold included; with
        train.py --opponents samples, against pi_t's K samples only (winrates(P, opponents): Alg. 1
        line 3's E_{y' ~ pi_t}, the gold a candidate but no opponent). train.py's pair
@@ -93,11 +93,11 @@ from dnolib.cli import cli
 
 # ----------------------------------------------------------------------------- the loss
 
-# Alg. 1, step 3 (regression form, Eq. 8) and Alg. 2, line 7 (DNO-Prct, Eq. 13) are one binary
+# Alg. 1, line 4 (regression form, Eq. 8) and Alg. 2, line 7 (DNO-Prct, Eq. 13) are one binary
 #   cross-entropy: h(a, b) = eta * [ log pi(y_a|x)/pi_t(y_a|x) - log pi(y_b|x)/pi_t(y_b|x) ]
 #   loss    = - [ p * log sigmoid(h) + (1 - p) * log sigmoid(-h) ]
 #   Alg. 1: p = soft_target(r_t(x, y_a), r_t(x, y_b))  (= sigmoid(dr_t); optimum eta * dlogratio =
-#           dr_t, i.e. pi = pi_t exp(r_t / eta) / Z, the ideal update of Alg. 1, step 2)
+#           dr_t, i.e. pi = pi_t exp(r_t / eta) / Z, the ideal update of Alg. 1, line 4's target (Eq. 9))
 #   Alg. 2: p = 1 on (y_a, y_b) = (y+, y-)            (hard target; DPO with reference pi_t)
 # With p = 1 - eps this is label-smoothed DPO with smoothing eps. pi_t is the previous iterate.
 def dno_loss(pi_logp_a, pi_logp_b, ref_logp_a, ref_logp_b, target, eta):
@@ -221,7 +221,7 @@ def select_pairs(scores, gold_index, defective=None, *, kind="rubric", min_posit
 
 
 def soft_target(r_a, r_b):
-    """sigmoid(r_t(x, y_a) - r_t(x, y_b)): Alg. 1 step 3's regression target (Eq. 8), P(y_a
+    """sigmoid(r_t(x, y_a) - r_t(x, y_b)): Alg. 1, line 4's regression target (Eq. 8), P(y_a
     preferred)."""
     p = 1 / (1 + np.exp(-(np.asarray(r_a, dtype=np.float64) - np.asarray(r_b, dtype=np.float64))))
     return float(p) if p.ndim == 0 else p
@@ -280,17 +280,22 @@ def replay(current, previous, seed, shares=None):
     return out
 
 
-# ----------------------------------------------------------------------------- extension 1: a
-# regularised reference The paper's Appendix A (Algorithm 3, after Nash-MD, Munos et al. 2023, arXiv
-# 2312.00886) regularises the game towards a reference policy mu with weight tau: the update of Alg.
-#   1, step 2 starts from the smoothed policy pi_t^mu(y|x) = pi_t(y|x)^(1 - beta) * mu(y|x)^beta /
-#   Z(x),   beta = tau / eta, pi_{t+1}     = pi_t^mu exp(r_t / eta) / Z',
-# so the loss (dno_loss) keeps its form with pi_t^mu in place of pi_t as the reference; Z(x) is the
-# same for both answers of a pair and cancels in h. Its last iterate converges (to the regularised
-# equilibrium) where plain multiplicative weights cycle. With mu = pi_1 (train.py --ref_mix beta):
+# ----------------------------------------------------------------------------- extension 1
+# A regularised reference. The paper's Appendix A (Algorithm 3, after Nash-MD, Munos et al. 2023,
+# arXiv 2312.00886) regularises the game towards a reference policy mu with weight tau. The update of
+# Alg. 1, line 4 (Eq. 9) then starts from the smoothed policy
+#
+#   pi_t^mu(y|x) = pi_t(y|x)^(1 - beta) * mu(y|x)^beta / Z(x),        beta = tau / eta
+#   pi_{t+1}(y|x) = pi_t^mu(y|x) * exp(r_t(x, y) / eta) / Z'(x)
+#
+# so the loss (dno_loss) keeps its form with pi_t^mu in place of pi_t as the reference: Z(x) is the
+# same for both answers of a pair and cancels in h. With mu = pi_1 (train.py --ref_mix beta):
+#
 #   log ref(y|x) = (1 - beta) * log pi_t(y|x) + beta * log pi_1(y|x)        (up to log Z(x))
-# Departure (ours): r_t is still estimated from pi_t's samples; Nash-MD samples the opponent from
-# pi_t^mu.
+#
+# This is Algorithm 3 with its Option I; the paper analyses it for convergence on average, not of
+# the last iterate. Departure (ours): r_t is still estimated from pi_t's samples; Nash-MD samples
+# the opponent from pi_t^mu.
 def geometric_reference(logp_t, logp_1, beta):
     """log pi_t^mu(y|x) + log Z(x) of the smoothed reference above: (N,) from (N,) log pi_t and log
     pi_1."""
@@ -325,7 +330,7 @@ def main(cfg):
     print("P(y_i > y_j):\n" + np.array2string(P, precision=2))
     print("r_t (win-rates):", np.round(r, 3).tolist())
     hard = select_pairs(r, gold, kind="winrate")                # Alg. 2 line 6, target 1
-    soft = all_pairs(r, gold_index=gold)                        # Alg. 1 step 3, sigmoid(dr_t)
+    soft = all_pairs(r, gold_index=gold)                        # Alg. 1, line 4, sigmoid(dr_t)
     print(f"pairs: {len(hard)} large-margin (Alg. 2), {len(soft)} all (Alg. 1)")
     # log pi/pi_t per candidate (n,): pi = pi_t, a random move, and Alg. 1's ideal update r_t / eta
     policies = {"pi = pi_t": np.zeros(n), "random move": rng.normal(0, 1, n),

@@ -9,8 +9,8 @@ Usage:
     P, pi_1 = cyclic_game()                       # (n, n) P(action i > action j), the "SFT" policy
     hist, r_bt, pi_last = run_tabular(P, pi_1, eta=0.1, iters=1000)   # hist[-1]["avg"] < 0.01
 
-With the game known exactly there is nothing to estimate: Alg. 1, step 1 is r_t = P pi_t and step 2
-is the ideal update pi_{t+1} = pi_t exp(r_t / eta) / Z (Eq. 9), the update that step 3's regression
+With the game known exactly there is nothing to estimate: Alg. 1, line 3 is r_t = P pi_t and line 4's
+target is the ideal update pi_{t+1} = pi_t exp(r_t / eta) / Z (Eq. 9), the update that line 4's regression
 (dno.dno_loss with soft targets) reaches on a model (tests/test_alg1_model.py checks that). The
 demo shows what the theory promises and what it does not: the average iterate converges to the Nash
 policy, the last iterate cycles, and a Bradley-Terry reward (what RLHF fits) picks a pure action
@@ -68,9 +68,9 @@ def alg1_exact_step(P, log_pi, eta):
     """One exact iteration of Alg. 1 on a tabular game, in log space. Returns (log pi_{t+1},
     r_t)."""
     pi = np.exp(log_pi)
-    # Alg. 1, step 1: r_t(y) = P(y > pi_t)
+    # Alg. 1, line 3: r_t(y) = P(y > pi_t)
     r = P @ pi
-    # Alg. 1, step 2: pi_t exp(r_t / eta)
+    # Alg. 1, line 4's target (Eq. 9): pi_t exp(r_t / eta)
     z = log_pi + r / eta
     return z - (z.max() + np.log(np.exp(z - z.max()).sum())), r  # ... / Z
 
@@ -111,7 +111,7 @@ def run_tabular(P, pi_1, eta, iters):
 
 @dataclass
 class Config:
-    eta: float = 0.1           # learning rate of Alg. 1, step 2 (0.1: the authors' DPO beta)
+    eta: float = 0.1           # learning rate of Alg. 1, line 4's target (Eq. 9) (0.1: the authors' DPO beta)
     iters: int = 1000          # T, iterations of Alg. 1
     log_every: int = 50        # print one line every this many iterations (1 = every iteration)
 

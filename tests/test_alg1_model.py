@@ -1,5 +1,5 @@
-"""Algorithm 1 on a model, not a table. Alg. 1, step 3 regresses eta * log(pi/pi_t) differences onto r_t
-differences (Eq. 8); its optimum is the ideal update pi_{t+1} ~ pi_t exp(r_t / eta) of step 2 (Eq. 9), which on
+"""Algorithm 1 on a model, not a table. Alg. 1, line 4 regresses eta * log(pi/pi_t) differences onto r_t
+differences (Eq. 8); its optimum is the ideal update pi_{t+1} ~ pi_t exp(r_t / eta) of line 4 (Eq. 9), which on
 any pair reads
     eta * [log pi_{t+1}(y)/pi_t(y) - log pi_{t+1}(y')/pi_t(y')] = r_t(y) - r_t(y').
 A tiny random Llama is trained with dno_loss on all_pairs and soft targets until convergence, and that identity
@@ -42,7 +42,7 @@ def candidates():
 
 
 def train_alg1(model, ref_logp, seqs, pairs, r, eta, target_fn, steps=200, lr=1e-2):
-    """Alg. 1, step 3 on one batch: minimise dno_loss over all pairs, full batch, Adam. pi_t is the frozen copy
+    """Alg. 1, line 4 on one batch: minimise dno_loss over all pairs, full batch, Adam. pi_t is the frozen copy
     behind ref_logp (B,). target_fn(r_a, r_b) -> P(y_a preferred)."""
     a, b = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
     target = torch.tensor([target_fn(r[i], r[j]) for i, j in pairs], dtype=torch.float32)   # (N,)
