@@ -13,7 +13,7 @@ one-line ModelError with what to change when it does not fit (check_memory), and
 CPU threads a model's size warrants (pick_threads). model_io.py holds the folders, hub ids and
 tokenizers; this file never imports model.py.
 
-Departures (none from the paper: this file is infrastructure):
+Notes:
  1. memory_estimate leaves out allocator fragmentation and the CUDA context, so check_memory can
     pass a step that still runs out of memory by a few percent.
 """

@@ -14,8 +14,6 @@ TLS settings from the environment); each request is one POST of prebuilt bytes a
 client's underlying httpx connection pool: no per-call option parsing, no typed response objects
 (bench/bench_oracle.py measures it against a bare http.client POST). Retries are ours
 (max_retries=0) so that every failure is counted.
-
-Departures from the paper: none (the paper does not describe its API client).
 """
 import json, math, os, random, sys, threading, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed

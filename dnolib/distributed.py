@@ -4,8 +4,6 @@ In one process every call is a no-op or the identity, so train.py reads the same
 
     python distributed.py                                   # demo: one process
     torchrun --nproc_per_node=2 distributed.py              # demo: 2 ranks on gloo (CPU)
-
-Departures from the paper: none (the paper does not describe its parallelism).
 """
 import os
 from datetime import timedelta

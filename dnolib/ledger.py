@@ -18,8 +18,6 @@ read is billed). A request in flight when its process is killed (kill -9) stays 
 worst case: the ledger counts it as spent and reports it as "unsettled"; the rerun may send it
 again (at most --concurrency such requests per kill). The local and Python judges (judging.py) spend
 through it at price 0, so --max_calls bounds them too.
-
-Departures from the paper: none (the paper states no budget).
 """
 import fcntl
 import json

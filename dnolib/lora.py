@@ -16,7 +16,7 @@ fresh adapters on it. Parameter names are kept (q_proj.weight, ...; the adapters
 lora_B), so FSDP2 shards the adapted blocks like the others; A is drawn from add_lora's own seed,
 so every rank shards the same values (tests/test_train.py: 2 ranks on gloo == one process).
 
-Departures (from the paper, which trains all weights of Mistral-7B):
+Notes (the paper trains all weights of Mistral-7B):
  1. Low-rank updates only, when --lora_rank > 0; no dropout on the adapter input.
 """
 import math

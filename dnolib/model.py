@@ -28,7 +28,7 @@ config.json lacking a key or describing an unsupported model; tensors missing, u
 mis-shaped; custom code
 ("auto_map"), which is refused, never run.
 
-Departures (this file is infrastructure; the paper's model is Orca-2.5 = Mistral-7B):
+Notes (the paper's model is Orca-2.5 = Mistral-7B):
  1. Rope types other than default/llama3/linear (yarn, dynamic, longrope) and per-layer sliding
     windows (Qwen use_sliding_window) are rejected with a ModelError rather than approximated.
  2. Padded query positions attend to themselves (finite garbage instead of NaN); their outputs are

@@ -16,8 +16,7 @@ User mistakes are one-line `ModelError`s (a ValueError) naming the file: config.
 JSON or not an object; weights garbage, truncated or unreadable; a hub id that is neither cached nor
 downloadable. Nothing here runs code shipped with a model.
 
-Departures (none from the paper: this file is infrastructure; these are from transformers' own
-loading):
+Notes (where loading differs from transformers' own):
  1. A config.json or tokenizer_config.json with "auto_map" (custom model code) is refused, and
     transformers is always called with trust_remote_code=False; hub downloads fetch only HUB_FILES
     (never .py files).

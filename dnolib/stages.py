@@ -21,8 +21,6 @@ OUT/lock is held with fcntl.flock for the life of the run: the kernel releases i
 ends, however it ends (kill -9 included), so no pid is trusted and no stale lock can exist. A
 second run is refused at once. flock over a network file system may not reach other hosts: run
 one host per folder there.
-
-Departures from the paper: none (the paper describes no run folder).
 """
 import fcntl
 import hashlib

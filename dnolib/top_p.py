@@ -8,7 +8,7 @@
 sample.py draws every token with this: the three uniforms per (job, step) come from the job's
 seed, so a row's draw depends on nothing else in the batch.
 
-Departures:
+Notes:
  1. top-p keeps the tokens whose higher-probability mass is < top_p (the smallest set reaching
     top_p), as the paper's samplers do; ties at the boundary may resolve differently from
     transformers' warper.
