@@ -305,10 +305,6 @@ def show(item, order):
             "gold_index": None if g is None else order.index(g)}
 
 
-def digest(*parts):
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
 def plan_item(item, cfg, fn, enc, judge_id):
     """-> (units, truncated, cap): the requests one item needs as shown (1 for rubric / Python
     judges, n(n-1) ordered pairs otherwise), each keyed by a hash of (judge identity, template
@@ -316,7 +312,7 @@ def plan_item(item, cfg, fn, enc, judge_id):
     prompt, cands = item["prompt"], list(item["candidates"])
     if fn is not None:
         ctx = judging.context_of(item) if judging.wants_context(fn) else {}
-        return [{"key": digest(judge_id, prompt, cands, ctx), "kind": "fn", "item": item,
+        return [{"key": judging.digest(judge_id, prompt, cands, ctx), "kind": "fn", "item": item,
                  "score_kind": judging.score_kind(fn)}], [], None
     text, rubric = prompt_text(prompt), cfg.judge == "rubric"
     if rubric:
@@ -332,7 +328,7 @@ def plan_item(item, cfg, fn, enc, judge_id):
     def unit(kind, content, order):
         dec_u = {**dec, **({"top_logprobs": cfg.top_logprobs} if kind == "verdict" else {})}
         shown = [cands[k] for k in order]
-        return {"key": digest(judge_id, TEMPLATE_VERSION, kind, text, shown, dec_u),
+        return {"key": judging.digest(judge_id, TEMPLATE_VERSION, kind, text, shown, dec_u),
                 "kind": kind, "pair": tuple(order), "n": len(cands), "max_tokens": out,
                 "n_in": count_tokens(enc, SYSTEM + content) + 10,  # + chat-format overhead
                 "messages": [{"role": "system", "content": SYSTEM},
@@ -347,12 +343,6 @@ def plan_item(item, cfg, fn, enc, judge_id):
 
 
 # ----------------------------------------------------------------------------- assembly and audit
-def nan_to_none(x):
-    if isinstance(x, (list, np.ndarray)):
-        return [nan_to_none(v) for v in x]
-    return None if math.isnan(x) else float(x)
-
-
 def assemble(item, units, values, why):
     """Cache values of one shown item's units -> the contract's result in shown order (P[i][j] =
     P(i > j))."""
@@ -380,10 +370,10 @@ def assemble(item, units, values, why):
             # the two orders disagree when both say "first wins" or both say "second wins"
             flips = sum((a - .5) * (b - .5) > 0 for a, b in both)
             res["disagreement"] = flips / len(both) if both else None
-        res.update(scores=nan_to_none(dno.winrates(P)), score_kind="winrate")
+        res.update(scores=judging.nan_to_none(dno.winrates(P)), score_kind="winrate")
     if P is not None:
         np.fill_diagonal(P, 0.5)
-        res["P"] = nan_to_none(P)
+        res["P"] = judging.nan_to_none(P)
     res["ok"] = not fails and P is not None and not np.isnan(P).any()
     if fails:
         more = f" (+{len(fails) - 1} more)" if len(fails) > 1 else ""
@@ -401,28 +391,6 @@ def unshuffle(res, order, truncated):
     if res["P"] is not None:
         res["P"] = [[res["P"][slot[i]][slot[j]] for j in range(n)] for i in range(n)]
     return {**res, "order": list(order), "truncated": sorted(order[k] for k in truncated)}
-
-
-def position_bias(results):
-    """The summary's "position" block over the items judged in both orders (departure 4)."""
-    audited = [r for r in results
-               if "audit" in r and r["P"] is not None and r["audit"]["P"] is not None]
-    flips, pairs, adv = 0, 0, []
-    for r in audited:
-        A, B = np.array(r["P"], dtype=float), np.array(r["audit"]["P"], dtype=float)  # (n, n)
-        n = len(A)
-        known = [(i, j) for i in range(n) for j in range(i + 1, n)
-                 if not np.isnan(A[i, j] + B[i, j])]
-        flips += sum(np.sign(A[i, j] - .5) != np.sign(B[i, j] - .5) for i, j in known)
-        pairs += len(known)
-        w1, w2 = dno.winrates(A), dno.winrates(B)  # (n,) win-rates among the item's candidates
-        s1 = [r["order"].index(i) for i in range(n)]
-        s2 = [r["audit"]["order"].index(i) for i in range(n)]
-        d = [(w1[i] - w2[i]) * (1 if s1[i] < s2[i] else -1) for i in range(n) if s1[i] != s2[i]]
-        d = [x for x in d if not np.isnan(x)]  # earlier minus later, per candidate
-        adv += [sum(d) / len(d)] if d else []
-    return {"items": len(audited), "rank_disagreement": flips / pairs if pairs else None,
-            "first_slot_advantage": sum(adv) / len(adv) if adv else None}
 
 
 # ----------------------------------------------------------------------------- asking
@@ -463,8 +431,8 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     summary = {"items": len(items), "ok": sum(r["ok"] for r in results),
                "calls": spent["calls"], "retries": spent["retries"], "cache_hits": hits,
                "failures": dict(fails), "order_disagreement": sum(dis) / len(dis) if dis else None,
-               "position": position_bias(results), "tokens_in": spent["tokens_in"],
-               "tokens_out": spent["tokens_out"], "usd": spent["usd"], "run": ledger.totals(),
+               "position": judging.position_bias(results, dno.winrates),
+               "tokens_in": spent["tokens_in"], "tokens_out": spent["tokens_out"], "usd": spent["usd"], "run": ledger.totals(),
                "price_known": price is not None,
                "truncated": sum(len(r["truncated"]) for r in results),
                "seconds": round(time.time() - t0, 3)}

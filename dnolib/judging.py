@@ -24,6 +24,8 @@ import math
 import sys
 import threading
 
+import numpy as np
+
 from dnolib.chat_api import Cache, JudgeUnavailable, call, run_pool
 from dnolib.ledger import BudgetExceeded, OracleError
 
@@ -270,6 +272,39 @@ def answer(units, cfg, fn, client, ledger, breaker, progress, *, read_reply, ver
         bar.close()
         cache.close()
     return values, hits
+
+# ----------------------------------------------------------------------------- keys and the audit
+def digest(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def nan_to_none(x):
+    if isinstance(x, (list, np.ndarray)):
+        return [nan_to_none(v) for v in x]
+    return None if math.isnan(x) else float(x)
+
+
+def position_bias(results, winrates):
+    """The summary's "position" block over the items judged in both orders (oracle.py's departure 4);
+    winrates: dno.winrates."""
+    audited = [r for r in results
+               if "audit" in r and r["P"] is not None and r["audit"]["P"] is not None]
+    flips, pairs, adv = 0, 0, []
+    for r in audited:
+        A, B = np.array(r["P"], dtype=float), np.array(r["audit"]["P"], dtype=float)  # (n, n)
+        n = len(A)
+        known = [(i, j) for i in range(n) for j in range(i + 1, n)
+                 if not np.isnan(A[i, j] + B[i, j])]
+        flips += sum(np.sign(A[i, j] - .5) != np.sign(B[i, j] - .5) for i, j in known)
+        pairs += len(known)
+        w1, w2 = winrates(A), winrates(B)  # (n,) win-rates among the item's candidates
+        s1 = [r["order"].index(i) for i in range(n)]
+        s2 = [r["audit"]["order"].index(i) for i in range(n)]
+        d = [(w1[i] - w2[i]) * (1 if s1[i] < s2[i] else -1) for i in range(n) if s1[i] != s2[i]]
+        d = [x for x in d if not np.isnan(x)]  # earlier minus later, per candidate
+        adv += [sum(d) / len(d)] if d else []
+    return {"items": len(audited), "rank_disagreement": flips / pairs if pairs else None,
+            "first_slot_advantage": sum(adv) / len(adv) if adv else None}
 
 # ----------------------------------------------------------------------------- inputs
 def check_inputs(items, cfg, fn):
