@@ -269,7 +269,7 @@ def has_cycle(P, tol=1e-9):
 
 def fit_bradley_terry(P, l2=1e-3, steps=3000, lr=0.5):
     """Scalar rewards r maximising 1/2 sum_{i != j} P[i, j] log sigmoid(r_i - r_j) - l2/2 |r|^2
-    (departure 2); NaN entries (not judged) are left out of the sum."""
+    (ours: the paper fits no BT model); NaN entries (not judged) are left out of the sum."""
     n = len(P)
     off = (1 - np.eye(n)) * ~np.isnan(P)                        # (n, n) judged pairs only
     r, P = np.zeros(n), np.nan_to_num(P)

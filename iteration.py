@@ -9,9 +9,15 @@ records the Config fields it declares; a finished stage made from the same is re
 refused in one line. Sampling and reference log-probs are split across ranks; rank 0 judges and
 writes (distributed.py).
 
-Departures from the paper: train.py's 2 (the scored end token, `response_tokens`), 3 (rank by
-win-rate among the K+1 candidates, `make_pairs`) and 7 (a judged stage with too many failures is
-not committed, evaluate.ask) live here.
+Departures from the paper (numbered):
+    1. Each response ends with the token that ended it (the sampler records it; for the gold: eos
+       for a text prompt, <|im_end|> for a chat prompt when the tokenizer has it), scored in the
+       log-probs (`response_tokens`).
+    2. "Rank by win-rate" (line 5): r_t(y) is y's win-rate among the K+1 candidates (dno.winrates of
+       the judge's table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's
+       large-margin pairs (dno.select_pairs); --pairs all keeps every candidate pair (`make_pairs`).
+    3. Line 7's optimizer: AdamW, linear warmup, then cosine (or linear) decay to 0, <= --epochs
+       passes; lr_t = lr * lr_decay**(t-1) (the paper lowers the rate later without saying how).
 """
 import math
 import os
@@ -71,7 +77,7 @@ class Run:
     context: int                    # the policy's context length, in tokens
     val: list                       # validation rows {"id", "prompt", "gold", "prompt_tokens"}
     slices: list                    # D_1..D_T, lists of prompt rows
-    skipped: int                    # over-long prompts skipped (departure 1)
+    skipped: int                    # over-long prompts skipped (train.py, departure 1)
     device: torch.device
     judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
     fn: object = None               # a Python judge function, when --judge names one
@@ -81,7 +87,7 @@ class Run:
 # ------------------------------------------------------------------------ candidates and policies
 def response_tokens(tok, row, cand, context):
     """Token ids of a candidate (a sample dict or the gold string) with the token that ended it
-    (departure 2), cut to the context left after the prompt."""
+    (departure 1), cut to the context left after the prompt."""
     if isinstance(cand, str):
         end = tok.eos_token_id
         if isinstance(row["prompt"], list) and "<|im_end|>" in tok.get_vocab():
@@ -240,7 +246,7 @@ def make_pairs(run, t, D_t, samples, judgments, earlier, want):
 
 
 def prompt_pairs(run, t, row, s, res, r_t):
-    """Line 6 for one prompt (departure 3): its (y+, y-) pairs, both sides' tokens and r_t."""
+    """Line 6 for one prompt (departure 2): its (y+, y-) pairs, both sides' tokens and r_t."""
     cands = candidates(row, s)
     gold = len(s["samples"]) if row["gold"] else None
     bad = [dno.is_defective(x) for x in texts(cands)]
@@ -406,7 +412,7 @@ def lr_at(cfg, lr_t, s, steps, warm):
 
 
 def optimize(model, pairs, cfg, t, device, amp=None):
-    """AdamW over <= epochs passes of the pairs, warmup then decay (departure 1). -> step log."""
+    """AdamW over <= epochs passes of the pairs, warmup then decay (departure 3). -> step log."""
     from tqdm import tqdm
     lr_t = cfg.lr * cfg.lr_decay ** (t - 1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr_t, betas=(0.9, 0.95),

@@ -454,9 +454,8 @@ def ask(run, items, what, audit=True):
     orders)."""
     judge = run.judge if audit else replace(run.judge, position_audit=0.0)
     results, s = judge_items(items, judge, fn=run.fn, progress=True)
-    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise one;
-    # identical
-    # requests of one batch share one answer); sent requests include the retries
+    # items need requests (1 per shown order for a listwise judge, n(n-1) pairs for a pairwise
+    # one; identical requests of one batch share one answer); sent requests include the retries
     print0(f"judge: {s['items']} items ({s['ok']} ok) from {s['cache_hits'] + s['calls']} requests: "
            f"{s['cache_hits']} answered by the cache, {s['calls']} sent ({s['retries']} of them retries), "
            f"${s['usd']:.4f}")

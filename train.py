@@ -22,25 +22,17 @@ reference log-probs; rank 0 judges and writes (OUT must be shared; distributed.p
 
 Departures from the paper (numbered):
     1. Prompts whose tokens + max_new_tokens exceed the model's context are skipped and counted.
-    2. Each response ends with the token that ended it (the sampler records it; for the gold: eos
-       for a text prompt, <|im_end|> for a chat prompt when the tokenizer has it), scored in the
-       log-probs (iteration.response_tokens).
-    3. "Rank by win-rate" (line 5): r_t(y) is y's win-rate among the K+1 candidates (dno.winrates of
-       the judge's table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's
-       large-margin pairs (dno.select_pairs); --pairs all keeps every candidate pair.
+    2. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same
+       pipeline (mu_1 = mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
        --opponents samples: r_t(y) is the win-rate against pi_t's K samples only (Alg. 1, line 3:
        E_{y' ~ pi_t} P(y > y')); the gold stays a candidate, never an opponent.
-    4. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same
-       pipeline (mu_1 = mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
-    5. lr_t = lr * lr_decay**(t-1) (the paper lowers it later without saying how); linear warmup,
-       then cosine (or linear) decay to 0; AdamW; <= 1 epoch (optimize.py).
-    6. The best iterate (line 9) is chosen on held-out prompts judged by the training oracle in both
+    3. The best iterate (line 9) is chosen on held-out prompts judged by the training oracle in both
        orders (the paper: AlpacaEval 2 / MT-Bench), by --select_by (default: length-controlled
        win-rate vs gold).
-    7. A judged stage with more failures than --max_failure_rate is not committed: the run stops,
+    4. A judged stage with more failures than --max_failure_rate is not committed: the run stops,
        the answers so far stay cached, a rerun re-asks only the failures. No surviving pairs stops
        the run too.
-    8. The slices D_t have a size that does not depend on T (see `split`), so a run can grow; a run
+    5. The slices D_t have a size that does not depend on T (see `split`), so a run can grow; a run
        that outgrows its prompts takes another pass over them, reshuffled (the paper: fresh prompts
        every iteration).
 """
@@ -94,7 +86,7 @@ class Config:
     teacher_styles: str = ""      # built-in demo: the teacher's style mix, e.g. 0.8,0.15,0.05
     eta: float = 0.1              # eta of the contrastive loss (line 7; DPO's beta); see dno.py
     lr: float = 4e-5              # peak lr of iteration 1 (demo-sized; the paper: 5e-5 for 7B)
-    lr_decay: float = 1.0         # lr_t = lr * lr_decay**(t-1) (departure 5; 1 = one lr)
+    lr_decay: float = 1.0         # lr_t = lr * lr_decay**(t-1) (1 = one lr; iteration.py's schedule)
     warmup: float = 0.1           # fraction of the steps with linear warmup
     schedule: str = "cosine"      # cosine | linear decay after warmup
     batch_size: int = 64          # global batch of pairs per optimizer step (the paper: 64)
@@ -190,7 +182,7 @@ def slice_size(cfg, pool):
 
 
 def split(rows, cfg):
-    """Validation and D_1..D_T (departure 8). One seeded permutation of the usable prompts: its
+    """Validation and D_1..D_T (departure 5). One seeded permutation of the usable prompts: its
     first --num_val are the validation set, the rest (the pool) is cut in order into slices of
     --prompts_per_iter. Slice t never depends on T, so --iterations can be raised on a finished run.
     Past the pool's last whole slice a new pass starts over the pool in a fresh seeded order (whole
@@ -215,7 +207,7 @@ def split(rows, cfg):
         slices.append([pool[i] for i in order[j * per:(j + 1) * per]])
     if cfg.iterations > per_pass:
         print0(f"note: the pool holds {per_pass} slices of {per}: iterations {per_pass + 1}.."
-               f"{cfg.iterations} see its prompts again, reshuffled (departure 8)")
+               f"{cfg.iterations} see its prompts again, reshuffled (departure 5)")
     return val, slices
 
 

@@ -117,7 +117,7 @@ def sft(model, tok, rows, steps, batch_size, lr, seed, log=print):
 @dataclass
 class Config:
     seed: int = 0                 # seeds the prompts, the teacher and the SFT
-    teacher_styles: str = "0.55,0.3,0.15"  # the teacher's style mix (demo_task departure 2)
+    teacher_styles: str = "0.55,0.3,0.15"  # the teacher's style mix (demo/task.py, departure 2)
     lengths: str = "3,7"          # digits per prompt: min,max (2 <= min <= max <= 9)
     n_prompts: int = 1000         # prompts.jsonl rows (train.py cuts them into T slices + validation)
     n_demos: int = 4000           # teacher demonstrations for SFT (prompts disjoint from prompts.jsonl's)

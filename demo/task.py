@@ -63,8 +63,8 @@ LONG = 4
 MIN_LEN, MAX_LEN = 3, 7
 # demo_rps: rubric points above this do not count (the teacher's 4..6 answers are equally correct)
 RPS_CAP = 4
-# demo_rps: the cycle's weight; the winning style of two equally correct answers wins sigmoid(3) =
-# 0.95
+# demo_rps: the cycle's weight; of two equally correct answers, the winning style wins with
+# probability sigmoid(3) = 0.95
 RPS_CYCLE = 3.0
 # demo_rps: the weight of a rubric point below the cap (twice the cycle: correctness comes first)
 RPS_POINT = 6.0

@@ -108,8 +108,8 @@ def memory_estimate(args, *, micro_batch, seq_len, train=True, grad_ckpt=False, 
     layer = 16 * C + 4 * H + act_bytes * (2 * H * D + 2 * K * D + 4 * F + (5 if cast else 2) * C)
     if train:
         kept = 4 * C * L + layer if grad_ckpt else layer * L
-        # the embedding is no matmul; under FSDP the weights arrive in bf16 already
-        # (MixedPrecisionPolicy)
+        # the embedding is no matmul; under FSDP (MixedPrecisionPolicy) the weights arrive in
+        # bf16 already
         copies = (n - V * C * (not args.tie_embeddings)) * act_bytes * cast * (shards == 1)
         act, kv = tokens * (kept + act_bytes * (V + C) + 8 * C), 0
     else:

@@ -48,7 +48,7 @@ turn (a Nash policy under demo_rps). "Acceptable": well-formed with rubric >= 4 
 Departures from the paper (numbered):
   1. The baseline is ours: the paper argues the BT limitation in theory but runs no such
      baseline. Its reward sees [rubric score, style ' ', style ',', style '|'] of a response.
-  2. The worst case is over the 3 style-fixed perfect answerers (exact for these judges, see 4),
+  2. The worst case is over the 3 style-fixed perfect answerers (exact for these judges),
      on held-out prompts with one sample per prompt and policy; not AlpacaEval / MT-Bench.
 """
 from dnolib.cli import early_help

@@ -20,10 +20,9 @@ Departures from the paper (deliberate, numbered):
     1. pi_1 is not uniform: cyclic_game's "SFT" policy (0.1 / 0.1 / 0.1 / 0.4 / 0.3) favours the
        dull actions; Alg. 1, line 1 starts from the uniform policy. Every later step is Alg. 1's
        exactly (r_t = P pi_t, pi_{t+1} = pi_t exp(r_t / eta) / Z).
-    2. The Bradley-Terry baseline (evaluate.fit_bradley_terry, its departure 2) is run through
-       the same exact update with the BT model's preferences in place of P. The average iterate is
-       the uniform mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass rounds
-       to 0.
+    2. The Bradley-Terry baseline (evaluate.fit_bradley_terry) is run through the same exact
+       update with the BT model's preferences in place of P. The average iterate is the uniform
+       mean of pi_1..pi_{t+1}. Updates are done in log space so no action's mass rounds to 0.
 """
 from dnolib.cli import early_help
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def paper_map_names(text):
     """docs/paper.md's line-to-code table -> [(file, function)] for every `file.py: name` it cites."""
     import re
     i = text.index("## Where each line lives in this repo")
-    return re.findall(r"`([\w/]+\.py): (\w+)`", text[i:])
+    j = text.find("\n## ", i + 1)
+    return re.findall(r"`([\w/]+\.py): (\w+)`", text[i:j if j > 0 else None])
 
 
 def unresolved(names):
@@ -70,3 +71,40 @@ def test_the_paper_map_names_what_exists():
     assert len(names) >= 20 and unresolved(names) == []
     assert unresolved([("iteration.py", "no_such_step"), ("nowhere.py", "main")]) == [
         ("iteration.py", "no_such_step"), ("nowhere.py", "main")]
+
+
+def departures_in(path):
+    """The numbers of a file's docstring list "Departures from the paper", in order."""
+    import re
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    i = doc.find("Departures from the paper")
+    if i < 0:
+        return []
+    return [int(n) for n in re.findall(r"^\s*(\d+)\. ", doc[i:], re.M)]
+
+
+def departures_table(text):
+    """docs/paper.md's departures table -> {file: [numbers]}, in the table's order."""
+    import re
+    i = text.index("## Where the code departs from the paper")
+    table = {}
+    for file, n in re.findall(r"^\| ([\w/]+\.py) \| (\d+) \|", text[i:], re.M):
+        table.setdefault(file, []).append(int(n))
+    return table
+
+
+def test_the_departures_table_gathers_every_list():
+    table = departures_table((ROOT / "docs" / "paper.md").read_text())
+    files = [p for p in ROOT.glob("**/*.py") if ".venv" not in p.parts and "tests" not in p.parts
+             and "bench" not in p.parts and departures_in(p)]
+    lists = {str(p.relative_to(ROOT)): departures_in(p) for p in files}
+    assert {"train.py", "iteration.py", "dno.py", "oracle.py", "sample.py", "evaluate.py"} <= set(lists)
+    for file, numbers in lists.items():
+        assert numbers == list(range(1, len(numbers) + 1)), f"{file}: its list is not 1..n"
+    assert table == lists
+
+
+def test_the_departures_check_sees_a_missing_row(tmp_path):
+    text = (ROOT / "docs" / "paper.md").read_text()
+    table = departures_table(text.replace("| sample.py | 3 |", "| nowhere |"))
+    assert table["sample.py"] == [1, 2] != departures_in(ROOT / "sample.py")
