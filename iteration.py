@@ -167,6 +167,8 @@ def sample_step(run, t, D_t):
 
 def judge_step(run, t, D_t, samples):
     """Line 5: the oracle judges the K+1 candidates of each prompt (shuffled, cached, budgeted)."""
+    if run.cfg.pairs == "spin":                         # SPIN has no annotation: nothing is paid
+        return None
     path, want = todo(run, t, "judgments", prompts=D_t, samples=samples)
     if want is not None:
         on_rank0(judge_samples, run, t, D_t, samples, want)
@@ -203,12 +205,18 @@ def pairs_step(run, t, D_t, samples, judgments):
 
 def make_pairs(run, t, D_t, samples, judgments, earlier, want):
     rows = {r["id"]: r for r in D_t}
-    judged = {j["id"]: j for j in read_jsonl(os.path.join(judgments, "judgments.jsonl"))}
-    current, tables, teacher = [], [], []
+    spin = judgments is None                            # --pairs spin: no judge (judge_step)
+    judged = {} if spin else {j["id"]: j for j in read_jsonl(os.path.join(judgments,
+                                                                          "judgments.jsonl"))}
+    current, tables, teacher, seen = [], [], [], []
     for s in read_jsonl(os.path.join(samples, "samples.jsonl")):   # joined by id, not position
         row, res = rows.get(s["id"]), judged.get(s["id"])
-        if row is None or res is None:
+        if row is None or (res is None and not spin):
             raise StageError(f"{samples}: prompt id {s['id']!r} has no prompt row or no judgment")
+        seen.append((texts(s["samples"]), res, bool(row["gold"])))   # Table 2's columns
+        if spin:
+            current += prompt_pairs(run, t, row, s, None, None)
+            continue
         if not res["ok"]:
             continue                                    # a failed judgment never becomes a pair
         vs = None                                       # r_t among all K+1 candidates
@@ -231,7 +239,8 @@ def make_pairs(run, t, D_t, samples, judgments, earlier, want):
     prov = {k: sum(p["provenance"] == k for p in current) for k in dno.PROVENANCE}
     prov["replay"] = len(pairs) - len(current)
     print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
-    counts = {"pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
+    counts = {"table2": evaluate.annotation_stats(seen, prov),     # the paper's Table 2, one row
+              "pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
               "judged": len(judged),
               "preferences": evaluate.diagnostics(tables),   # cycles, BT vs Copeland ranking
               "teacher_winrate": float(np.mean([w for w, _ in teacher])) if teacher else None,
@@ -244,15 +253,21 @@ def prompt_pairs(run, t, row, s, res, r_t):
     cands = candidates(row, s)
     gold = len(s["samples"]) if row["gold"] else None
     bad = [dno.is_defective(x) for x in texts(cands)]
-    if run.cfg.pairs == "margin":
-        chosen = dno.select_pairs(res["scores"], gold, bad, kind=res["score_kind"])   # line 6
+    if run.cfg.pairs == "margin":                       # line 6; win-rates: r_t (--opponents)
+        scores = r_t if res["score_kind"] == "winrate" else res["scores"]
+        chosen = dno.select_pairs(scores, gold, bad, kind=res["score_kind"])
+    elif run.cfg.pairs == "restrictive":                # DNO-Restrictive: the gold the y+ (Table 1)
+        chosen = dno.teacher_pairs(res["P"], gold, bad)
+    elif run.cfg.pairs == "spin":                       # SPIN: gold y+, every sample y-, no judge
+        chosen = dno.spin_pairs(len(cands), gold)
     else:
         chosen = dno.all_pairs(r_t, bad, gold)          # Alg. 1's mu: every candidate pair
     out = []
     for p in chosen:
         y_plus, y_minus = cands[p["chosen"]], cands[p["rejected"]]
+        r_pair = (1.0, 0.0) if r_t is None else (r_t[p["chosen"]], r_t[p["rejected"]])   # SPIN
         out.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
-                    "r_chosen": float(r_t[p["chosen"]]), "r_rejected": float(r_t[p["rejected"]]),
+                    "r_chosen": float(r_pair[0]), "r_rejected": float(r_pair[1]),
                     "chosen_tokens": response_tokens(run.tok, row, y_plus, run.context),
                     "rejected_tokens": response_tokens(run.tok, row, y_minus, run.context)})
     return out
