@@ -1,11 +1,13 @@
 """evaluate.py: how good is each DNO iterate? Validation win-rates (vs pi_1 and vs the gold teacher,
 both candidate orders, with standard errors), the length-controlled win-rate, the judge audit, the
 diagnostics of general preferences (preference cycles, Bradley-Terry vs win-rate rankings, the
-teacher's drift), Algorithm 1's output (the uniform mixture of iterates) and Algorithm 2's (the best
-iterate). train.py calls it; it never trains.
+teacher's drift), the paper's Table 2 per iteration (the training samples' annotations), Algorithm
+1's output (the uniform mixture of iterates) and Algorithm 2's (the best iterate). train.py calls
+it; it never trains.
 
     python evaluate.py --out runs/demo                     # re-render metrics.jsonl, best.json, table, plot of a run
     python evaluate.py --out runs/demo --select_by vs_gold # choose the best iterate by another measure
+    python evaluate.py --out runs/demo --table paper       # only Table 2's columns, per iteration
 
 Files: OUT/iter_t/eval/{samples,judgments,outcomes}.jsonl + metrics.json (written by train.py
 through judge_eval); OUT/metrics.jsonl (one line per evaluated iterate, then the mixture),
