@@ -1,11 +1,13 @@
 """evaluate.py: how good is each DNO iterate? Validation win-rates (vs pi_1 and vs the gold teacher,
 both candidate orders, with standard errors), the length-controlled win-rate, the judge audit, the
 diagnostics of general preferences (preference cycles, Bradley-Terry vs win-rate rankings, the
-teacher's drift), Algorithm 1's output (the uniform mixture of iterates) and Algorithm 2's (the best
-iterate). train.py calls it; it never trains.
+teacher's drift), the paper's Table 2 per iteration (the training samples' annotations), Algorithm
+1's output (the uniform mixture of iterates) and Algorithm 2's (the best iterate). train.py calls
+it; it never trains.
 
     python evaluate.py --out runs/demo                     # re-render metrics.jsonl, best.json, table, plot of a run
     python evaluate.py --out runs/demo --select_by vs_gold # choose the best iterate by another measure
+    python evaluate.py --out runs/demo --table paper       # only Table 2's columns, per iteration
 
 Files: OUT/iter_t/eval/{samples,judgments,outcomes}.jsonl + metrics.json (written by train.py
 through judge_eval); OUT/metrics.jsonl (one line per evaluated iterate, then the mixture),
@@ -22,10 +24,11 @@ Departures from the paper (numbered):
        the drawn iterate (no judge call).
     4. Default selection of the best iterate (Alg. 2, line 9): the length-controlled win-rate vs
        gold, because the paper saw lengths grow each iteration and a raw win-rate rewards that.
-    5. Table 2's columns only in part: the student's mean length (mean_len), the teacher's win-rate
-       and score (teacher_r, teacher_score) and the pairs' provenance (sample>gold: a student answer
-       beat the gold) are reported; the best-of-n win-rate and the student's mean judge score are
-       not.
+    5. Table 2's columns, all of them (annotation_stats, paper_table; metrics.jsonl's "table2"):
+       the length is in words of the training samples; a student "win" over the gold needs
+       P(sample > gold) > 1/2 (the paper does not say how ties count); for a pairwise judge the
+       "scores" are win-rates among the K+1, and with --pairs spin (no annotation) the judge's
+       columns are empty. The validation table's mean_len stays in tokens of the eval answers.
 """
 from dnolib.cli import early_help
 if __name__ == "__main__":
@@ -141,6 +144,39 @@ def metrics(outcomes):
     return m
 
 
+# ----------------------------------------------------------------------------- Table 2
+def annotation_stats(seen, provenance):
+    """Table 2's row for one iteration's training data: seen = [(pi_t's K sample texts, the
+    judgment or None (SPIN), whether the gold is the last candidate)] per prompt of D_t; provenance
+    = the new pairs' counts (dno.PROVENANCE). A student "win" is a sample the judge prefers to the
+    gold, P[i][gold] > 1/2 (a tie is no win; the paper does not say). Best-of-n win-rate: the share
+    of judged prompts with at least one win. Scores: rubric points, or win-rates among the K+1 for
+    a pairwise judge (score_kind)."""
+    words = [len(x.split()) for texts, _, _ in seen for x in texts]   # the training samples
+    wins, scores, gold_scores, kinds = [], [], [], set()
+    for texts, res, has_gold in seen:
+        if res is None or not res.get("ok"):
+            continue
+        kinds.add(res.get("score_kind"))
+        scores += [v for v in res["scores"][:len(texts)] if v is not None]
+        if has_gold:
+            g = len(texts)
+            gold_scores.append(res["scores"][g])
+            wins.append(sum(row[g] is not None and row[g] > 0.5 for row in res["P"][:len(texts)]))
+    mean = lambda v: float(np.mean(v)) if v else None           # noqa: E731
+    return {"inputs": len(seen), "judged": sum(r is not None and bool(r.get("ok"))
+                                                for _, r, _ in seen),
+            "words_mean": mean(words),
+            "words_sd": float(np.std(words, ddof=1)) if len(words) > 1 else None,
+            "best_of_n_vs_gold": mean([w > 0 for w in wins]),
+            "student_wins_per_prompt": mean(wins),
+            "student_score": mean(scores), "teacher_score": mean(gold_scores),
+            "score_kind": "/".join(sorted(k for k in kinds if k)) or None,
+            "T>S": provenance.get("gold>sample", 0), "S>T": provenance.get("sample>gold", 0),
+            "S>S": provenance.get("sample>sample", 0), "defect": provenance.get("defect", 0),
+            "replayed": provenance.get("replay", 0)}
+
+
 # ----------------------------------------------------------------------------- the report
 def iteration_facts(out, t):
     """What iteration t's training stages recorded: pairs, provenance, preference diagnostics,
@@ -148,10 +184,13 @@ def iteration_facts(out, t):
     if t == 0:
         return {"num_pairs": 0, "provenance": {}}
     pairs = read_json(os.path.join(out, f"iter_{t}", "pairs", "manifest.json"))["counts"]
-    judge = read_json(os.path.join(out, f"iter_{t}", "judgments", "manifest.json"))["counts"]
+    judged = os.path.join(out, f"iter_{t}", "judgments", "manifest.json")
+    # --pairs spin asks no judge: no judgments stage
+    judge = read_json(judged)["counts"] if os.path.exists(judged) else {"ok": 0, "items": 0}
     s = judge.get("judge", {})
     return {"num_pairs": pairs["pairs"], "provenance": pairs["provenance"], "preferences": pairs.get("preferences"),
             "teacher_winrate": pairs.get("teacher_winrate"), "teacher_score": pairs.get("teacher_score"),
+            "table2": pairs.get("table2"),                      # Table 2's row (annotation_stats)
             "train_judge": {"failure_rate": 1 - judge["ok"] / max(1, judge["items"]),
                             "order_disagreement": s.get("order_disagreement"), "position": s.get("position"),
                             "truncated": s.get("truncated")}}
@@ -178,9 +217,9 @@ def best_iterate(rows, select_by):
     return vals.index(max(vals)), key
 
 
-def report(out, select_by="lc_vs_gold", final=False, last=999):
-    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; iterations 0..last; the table when
-    final."""
+def report(out, select_by="lc_vs_gold", final=False, last=999, view="both"):
+    """metrics.jsonl, best.json (Alg. 2, line 9), metrics.png; iterations 0..last; when final, the
+    table (view "default"), Table 2's ("paper") or both."""
     ts = [t for t in range(last + 1) if os.path.exists(os.path.join(out, f"iter_{t}", "eval",
                                                                     "done"))]
     if not ts:
@@ -197,8 +236,10 @@ def report(out, select_by="lc_vs_gold", final=False, last=999):
         {"iter": best["iter"], "model": best["model"], "by": f"{key} on validation", key: best[key],
          "mixture": mix}, indent=1))
     plot(out, rows, best, key)
-    if final:
+    if final and view in ("default", "both"):
         print0(table(rows, mix, best, key))
+    if final and view in ("paper", "both"):
+        print0(paper_table(rows))
     return rows, mix, best
 
 
@@ -214,6 +255,30 @@ def table(rows, mix, best, key):
                      + ("   <- best" if r is best else ""))
     lines.append(f"best iterate: iter {best['iter']} ({best['model']}) by {key}; 'mix' = the uniform mixture of "
                  "iterates (Alg. 1's output)")
+    return "\n".join(lines)
+
+
+def paper_table(rows):
+    """Table 2's columns per iteration t: the annotations of pi_t's samples (the paper's "Iter
+    t-1") and the new pairs they gave by provenance (T = the gold teacher, S = a student sample)."""
+    f = lambda v, w, p=2: " " * (w - 1) + "-" if v is None else f"{v:{w}.{p}f}"    # noqa: E731
+    head = "Table 2: iteration t's training data (pi_t's samples; the paper's Iter t-1)"
+    lines = [head + "; T = gold, S = sample",
+             "iter | paper | inputs | words: mean +/- sd | best-of-n vs T | S wins/prompt | S score | "
+             "T score |   T>S |   S>T |   S>S | defect | replay"]
+    for r in rows:
+        a = r.get("table2")
+        if r["iter"] == 0 or not a:
+            continue
+        sd = "-" if a["words_sd"] is None else f"{a['words_sd']:.1f}"
+        words = f"{f(a['words_mean'], 6, 1)} +/- {sd:>6}"
+        lines.append(f"{r['iter']:>4} | {r['iter'] - 1:>5} | {a['inputs']:6d} | {words:>18} | "
+                     f"{f(a['best_of_n_vs_gold'], 14, 3)} | {f(a['student_wins_per_prompt'], 13)} | "
+                     f"{f(a['student_score'], 7)} | {f(a['teacher_score'], 7)} | {a['T>S']:5d} | "
+                     f"{a['S>T']:5d} | {a['S>S']:5d} | {a['defect']:6d} | {a['replayed']:6d}")
+    kinds = {(r.get("table2") or {}).get("score_kind") for r in rows} - {None}
+    kinds = ", ".join(sorted(kinds)) or "none (no annotation)"
+    lines.append(f"scores: {kinds}; a student win is P(S > T) > 1/2")
     return "\n".join(lines)
 
 
@@ -257,6 +322,7 @@ def plot(out, rows, best=None, key=None):
 class Config:
     out: str = "out"                # the run folder of a finished or partial train.py run
     select_by: str = "lc_vs_gold"   # best iterate by: lc_vs_gold | vs_gold | lc_vs_init | vs_init
+    table: str = "both"             # the table printed: default | paper (Table 2's columns) | both
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +388,8 @@ if __name__ == "__main__":
     try:
         if cfg.select_by not in SELECT:
             raise ValueError(f"--select_by must be one of {', '.join(SELECT)}; got {cfg.select_by!r}")
-        report(cfg.out, cfg.select_by, final=True)
+        if cfg.table not in ("default", "paper", "both"):
+            raise ValueError(f"--table must be default, paper or both; got {cfg.table!r}")
+        report(cfg.out, cfg.select_by, final=True, view=cfg.table)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

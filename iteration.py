@@ -15,9 +15,13 @@ Departures from the paper (numbered):
        log-probs (`response_tokens`).
     2. "Rank by win-rate" (line 5): r_t(y) is y's win-rate among the K+1 candidates (dno.winrates of
        the judge's table; rubric scores give a 1/0.5/0 table). --pairs margin keeps the paper's
-       large-margin pairs (dno.select_pairs); --pairs all keeps every candidate pair (`make_pairs`).
+       large-margin pairs (dno.select_pairs); --pairs all keeps every candidate pair (`make_pairs`);
+       restrictive and spin are Table 1's ablations (dno.py, departure 8; spin never asks the judge).
     3. Line 7's optimizer: AdamW, linear warmup, then cosine (or linear) decay to 0, <= --epochs
        passes; lr_t = lr * lr_decay**(t-1) (the paper lowers the rate later without saying how).
+    4. Line 7 runs on our own trainer (`optimize` / `train_step`), not TRL's DPO code as the paper
+       did; with target 1 the loss is DPO's with reference pi_t (tests/test_dno.py:
+       test_soft_target_is_label_smoothed_dpo checks dno_loss against DPO's formula).
 """
 import math
 import os
@@ -173,6 +177,8 @@ def sample_step(run, t, D_t):
 
 def judge_step(run, t, D_t, samples):
     """Line 5: the oracle judges the K+1 candidates of each prompt (shuffled, cached, budgeted)."""
+    if run.cfg.pairs == "spin":                         # SPIN has no annotation: nothing is paid
+        return None
     path, want = todo(run, t, "judgments", prompts=D_t, samples=samples)
     if want is not None:
         on_rank0(judge_samples, run, t, D_t, samples, want)
@@ -209,12 +215,18 @@ def pairs_step(run, t, D_t, samples, judgments):
 
 def make_pairs(run, t, D_t, samples, judgments, earlier, want):
     rows = {r["id"]: r for r in D_t}
-    judged = {j["id"]: j for j in read_jsonl(os.path.join(judgments, "judgments.jsonl"))}
-    current, tables, teacher = [], [], []
+    spin = judgments is None                            # --pairs spin: no judge (judge_step)
+    judged = {} if spin else {j["id"]: j for j in read_jsonl(os.path.join(judgments,
+                                                                          "judgments.jsonl"))}
+    current, tables, teacher, seen = [], [], [], []
     for s in read_jsonl(os.path.join(samples, "samples.jsonl")):   # joined by id, not position
         row, res = rows.get(s["id"]), judged.get(s["id"])
-        if row is None or res is None:
+        if row is None or (res is None and not spin):
             raise StageError(f"{samples}: prompt id {s['id']!r} has no prompt row or no judgment")
+        seen.append((texts(s["samples"]), res, bool(row["gold"])))   # Table 2's columns
+        if spin:
+            current += prompt_pairs(run, t, row, s, None, None)
+            continue
         if not res["ok"]:
             continue                                    # a failed judgment never becomes a pair
         vs = None                                       # r_t among all K+1 candidates
@@ -237,7 +249,8 @@ def make_pairs(run, t, D_t, samples, judgments, earlier, want):
     prov = {k: sum(p["provenance"] == k for p in current) for k in dno.PROVENANCE}
     prov["replay"] = len(pairs) - len(current)
     print0(f"pairs: {len(pairs)} ({prov}) from {len(tables)}/{len(judged)} judged prompts")
-    counts = {"pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
+    counts = {"table2": evaluate.annotation_stats(seen, prov),     # the paper's Table 2, one row
+              "pairs": len(pairs), "provenance": prov, "judged_ok": len(tables),
               "judged": len(judged),
               "preferences": evaluate.diagnostics(tables),   # cycles, BT vs Copeland ranking
               "teacher_winrate": float(np.mean([w for w, _ in teacher])) if teacher else None,
@@ -250,15 +263,21 @@ def prompt_pairs(run, t, row, s, res, r_t):
     cands = candidates(row, s)
     gold = len(s["samples"]) if row["gold"] else None
     bad = [dno.is_defective(x) for x in texts(cands)]
-    if run.cfg.pairs == "margin":
-        chosen = dno.select_pairs(res["scores"], gold, bad, kind=res["score_kind"])   # line 6
+    if run.cfg.pairs == "margin":                       # line 6; win-rates: r_t (--opponents)
+        scores = r_t if res["score_kind"] == "winrate" else res["scores"]
+        chosen = dno.select_pairs(scores, gold, bad, kind=res["score_kind"])
+    elif run.cfg.pairs == "restrictive":                # DNO-Restrictive: the gold the y+ (Table 1)
+        chosen = dno.teacher_pairs(res["P"], gold, bad)
+    elif run.cfg.pairs == "spin":                       # SPIN: gold y+, every sample y-, no judge
+        chosen = dno.spin_pairs(len(cands), gold)
     else:
         chosen = dno.all_pairs(r_t, bad, gold)          # Alg. 1's mu: every candidate pair
     out = []
     for p in chosen:
         y_plus, y_minus = cands[p["chosen"]], cands[p["rejected"]]
+        r_pair = (1.0, 0.0) if r_t is None else (r_t[p["chosen"]], r_t[p["rejected"]])   # SPIN
         out.append({"id": s["id"], "iter": t, "prompt_tokens": row["prompt_tokens"], **p,
-                    "r_chosen": float(r_t[p["chosen"]]), "r_rejected": float(r_t[p["rejected"]]),
+                    "r_chosen": float(r_pair[0]), "r_rejected": float(r_pair[1]),
                     "chosen_tokens": response_tokens(run.tok, row, y_plus, run.context),
                     "rejected_tokens": response_tokens(run.tok, row, y_minus, run.context)})
     return out

@@ -35,19 +35,16 @@ Departures from the paper (numbered):
    and reports rank_disagreement (share of audited pairs whose outcome, i wins / tie / j wins,
    flips) and first_slot_advantage (mean over items of the mean over moved candidates of
    win-rate shown earlier - shown later, in [-1, 1]).
-5. The rubric is our wording of Fig. 3, point by point and in its order (a first point, a second,
-   "add a third point", "award a fourth point", ...), keeping the clauses that carry its meaning:
-   point 2 "even if it is incomplete or contains some irrelevant content", point 3 "but does not
-   completely resolve the query or provide a direct answer", point 4's "extraneous content, or
-   excess wordiness" (the paper's only length penalty), and point 6 in full (tailored, no
-   extraneous information, expert, high quality, engaging and insightful).
-6. Fig. 3's prompt invites the judge to use web search; ours does not. The paper's judge is
-   GPT-4-Turbo; ours is any OpenAI-compatible endpoint.
-7. Fig. 3 closes with the "Score:" line and prefills the start of the answer dictionary in the
-   assistant's turn. Chat APIs cannot prefill the assistant turn, so the prompt ends with the
-   dictionary's start (PREFILL) and the reply is read either as a whole dictionary or as the rest
-   of the prefilled one; each justification ends with its "Score: <points>" line, and the integer
-   under "idK_score" is what counts.
+5. The rubric is Fig. 3 in our own words, every clause kept (docs/paper.md's table maps each one),
+   in its layout (the additive scale, then "### User:", "### Candidate Responses:" and
+   "### Instructions:"), with no system message. Ours: each candidate sits between "[Candidate
+   k]" and "[End of candidate k]" (the figure shows "<candidate answers>"), and the score is named
+   an integer 0..6.
+6. The paper's judge is GPT-4-Turbo; ours is any OpenAI-compatible endpoint (or a Python judge).
+   Fig. 3 asks for "a python dictionary"; ours asks for the same dictionary as JSON, which it reads.
+7. Fig. 3 prefills the start of the answer dictionary in the assistant's turn. Chat APIs cannot,
+   so the user turn ends with it (PREFILL) and the reply is read either as a whole dictionary or
+   as the rest of the prefilled one; the integer under "idK_score" is what counts.
 8. The reply is parsed as JSON and validated (exactly the keys id1_score..idn_score, integers
    0..6); anything else is a failed judgment with the raw reply kept, never a default score. Two
    valid dictionaries in one reply (e.g. one quoted from a candidate) are a failure too, so no
@@ -126,37 +123,46 @@ RUN_FLAGS = ("judge", "base_url", "judge_model", "api_key_env", "concurrency", "
              "max_calls", "position_audit", "judge_context", "seed")  # train.py's, same names
 
 
-
 # ----------------------------------------------------------------------------- what the judge is asked
-TEMPLATE_VERSION = "dno-judges-v4"  # bump when a template below changes: it is in every cache key
-SYSTEM = "You are a careful and impartial judge of answers written by AI assistants."
+TEMPLATE_VERSION = "dno-judges-v5"  # bump when a template below changes: it is in every cache key
 PREFILL = '{"id1_justification": "'  # the start of the answer dictionary (departure 7)
-RUBRIC_TEMPLATE = """Review the user's prompt and the {n} candidate responses below with the
-additive 6-point scoring system described here, scoring every candidate on its own. Points
-accumulate in order: start at 0 and stop at the first criterion a candidate does not meet.
-- Give 1 point if the response reads as an answer: it does not loop or repeat itself, and it is
-  not a continuation of the prompt or a list of unrelated examples.
-- Add a second point if the response is relevant and gives some information related to the user's
-  request, even if it is incomplete or contains some irrelevant content.
-- Add a third point if the response addresses a substantial portion of the user's request, but
-  does not completely resolve the query or provide a direct answer.
-- Award a fourth point if the response answers the basic elements of the request directly and
-  usefully, with few errors, extraneous content, or excess wordiness.
-- Award a fifth point if the response is written from an AI assistant's point of view, answers the
-  request directly and completely, is well organised and helpful, and has no errors or made-up
-  facts, even if it could be slightly clearer, more concise or more focused.
-- Award a sixth point if the response is impeccably tailored to the request, has no extraneous
-  information, reflects expert knowledge, and is a high-quality, engaging and insightful answer.
+# Fig. 3 in our words (departure 5); points 3-6 each carry a length clause (tests/test_figure3.py)
+RUBRIC_TEMPLATE = """Read the user's question and the candidate responses to it, and grade them
+with the additive 6-point scale below: a response earns one point for each criterion it meets, and
+its score is the sum of the points it earns.
+1. Give 1 point if the response has the form of an answer: for example it does not say the same
+   thing over and over, it does not carry on the question, and it is not a run of unrelated
+   question/answer pairs or examples.
+2. Add 1 more point if the response is on topic and offers at least some information that bears
+   on the user's question, even when it is partial or includes some off-topic material.
+3. Add a third point if the response covers a substantial part of the user's question without
+   rambling, even if it does not settle the question fully or give a direct answer.
+4. Award a fourth point if the response responds correctly to nearly every element of the user's
+   question, usefully and directly, with hardly any errors, extraneous content or excess
+   wordiness.
+5. Grant a fifth point if the response is entirely correct, free of any errors or made-up facts,
+   and directly answers every aspect of the user's question in a style that is helpful,
+   well-organised, focused and succinct.
+6. Bestow a sixth point if the response is entirely correct *AND* concise: impeccably tailored to
+   the user's question, with no unnecessary information and no wordiness at all, reflecting
+   expert knowledge, a superbly high-quality, focused and insightful answer.
 
-[Prompt]
+### User:
 {prompt}
 
+### Candidate Responses:
 {candidates}
 
-After examining the prompt and the candidates, justify the total of each candidate in at most 100
-words, ending its justification with the line "Score: <points>". Reply with one JSON dictionary and
-nothing else, with the keys "id<k>_justification" and "id<k>_score" (an integer from 0 to 6) for
-candidate k = 1..{n}:
+### Instructions:
+Once you have read the user's question and the responses:
+1. For EACH response, justify its total briefly, in at most 100 words.
+2. Score EACH response, ending its justification with the line "Score: <points>".
+
+Judge from the AI Assistant's perspective, drawing on web-search knowledge where it helps. Apply
+the additive scale above criterion by criterion, and score EACH candidate on its own. Write your
+justifications and scores as one dictionary and nothing else (JSON: double-quoted keys and
+strings), with the keys "id<k>_justification" and "id<k>_score" (an integer from 0 to 6) for the
+k-th response, k = 1..{n}:
 {{"id1_justification": "...", "id1_score": <points>, ...,
 "id{n}_justification": "...", "id{n}_score": <points>}}
 """
@@ -320,7 +326,7 @@ def plan_item(item, cfg, fn, enc, judge_id):
     else:
         empty = pairwise_prompt(text, "", "")
     out = cfg.max_new_tokens if rubric else 1
-    room = cfg.judge_context - count_tokens(enc, SYSTEM + empty) - 10 - out  # departure 2
+    room = cfg.judge_context - count_tokens(enc, empty) - 10 - out  # departure 2
     per_request = len(cands) if rubric else 2
     cands, truncated, cap = fit(cands, enc, cfg.max_judge_tokens, room, per_request)
     dec = {"temperature": cfg.temperature, "extra_body": cfg.extra_body, "max_tokens": out}
@@ -330,9 +336,8 @@ def plan_item(item, cfg, fn, enc, judge_id):
         shown = [cands[k] for k in order]
         return {"key": judging.digest(judge_id, TEMPLATE_VERSION, kind, text, shown, dec_u),
                 "kind": kind, "pair": tuple(order), "n": len(cands), "max_tokens": out,
-                "n_in": count_tokens(enc, SYSTEM + content) + 10,  # + chat-format overhead
-                "messages": [{"role": "system", "content": SYSTEM},
-                             {"role": "user", "content": content}]}
+                "n_in": count_tokens(enc, content) + 10,  # + chat-format overhead
+                "messages": [{"role": "user", "content": content}]}   # no system turn, as Fig. 3
     if rubric:
         units = [unit("rubric", rubric_prompt(text, cands), range(len(cands)))]
         return units, truncated, cap

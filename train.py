@@ -25,7 +25,9 @@ Departures from the paper (numbered):
     2. --target soft trains Alg. 1's regression target sigmoid(r_t(y+) - r_t(y-)) on the same
        pipeline (mu_1 = mu_2 = pi_t plus the gold); --target hard (default) is Alg. 2, line 7.
        --opponents samples: r_t(y) is the win-rate against pi_t's K samples only (Alg. 1, line 3:
-       E_{y' ~ pi_t} P(y > y')); the gold stays a candidate, never an opponent.
+       E_{y' ~ pi_t} P(y > y')); the gold stays a candidate, never an opponent. It is one r_t for
+       both targets and for --pairs margin with a win-rate judge; a rubric judge's margin rule
+       reads absolute scores, which have no opponents.
     3. The best iterate (line 9) is chosen on held-out prompts judged by the training oracle in both
        orders (the paper: AlpacaEval 2 / MT-Bench), by --select_by (default: length-controlled
        win-rate vs gold).
@@ -35,6 +37,8 @@ Departures from the paper (numbered):
     5. The slices D_t have a size that does not depend on T (see `split`), so a run can grow; a run
        that outgrows its prompts takes another pass over them, reshuffled (the paper: fresh prompts
        every iteration).
+    6. --lr defaults to 4e-5, not the paper's 5E-5 (which it states for a 7B model): a value sized
+       for the built-in demo; pass --lr 5e-5 for the paper's.
 """
 from dnolib.cli import early_help
 if __name__ == "__main__":
@@ -79,7 +83,7 @@ class Config:
     top_p: float = 0.95           # nucleus sampling (the paper: 0.95)
     eval_temperature: float = 0.0  # temperature of the one validation answer per prompt (0: greedy)
     target: str = "hard"          # hard: Alg. 2, line 7 | soft: Alg. 1's sigmoid(r(y+) - r(y-))
-    pairs: str = "margin"         # margin: large-margin pairs (line 6) | all: every candidate pair
+    pairs: str = "margin"         # margin (line 6) | all | restrictive | spin: dno.py's pair rules
     gold: bool = True             # the gold joins the K samples as a candidate (Alg. 1: off-policy mu)
     opponents: str = "candidates"  # r_t(y) a win-rate vs: candidates (K+1) | samples (pi_t's K)
     ref_mix: float = 0.0          # extension 1: log ref = (1-ref_mix) log pi_t + ref_mix log pi_1
@@ -117,7 +121,8 @@ class Config:
     stage_pause: float = 0.0      # test hook: seconds to sleep inside each stage before it commits
 
 
-CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all"), "schedule": ("cosine", "linear"),
+CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all", "restrictive", "spin"),
+           "schedule": ("cosine", "linear"),
            "opponents": ("candidates", "samples"),
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32")}
@@ -233,6 +238,11 @@ def prepare(cfg):
     """Everything the loop needs, checked before any expensive work: flags, judge, lock, inputs,
     split. -> Run."""
     check(cfg, CHOICES, LIMITS)                         # every flag, before any model is loaded
+    if cfg.pairs in ("restrictive", "spin") and not cfg.gold:   # Table 1's ablations: gold y+
+        raise ValueError(f"--pairs {cfg.pairs} puts the gold response on the positive side: it "
+                         "needs --gold true")
+    if cfg.pairs == "spin" and cfg.target == "soft":
+        raise ValueError("--pairs spin asks no judge, so there is no r_t for --target soft")
     if cfg.opponents == "samples" and cfg.num_samples < 2:
         raise ValueError("--opponents samples needs --num_samples >= 2 (a sample's r_t is against "
                          "the other samples)")

@@ -56,7 +56,7 @@ def test_f2_billed_replies_are_billed(tmp_path, key):
     # an HTTP 200 without log-probs was billed by the server: settled from `usage`, not at $0,
     # and not bought 4 more times; the dollar budget bounds what was really spent
     cfg = api_cfg(tmp_path, None, cache="", prices='{"m": [1000000, 0]}', judge_model="m",
-                  concurrency=1)
+                  concurrency=1, breaker=0)  # the budget, not the breaker, is what stops below
     with FaultServer(always="nologprobs") as srv:
         cfg.base_url = srv.url
         res, s = judge_items(ITEMS[:1], cfg, progress=False)
@@ -336,19 +336,14 @@ def test_f14_cache_knows_the_judge_by_its_source(tmp_path, monkeypatch, key):
 # ----------------------------------------------------------------------------- fidelity
 def test_f15_rubric_follows_figure_3_point_by_point():
     text = " ".join(oracle.rubric_prompt("p", ["c1", "c2"]).split())  # words, not line breaks
-    order = ["Give 1 point", "Add a second point", "Add a third point", "Award a fourth point",
-             "Award a fifth point", "Award a sixth point"]
+    order = ["1. Give 1 point", "2. Add 1 more point", "3. Add a third point",
+             "4. Award a fourth point", "5. Grant a fifth point", "6. Bestow a sixth point"]
     at = [text.index(w) for w in order]
-    assert at == sorted(at)  # ordered, as the figure's accumulation is
-    for clause in ("even if it is incomplete or contains some irrelevant content",
-                   "but does not completely resolve the query or provide a direct answer",
-                   "extraneous content, or excess wordiness", "reflects expert knowledge",
-                   "Score: <points>", '"id2_score"'):
+    assert at == sorted(at)  # ordered, as the figure's accumulation is (every clause: test_figure3)
+    for clause in ("Score: <points>", '"id2_score"'):
         assert clause in text, clause
     assert oracle.rubric_prompt("p", ["c"]).endswith(oracle.PREFILL)
     assert oracle.TEMPLATE_VERSION != "dno-oracle-v3"
-    doc = " ".join(open(os.path.join(ROOT, "docs", "paper.md")).read().split())
-    assert "excess wordiness" in doc and "does not completely resolve" in doc
 
 
 # ----------------------------------------------------------------------------- speed
