@@ -259,23 +259,35 @@ def plot(out, rows, best=None, key=None):
 
 def alpaca_export(cfg):
     """AlpacaEval 2: iterate t answers AlpacaEval's instructions, one answer each at the run's
-    validation temperature (greedy by default), written as model_outputs (dnolib/alpaca_eval.py)."""
+    validation temperature (greedy by default) by the run's sampler, written as model_outputs
+    (dnolib/alpaca_eval.py)."""
     import torch
 
+    import sample
+    from dnolib import vllm_sampler
     from dnolib.model import Transformer
     from dnolib.model_io import load_tokenizer
-    from sample import generate
 
     if cfg.answer_tokens < 1:
         raise ValueError(f"--answer_tokens must be >= 1; got {cfg.answer_tokens}")
     items = alpaca_eval.read_eval_set(cfg.alpaca_eval)
     t, policy = alpaca_eval.pick_iterate(cfg.out, cfg.iterate)   # before the model loads
     run = read_json(os.path.join(cfg.out, "config.json"))
-    device = "cuda" if run["device"] != "cpu" and torch.cuda.is_available() else "cpu"
-    model, tok = Transformer.from_pretrained(policy, device=device), load_tokenizer(policy)
+    vllm = run.get("sampler") == "vllm"                 # the run's engine answers too
+    if vllm and vllm_sampler.probe(run["vllm_python"]):
+        raise ValueError(vllm_sampler.probe(run["vllm_python"]))
+    tok = load_tokenizer(policy)
     prompts = [[{"role": "user", "content": r["instruction"]}] for r in items]
-    outs = generate(model, tok, prompts, max_new_tokens=cfg.answer_tokens, progress=True,
-                    temperature=run["eval_temperature"], top_p=run["top_p"], seed=run["seed"])
+    how = dict(max_new_tokens=cfg.answer_tokens, temperature=run["eval_temperature"],
+               top_p=run["top_p"])
+    if vllm:
+        outs = vllm_sampler.generate(sample, run["vllm_python"], policy, tok, prompts,
+                                     range(len(prompts)), 1, run["seed"],
+                                     memory=run["vllm_memory"], **how)[0]
+    else:
+        device = "cuda" if run["device"] != "cpu" and torch.cuda.is_available() else "cpu"
+        outs = sample.generate(Transformer.from_pretrained(policy, device=device), tok, prompts,
+                               seed=run["seed"], progress=True, **how)
     name = cfg.generator or f"{os.path.basename(os.path.abspath(cfg.out))}-iter_{t}"
     path = os.path.join(cfg.out, "alpaca_eval", f"iter_{t}.json")
     alpaca_eval.write(path, alpaca_eval.model_outputs(items, outs, name))

@@ -237,31 +237,47 @@ def describe(p):
 
 
 # ------------------------------------------------------------------------ the run's line 4
+def generate(sample, python, folder, tok, prompts, ids, k, seed, *, max_new_tokens, temperature,
+             top_p, memory=0.5, log=print):
+    """sample.generate's job done by vLLM on the HF folder `folder`: prompts (text, chat or token
+    ids) -> (per prompt k sample dicts as sample.generate's, the raw rows, the prompts' token ids).
+    `sample` is the sample module: its prompt encoding, stop ids and per-(id, sample) seeds."""
+    from types import SimpleNamespace
+
+    from dnolib.model import ModelArgs
+    from dnolib.model_io import read_config, stored_dtype
+
+    config = read_config(folder)
+    context = ModelArgs.from_hf_config(config).max_seq_len
+    stops = sample.default_stop_ids(tok, SimpleNamespace(config=config))
+    encoded = [sample.encode_prompt(tok, p) for p in prompts]
+    seeds = [[sample.row_seed(seed, i, j) for j in range(k)] for i in ids]
+    budgets = [max(1, min(max_new_tokens, context - len(e))) for e in encoded]   # as ours
+    stored = stored_dtype(folder)
+    dtype = str(stored).removeprefix("torch.") if stored is not None else "auto"
+    raw = draw(python, folder, encoded, seeds, stops, budgets, temperature=temperature,
+               top_p=top_p, context=context, memory=memory, dtype=dtype, log=log)
+    outs = [[finish(r["ids"], set(stops), b, tok) for r in rs] for rs, b in zip(raw, budgets)]
+    return outs, raw, encoded
+
+
 def sample_split(run, policy, rows, k, seed, temperature, sample):
     """iteration.sample_split by vLLM: k samples per prompt row from the folder `policy`, split
     across ranks and gathered in order; `sample` is the sample module (its seeds, stop ids and,
     for the parity check, our sampler). The parity of the first --vllm_parity prompts is
     printed."""
-    from types import SimpleNamespace
-
     import torch
 
     from dnolib.distributed import gather, print0, rank, world
     from dnolib.model import Transformer
-    from dnolib.model_io import read_config, stored_dtype
+    from dnolib.model_io import stored_dtype
 
     cfg = run.cfg
     mine = rows[rank()::world()]
-    stops = sample.default_stop_ids(run.tok, SimpleNamespace(config=read_config(policy)))
-    prompts = [r["prompt_tokens"] for r in mine]
-    seeds = [[sample.row_seed(seed, r["id"], j) for j in range(k)] for r in mine]
-    budgets = [max(1, min(cfg.max_new_tokens, run.context - len(p))) for p in prompts]
-    stored = stored_dtype(policy)
-    dtype = str(stored).removeprefix("torch.") if stored is not None else "auto"
-    raw = draw(cfg.vllm_python, policy, prompts, seeds, stops, budgets, temperature=temperature,
-               top_p=cfg.top_p, context=run.context, memory=cfg.vllm_memory, dtype=dtype,
-               log=print0)
-    outs = [[finish(r["ids"], set(stops), b, run.tok) for r in rs] for rs, b in zip(raw, budgets)]
+    outs, raw, prompts = generate(sample, cfg.vllm_python, policy, run.tok,
+                                  [r["prompt"] for r in mine], [r["id"] for r in mine], k, seed,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                  top_p=cfg.top_p, memory=cfg.vllm_memory, log=print0)
     n = min(cfg.vllm_parity, len(mine))
     if n:                                               # ours on the same prompts, same seeds
         model = Transformer.from_pretrained(policy, device=run.device)
@@ -269,7 +285,7 @@ def sample_split(run, policy, rows, k, seed, temperature, sample):
                                ids=[r["id"] for r in mine[:n]], max_new_tokens=cfg.max_new_tokens,
                                temperature=temperature, top_p=cfg.top_p, seed=seed,
                                rows=cfg.sample_rows)
-        tol = 1e-3 if dtype == "float32" else 5e-2
+        tol = 1e-3 if stored_dtype(policy) == torch.float32 else 5e-2   # vLLM runs it stored
         print0(describe(parity(model, prompts[:n], raw[:n], ours, temperature, cfg.top_p, tol)))
         del model
         if torch.cuda.is_available():

@@ -16,6 +16,7 @@ from dnolib.cli import cli
 from dnolib.model import Transformer
 from dnolib.model_io import load_tokenizer
 from sample import generate
+from test_vllm_sampler import fake_vllm_env  # noqa: F401 (the stand-in vllm, a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_SET = [{"instruction": "12 34", "output": "ref", "generator": "gpt4_turbo",
@@ -101,3 +102,29 @@ def test_the_command_line_says_it_in_one_line(run_folder, tmp_path):
                         str(tmp_path / "nope.json")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "no such file" in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_a_vllm_run_exports_through_its_vllm_child(run_folder, tmp_path, fake_vllm_env):
+    """A run made with --sampler vllm answers AlpacaEval by the same engine: the answers are the
+    stand-in child's draws from each instruction's seed, cut as ours."""
+    from dnolib import vllm_sampler as vs
+    from sample import default_stop_ids, row_seed
+
+    out, _ = run_folder
+    vrun = tmp_path / "vrun"
+    shutil.copytree(out, vrun)
+    config = json.loads((vrun / "config.json").read_text())
+    (vrun / "config.json").write_text(json.dumps({**config, "sampler": "vllm", "vllm_memory": 0.1,
+                                                  "vllm_python": sys.executable}))
+    export(vrun, "--alpaca_eval", str(out.parent / "alpaca_eval.json"), "--answer_tokens", "8")
+    got = json.loads((vrun / "alpaca_eval" / "iter_1.json").read_text())
+    folder = vrun / "iter_1" / "checkpoint"
+    tok = load_tokenizer(folder)
+    stops = default_stop_ids(tok, Transformer.from_pretrained(folder))
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    want = [vs.finish(fake_vllm_env.draw(row_seed(0, i, 0), 8, stops, vocab), set(stops), 8,
+                      tok)["text"] for i in range(len(EVAL_SET))]
+    assert [g["output"] for g in got] == want
+    calls = [json.loads(s) for s in open(tmp_path / "calls.jsonl")]
+    assert [(c["requests"], c["temperature"], c["model"]) for c in calls] == [
+        (3, [0.0], str(folder))]

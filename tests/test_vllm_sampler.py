@@ -273,6 +273,7 @@ def test_train_sampler_vllm_runs_the_loop_resumes_and_records_the_sampler(tiny32
     p = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     parity = [s for s in (p.stdout + p.stderr).splitlines() if s.startswith("vLLM parity")]
+    print("\n".join(parity))                           # the figures, under pytest -s
     assert len(parity) == 3 and all(s.endswith(": ok") for s in parity), parity
     manifest = json.load(open(tmp_path / "run" / "iter_1" / "samples" / "manifest.json"))
     assert manifest["shape"]["flags"]["sampler"] == "vllm" and manifest["counts"]["samples"] == 18
