@@ -6,11 +6,12 @@ algorithm line (docs/paper.md maps every line of the paper's algorithms to the c
     python train.py --out runs/x --model Qwen/Qwen2.5-0.5B-Instruct --prompts p.jsonl \
         --judge rubric --judge_model gpt-4o-mini --max_usd 20    # one GPU, an API judge
     torchrun --nproc_per_node=8 train.py --out runs/x --model DIR --prompts p.jsonl --judge rubric
-    python train.py ... --sampler vllm --vllm_python VENV/bin/python --report_to tensorboard   # line 4
-        # by vLLM on each saved checkpoint, in its own venv; metrics to TensorBoard (docs/one_gpu.md)
+    python train.py ... --sampler vllm --vllm_python VENV/bin/python   # line 4 by vLLM, its own venv
+    python train.py ... --report_to tensorboard   # or wandb: config, steps, metrics (docs/one_gpu.md)
     python train.py --out runs/x --iterations 4   # grow a finished run: iterations 1..3 are reused
     python train.py --out runs/x --rollback 2     # redo iteration 2 and later
     python evaluate.py --out runs/x               # the report of a run
+    python evaluate.py --out runs/x --alpaca_eval alpaca_eval.json   # AlpacaEval 2's model_outputs
 
 Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teacher response,
 "id"?: str}. --out holds iter_0/eval/ (pi_1 on validation), iter_t/{samples, judgments, pairs,

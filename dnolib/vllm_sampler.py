@@ -3,6 +3,7 @@ process in the user's own vLLM environment, on the iterate's saved checkpoint fo
 
     python train.py --sampler vllm --vllm_python ~/vllm-venv/bin/python ...   # the run's line 4
     ~/vllm-venv/bin/python dnolib/vllm_sampler.py JOB.json                   # the child, alone
+    outs, raw, ids = generate(sample, python, folder, tok, prompts, ids, k, seed, ...)   # one job
 
 DNO samples once per iteration from a saved checkpoint (pi_1's folder, then
 OUT/iter_t/checkpoint), so vLLM needs no weight sync and no version pinned in our environment: the
