@@ -8,10 +8,13 @@ it; it never trains.
     python evaluate.py --out runs/demo                     # re-render metrics.jsonl, best.json, table, plot of a run
     python evaluate.py --out runs/demo --select_by vs_gold # choose the best iterate by another measure
     python evaluate.py --out runs/demo --table paper       # only Table 2's columns, per iteration
+    python evaluate.py --out runs/demo --alpaca_eval alpaca_eval.json   # AlpacaEval 2's model_outputs
 
 Files: OUT/iter_t/eval/{samples,judgments,outcomes}.jsonl + metrics.json (written by train.py
 through judge_eval); OUT/metrics.jsonl (one line per evaluated iterate, then the mixture),
 OUT/best.json, OUT/metrics.png (matplotlib is optional: without it the run warns once and finishes).
+--alpaca_eval: OUT/alpaca_eval/iter_t.json, iterate t's answers to AlpacaEval's instructions
+(dnolib/alpaca_eval.py; docs/one_gpu.md, section 6).
 
 Departures from the paper (numbered):
     1. The evaluation judge is the training oracle on held-out prompts (the paper: AlpacaEval 2.0
@@ -46,6 +49,7 @@ import numpy as np
 
 import oracle
 from dno import as_table, winrates
+from dnolib import alpaca_eval
 from dnolib.cli import cli
 from dnolib.distributed import print0
 from dnolib.stages import read_json, read_jsonl, write_atomic
@@ -318,11 +322,53 @@ def plot(out, rows, best=None, key=None):
     os.replace(os.path.join(out, "metrics.tmp.png"), os.path.join(out, "metrics.png"))
 
 
+def alpaca_export(cfg):
+    """AlpacaEval 2: iterate t answers AlpacaEval's instructions, one answer each at the run's
+    validation temperature (greedy by default) by the run's sampler, written as model_outputs
+    (dnolib/alpaca_eval.py)."""
+    import torch
+
+    import sample
+    from dnolib import vllm_sampler
+    from dnolib.model import Transformer
+    from dnolib.model_io import load_tokenizer
+
+    if cfg.answer_tokens < 1:
+        raise ValueError(f"--answer_tokens must be >= 1; got {cfg.answer_tokens}")
+    items = alpaca_eval.read_eval_set(cfg.alpaca_eval)
+    t, policy = alpaca_eval.pick_iterate(cfg.out, cfg.iterate)   # before the model loads
+    run = read_json(os.path.join(cfg.out, "config.json"))
+    vllm = run.get("sampler") == "vllm"                 # the run's engine answers too
+    if vllm and vllm_sampler.probe(run["vllm_python"]):
+        raise ValueError(vllm_sampler.probe(run["vllm_python"]))
+    tok = load_tokenizer(policy)
+    prompts = [[{"role": "user", "content": r["instruction"]}] for r in items]
+    how = dict(max_new_tokens=cfg.answer_tokens, temperature=run["eval_temperature"],
+               top_p=run["top_p"])
+    if vllm:
+        outs = vllm_sampler.generate(sample, run["vllm_python"], policy, tok, prompts,
+                                     range(len(prompts)), 1, run["seed"],
+                                     memory=run["vllm_memory"], **how)[0]
+    else:
+        device = "cuda" if run["device"] != "cpu" and torch.cuda.is_available() else "cpu"
+        outs = sample.generate(Transformer.from_pretrained(policy, device=device), tok, prompts,
+                               seed=run["seed"], progress=True, **how)
+    name = cfg.generator or f"{os.path.basename(os.path.abspath(cfg.out))}-iter_{t}"
+    path = os.path.join(cfg.out, "alpaca_eval", f"iter_{t}.json")
+    alpaca_eval.write(path, alpaca_eval.model_outputs(items, outs, name))
+    print(f"wrote {len(items)} answers of iterate {t} ({policy}) as {name!r} to {path}")
+
+
 @dataclass
 class Config:
     out: str = "out"                # the run folder of a finished or partial train.py run
     select_by: str = "lc_vs_gold"   # best iterate by: lc_vs_gold | vs_gold | lc_vs_init | vs_init
     table: str = "both"             # the table printed: default | paper (Table 2's columns) | both
+    # AlpacaEval 2 (dnolib/alpaca_eval.py): an iterate's answers, instead of the report
+    alpaca_eval: str = ""           # AlpacaEval's eval set (alpaca_eval.json); "" = the report
+    iterate: int = -1               # --alpaca_eval: iterate t to export (0: pi_1; -1: best.json's)
+    answer_tokens: int = 2048       # --alpaca_eval: the most new tokens of an answer
+    generator: str = ""             # --alpaca_eval: its "generator" name; "" = RUN-iter_t
 
 
 # -----------------------------------------------------------------------------
@@ -390,6 +436,9 @@ if __name__ == "__main__":
             raise ValueError(f"--select_by must be one of {', '.join(SELECT)}; got {cfg.select_by!r}")
         if cfg.table not in ("default", "paper", "both"):
             raise ValueError(f"--table must be default, paper or both; got {cfg.table!r}")
-        report(cfg.out, cfg.select_by, final=True, view=cfg.table)
+        if cfg.alpaca_eval:
+            alpaca_export(cfg)
+        else:
+            report(cfg.out, cfg.select_by, final=True, view=cfg.table)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

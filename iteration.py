@@ -37,7 +37,8 @@ from safetensors import SafetensorError
 import dno
 import evaluate
 import oracle
-from dnolib import lora, stages
+import sample
+from dnolib import lora, stages, tracking, vllm_sampler
 from dnolib.distributed import barrier, for_training, full_state_dict, gather, on_rank0, print0, rank
 from dnolib.distributed import sum_over_ranks, world
 from dnolib.model import Transformer
@@ -56,7 +57,7 @@ class Reads(NamedTuple):
 # flag an old manifest lacks is a mismatch). Every train.Config field is a flag here, a file read as
 # an input (train.INPUT_FIELDS) or in train.NO_ARTIFACT: tests/test_declared.py walks the fields.
 JUDGE = ("judge", "judge_model", "base_url", "judge_context", "seed")   # the oracle's answers
-SAMPLING = ("max_new_tokens", "top_p", "seed")
+SAMPLING = ("max_new_tokens", "top_p", "seed", "sampler")
 TRAINING = ("target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs",
             "max_steps", "weight_decay", "grad_clip", "seed", "lora_rank", "lora_alpha")
 STAGES = {
@@ -86,6 +87,7 @@ class Run:
     judge: oracle.Config            # the preference oracle P (with the run-wide cache and ledger)
     fn: object = None               # a Python judge function, when --judge names one
     amp: object = False             # autocast dtype of training and log-probs: bf16 or False
+    tracker: object = tracking.NullTracker()   # --report_to (dnolib/tracking.py); rank 0 only
 
 
 # ------------------------------------------------------------------------ candidates and policies
@@ -126,6 +128,8 @@ def policy_dir(run, t):
 
 def sample_split(run, policy, rows, k, seed, temperature):
     """k samples per prompt from a policy; prompts split across ranks, gathered in order."""
+    if run.cfg.sampler == "vllm":                       # a vLLM child on the policy's folder
+        return vllm_sampler.sample_split(run, policy, rows, k, seed, temperature, sample)
     model, tok = load_policy(policy, run.device)
     mine = rows[rank()::world()]
     outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k,
@@ -332,6 +336,7 @@ def train_pi(run, t, pairs):
     for_training(model, run.cfg.grad_ckpt, bf16=run.amp is torch.bfloat16)   # FSDP2 (torchrun)
     P = read_jsonl(os.path.join(pairs, "pairs.jsonl"))
     log = optimize(model, P, run.cfg, t, run.device, run.amp)
+    on_rank0(tracking.log_steps, run.tracker, run.out, t, log)   # --report_to: the step log
     sd = full_state_dict(model)                         # under torchrun: gathered on CPU, else None
     on_rank0(save_checkpoint, run, t, want, model, tok, sd, log)
     barrier()
@@ -368,6 +373,7 @@ def eval_step(run, t):
         barrier()
     final = t == run.cfg.iterations                     # the report reads verified iterations only
     on_rank0(evaluate.report, run.out, run.cfg.select_by, final, t)
+    on_rank0(tracking.log_metrics, run.tracker, run.out, t)   # --report_to: metrics.jsonl's row t
     return path
 
 

@@ -6,9 +6,12 @@ algorithm line (docs/paper.md maps every line of the paper's algorithms to the c
     python train.py --out runs/x --model Qwen/Qwen2.5-0.5B-Instruct --prompts p.jsonl \
         --judge rubric --judge_model gpt-4o-mini --max_usd 20    # one GPU, an API judge
     torchrun --nproc_per_node=8 train.py --out runs/x --model DIR --prompts p.jsonl --judge rubric
+    python train.py ... --sampler vllm --vllm_python VENV/bin/python   # line 4 by vLLM, its own venv
+    python train.py ... --report_to tensorboard   # or wandb: config, steps, metrics (docs/one_gpu.md)
     python train.py --out runs/x --iterations 4   # grow a finished run: iterations 1..3 are reused
     python train.py --out runs/x --rollback 2     # redo iteration 2 and later
     python evaluate.py --out runs/x               # the report of a run
+    python evaluate.py --out runs/x --alpaca_eval alpaca_eval.json   # AlpacaEval 2's model_outputs
 
 Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teacher response,
 "id"?: str}. --out holds iter_0/eval/ (pi_1 on validation), iter_t/{samples, judgments, pairs,
@@ -53,7 +56,7 @@ import numpy as np
 import torch
 
 import oracle
-from dnolib import stages
+from dnolib import stages, tracking, vllm_sampler
 from dnolib.cli import check, cli, show
 from dnolib.distributed import barrier, on_rank0, print0, rank, world
 from dnolib.distributed import finish as finish_processes
@@ -119,11 +122,18 @@ class Config:
     judge_context: int = 128000   # the judge model's context (tokens): candidates are cut to fit it
     rollback: int = -1            # redo iteration t and later: discard OUT/iter_t.. (-1: keep all)
     stage_pause: float = 0.0      # test hook: seconds to sleep inside each stage before it commits
+    # engines and logging (issue 27): vLLM for line 4 and validation answers, experiment tracking
+    sampler: str = "ours"         # who samples line 4 and the validation answers: ours | vllm
+    vllm_python: str = ""         # --sampler vllm: the python of your own vLLM environment
+    vllm_memory: float = 0.5      # --sampler vllm: share of the GPU its engine may take
+    vllm_parity: int = 8          # --sampler vllm: prompts our model checks against vLLM (0: none)
+    report_to: str = "none"       # none | tensorboard | wandb: config, train steps, metrics.jsonl
 
 
 CHOICES = {"target": ("hard", "soft"), "pairs": ("margin", "all", "restrictive", "spin"),
            "schedule": ("cosine", "linear"),
-           "opponents": ("candidates", "samples"),
+           "opponents": ("candidates", "samples"), "sampler": ("ours", "vllm"),
+           "report_to": ("none", "tensorboard", "wandb"),
            "select_by": ("lc_vs_gold", "vs_gold", "lc_vs_init", "vs_init"),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32")}
 PRECISION = {"bf16": torch.bfloat16, "fp32": False}    # --precision -> autocast dtype of training
@@ -140,14 +150,14 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
     "concurrency": GE1, "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT,
     "position_audit": UNIT, "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
     "stage_pause": GE0, "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS,
-    "ref_mix": UNIT}
+    "ref_mix": UNIT, "vllm_memory": (tiny, 1, "in (0, 1]"), "vllm_parity": GE0}
 # Every field is a flag some stage records (iteration.STAGES), a file read by content through the
 # stage input that hashes it (INPUT_FIELDS), or a field that changes no stage's files (NO_ARTIFACT;
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
 INPUT_FIELDS = {"model": "policy", "prompts": "prompts", "teacher_styles": "policy"}   # demo: pi_1
 NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ckpt", "select_by",
                "sample_rows", "api_key_env", "concurrency", "max_usd", "max_calls", "max_failure_rate", "rollback",
-               "stage_pause")
+               "stage_pause", "vllm_python", "vllm_memory", "vllm_parity", "report_to")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -248,6 +258,8 @@ def prepare(cfg):
                          "the other samples)")
     # --threads too (applied once the size is known)
     pick_threads(cfg.threads, 0)
+    if cfg.sampler == "vllm" and vllm_sampler.probe(cfg.vllm_python):   # no vLLM: one line
+        raise ValueError(vllm_sampler.probe(cfg.vllm_python))
     judge, fn = oracle.make_judge(cfg)                  # a bad judge, URL or key: refused up front
     device = setup_device(cfg.device)                   # --device cuda without a GPU: one line
     os.makedirs(cfg.out, exist_ok=True)
@@ -292,20 +304,26 @@ def prepare(cfg):
     print0("config:\n" + show(cfg))
     if rank() == 0:                                     # the resolved flags, beside the stages
         stages.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(vars(cfg), indent=1))
+    tracker = tracking.open_tracker(cfg.report_to if rank() == 0 else "none", cfg.out, vars(cfg),
+                                    log=print0)        # --report_to: the run config first
     return Run(cfg=cfg, out=cfg.out, pi_1=model, tok=tok, context=args.max_seq_len, val=val,
                slices=slices, skipped=skipped, device=device, judge=judge, fn=fn,
-               amp=PRECISION[cfg.precision])
+               amp=PRECISION[cfg.precision], tracker=tracker)
 
 
 def main(argv=None):
     cfg = cli(Config, argv)
+    run = None
     try:
-        dno_prct(prepare(cfg))
+        run = prepare(cfg)
+        dno_prct(run)
     except (ValueError, OSError, oracle.BudgetExceeded) as e:   # user mistakes, budget stops
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted; finished stages are kept, rerun the same command to resume")
     finally:
+        if run is not None:
+            run.tracker.close()                         # --report_to: flush the last events
         stages.unlock(cfg.out)                          # the lock (the kernel drops it on a kill)
         finish_processes()                              # the process group under torchrun
 

@@ -175,8 +175,8 @@ def collect(cfg):
 
 
 def table1(units, words, n_seeds):
-    lines = [f"| policy (last iterate) | win-rate vs gold | − DNO (paired) | rubric score 0..6 | "
-             f"− DNO (paired) | words |", "|---|---|---|---|---|---|"]
+    lines = ["| policy (last iterate) | win-rate vs gold | − DNO (paired) | rubric score 0..6 | "
+             "− DNO (paired) | words |", "|---|---|---|---|---|---|"]
     names = {"pi_1": "SFT pi_1", "dno": "DNO (--pairs margin)",
              "restrictive": "DNO-Restrictive", "spin": "SPIN", "offline": "offline DPO"}
     for m in ("dno", "restrictive", "spin", "offline", "pi_1"):
