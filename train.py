@@ -122,7 +122,7 @@ class Config:
     judge_context: int = 128000   # the judge model's context (tokens): candidates are cut to fit it
     rollback: int = -1            # redo iteration t and later: discard OUT/iter_t.. (-1: keep all)
     stage_pause: float = 0.0      # test hook: seconds to sleep inside each stage before it commits
-    # engines and logging (issue 27): vLLM for line 4 and validation answers, experiment tracking
+    # engines and logging: vLLM for line 4 and validation answers, experiment tracking
     sampler: str = "ours"         # who samples line 4 and the validation answers: ours | vllm
     vllm_python: str = ""         # --sampler vllm: the python of your own vLLM environment
     vllm_memory: float = 0.5      # --sampler vllm: share of the GPU its engine may take
