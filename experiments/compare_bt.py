@@ -15,7 +15,12 @@ Per seed s, in OUT/s<s>/:
                      own annotations: every iteration, or with --at its first min(--at)).
   3. bt/             python train.py --judge demo_bt --seed s TRAIN from run 1's pi_1
                      and prompts: the same loop, flags, prompts and pair rule; only the preference
-                     is the fitted, transitive one.
+                     is the fitted, transitive one, frozen (--bt frozen).
+     bt_refit/       the same BT loop with its reward refitted every iteration t on J's tables of
+                     that iteration's candidates of its own pi_t (K samples + gold: what DNO's
+                     judge sees of DNO's pi_t), bt_refit/bt_rewards/reward_<t>.json (--bt refit;
+                     the judge experiments.compare_bt:demo_bt_refit).
+     dno_also/       with --also FLAGS: DNO again with TRAIN plus FLAGS (e.g. --optimistic 6).
   4. evaluation      every policy answers the same held-out prompts, one sample each at temperature
                      1 / top-p 1 (the policy itself), scored by its worst-case win-rate under J
                      against the exact best responses. Under demo_rps and demo_cyclic P(y > y')
@@ -24,7 +29,8 @@ Per seed s, in OUT/s<s>/:
                      worst case = min over styles s of mean_x P(pi(x) > perfect_s(x)) (the
                      responder knows the policy, not its samples: one style for all prompts).
                      Standard errors are over prompts; differences are paired by prompt.
-  OUT/compare.json, OUT/compare.md: every seed's report and the table (one per --at).
+  OUT/compare.json, OUT/compare.md: every seed's report and the table (one per --at), each DNO
+  row paired by prompt with pi_1, the same row of both BT loops and of plain DNO.
 Prefixes (--at 8,16,32): one run of T = 32 iterations holds the runs of T = 8 and 16. Its first
 T iterations are exactly a T-iteration run with the same flags: the slices D_t are cut from one
 seeded permutation in a fixed size that does not depend on T (train.split; so --prompts_per_iter

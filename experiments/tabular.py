@@ -3,6 +3,7 @@
 Usage:
     python tabular.py                             # Alg. 1 on an intransitive game (CPU, seconds)
     python tabular.py --eta 0.5 --iters 3000 --log_every 100
+    python -m experiments.tabular --methods true  # + last iterates: optimism, --ref_mix, Nash-MD
     python -m pytest -q tests/test_tabular.py     # the checks, CPU, seconds
 
     from experiments.tabular import cyclic_game, run_tabular, exploitability
@@ -15,6 +16,9 @@ target is the ideal update pi_{t+1} = pi_t exp(r_t / eta) / Z (Eq. 9), the updat
 demo shows what the theory promises and what it does not: the average iterate converges to the Nash
 policy, the last iterate cycles, and a Bradley-Terry reward (what RLHF fits) picks a pure action
 that the cycle exploits. The notation is dno.py's glossary (eta, r_t, pi_t, exploitability).
+last_iterate_table compares methods for a last iterate that converges: optimism (train.py
+--optimistic, exactly optimistic multiplicative weights) settles, --ref_mix and Nash-MD's mixture
+settle only with a small step (large eta), at a regularised equilibrium away from Nash.
 
 Departures from the paper (deliberate, numbered):
     1. pi_1 is not uniform: cyclic_game's "SFT" policy (0.1 / 0.1 / 0.1 / 0.4 / 0.3) favours the
