@@ -79,6 +79,7 @@ Departures from the paper (deliberate, numbered):
        wins, with no margin and no floor. spin_pairs is SPIN (the gold y+, every sample y-, no
        annotation).
     Extension 1 (ours, after the paper's Appendix A): geometric_reference, train.py --ref_mix.
+    Extension 2 (ours, optimistic multiplicative weights): optimistic_reference, --optimistic.
 """
 from dnolib.cli import early_help
 if __name__ == "__main__":
@@ -338,6 +339,31 @@ def geometric_reference(logp_t, logp_1, beta):
     if not 0 <= beta <= 1:
         raise ValueError(f"geometric_reference: beta must be in [0, 1], got {beta}")
     return (1 - beta) * logp_t + beta * logp_1                 # (N,)
+
+
+# ----------------------------------------------------------------------------- extension 2
+# Optimism (optimistic multiplicative weights, Rakhlin & Sridharan 2013; Daskalakis & Panageas 2019:
+# its last iterate converges in zero-sum games with a unique equilibrium): tilt by 2 r_t - r_{t-1}
+#
+#   pi_{t+1}(y|x) ~ pi_t(y|x) * exp( (2 r_t(x, y) - r_{t-1}(x, y)) / (2 eta) ),  r_0 = 0
+#
+# r_{t-1}(y) = P(y > pi_{t-1}) is not judged for this iteration's candidates, but every past tilt is
+# in the iterates: log pi_{k+1} - log pi_k = (2 r_k - r_{k-1}) / (2 eta) (+ a constant), so
+# r_{t-1} / (2 eta) = sum_{j>=1} 2^-j (log pi_{t-j+1} - log pi_{t-j}). Moved into the reference,
+# the update is Alg. 1, line 4's with target r_t / eta and
+#
+#   log ref(y|x) = 1/2 log pi_t + 1/4 log pi_{t-1} + ... + 2^-(t-1) log pi_2 + 2^-(t-1) log pi_1
+#
+# a geometric mixture of the past iterates, halving (tests/test_tabular.py: exactly OMWU). Departure
+# (ours): train.py --optimistic N keeps the newest N iterates, the oldest kept one taking the rest of
+# the weight; on a model each pi_{k+1} is the regression's fit, not the exact tilt.
+def optimistic_reference(logps):
+    """log ref(y|x) above from [log pi_t, log pi_{t-1}, ...] (newest first, each (N,)) -> (N,)."""
+    if not logps:
+        raise ValueError("optimistic_reference: needs log pi_t at least")
+    w = [2.0 ** -(j + 1) for j in range(len(logps))]
+    w[-1] += 1.0 - sum(w)                                      # the oldest kept: the rest
+    return sum(wj * lp for wj, lp in zip(w, logps))            # (N,)
 
 
 # ----------------------------------------------------------------------------- demo

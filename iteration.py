@@ -66,7 +66,7 @@ STAGES = {
     "judgments": Reads(("prompts", "samples"), JUDGE + ("position_audit", "gold")),
     "pairs": Reads(("prompts", "samples", "judgments", "earlier_pairs"),
                    ("pairs", "opponents", "replay", "seed")),
-    "reference": Reads(("policy", "pairs"), ("precision", "ref_mix")),
+    "reference": Reads(("policy", "pairs"), ("precision", "ref_mix", "optimistic")),
     "checkpoint": Reads(("policy", "pairs"), ("precision",) + TRAINING),
     "eval": Reads(("policy", "val", "init"), ("num_val", "eval_temperature") + SAMPLING + JUDGE),
 }
@@ -296,7 +296,7 @@ def reference_step(run, t, pairs):
     if want is None:
         return path
     P = read_jsonl(os.path.join(pairs, "pairs.jsonl"))
-    for i, c, r in gather(reference_logps(run, policy, P)):
+    for i, c, r in gather(reference_logps(run, policy, P, t)):
         P[i].update(ref_chosen=c, ref_rejected=r)
     if rank() == 0:
         commit(run, t, "reference", want, {"pairs.jsonl": P}, {"pairs": len(P)})
@@ -305,7 +305,7 @@ def reference_step(run, t, pairs):
 
 
 @torch.no_grad()
-def reference_logps(run, policy, P):
+def reference_logps(run, policy, P, t=1):
     """This rank's share of the pairs -> [(index, log ref(y+|x), log ref(y-|x))], ref = pi_t or the
     geometric mixture of pi_t and pi_1 (--ref_mix)."""
     model, _ = load_policy(policy, run.device)
@@ -321,7 +321,27 @@ def reference_logps(run, policy, P):
             c = dno.geometric_reference(c, c1, run.cfg.ref_mix)
             r = dno.geometric_reference(r, r1, run.cfg.ref_mix)
         got += list(zip(idx, c.tolist(), r.tolist()))
+    if run.cfg.optimistic:                              # extension 2: past iterates, halving
+        got = optimistic_logps(run, P, got, t)
     return got
+
+
+@torch.no_grad()
+def optimistic_logps(run, P, got, t):
+    """--optimistic N: the reference of dno.optimistic_reference over pi_t, pi_{t-1}, ..., pi_{t-N+1}
+    (got holds log pi_t). -> got with the mixture in place of log pi_t."""
+    past = [policy_dir(run, u) for u in range(t - 1, max(0, t - run.cfg.optimistic), -1)]
+    rows = [(i, [c], [r]) for i, c, r in got]
+    for path in past:                                   # pi_{t-1}, pi_{t-2}, ... (newest first)
+        model, _ = load_policy(path, run.device)
+        for k in range(0, len(rows), run.cfg.micro_batch):
+            part = rows[k:k + run.cfg.micro_batch]
+            c, r, _ = dno.pair_logps(model, [P[i] for i, _, _ in part], run.device, run.amp)
+            for (_, cs, rs), ci, ri in zip(part, c.tolist(), r.tolist()):
+                cs.append(ci)
+                rs.append(ri)
+    mix = lambda xs: float(dno.optimistic_reference([torch.tensor(x) for x in xs]))
+    return [(i, mix(cs), mix(rs)) for i, cs, rs in rows]
 
 
 def train_pi(run, t, pairs):

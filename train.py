@@ -90,6 +90,7 @@ class Config:
     gold: bool = True             # the gold joins the K samples as a candidate (Alg. 1: off-policy mu)
     opponents: str = "candidates"  # r_t(y) a win-rate vs: candidates (K+1) | samples (pi_t's K)
     ref_mix: float = 0.0          # extension 1: log ref = (1-ref_mix) log pi_t + ref_mix log pi_1
+    optimistic: int = 0           # extension 2: OMWU, ref = the last N iterates, halving (0: off)
     teacher_styles: str = ""      # built-in demo: the teacher's style mix, e.g. 0.8,0.15,0.05
     eta: float = 0.1              # eta of the contrastive loss (line 7; DPO's beta); see dno.py
     lr: float = 4e-5              # peak lr of iteration 1 (demo-sized; the paper: 5e-5 for 7B)
@@ -150,7 +151,7 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
     "concurrency": GE1, "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT,
     "position_audit": UNIT, "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
     "stage_pause": GE0, "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS,
-    "ref_mix": UNIT, "vllm_memory": (tiny, 1, "in (0, 1]"), "vllm_parity": GE0}
+    "ref_mix": UNIT, "optimistic": GE0, "vllm_memory": (tiny, 1, "in (0, 1]"), "vllm_parity": GE0}
 # Every field is a flag some stage records (iteration.STAGES), a file read by content through the
 # stage input that hashes it (INPUT_FIELDS), or a field that changes no stage's files (NO_ARTIFACT;
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
@@ -235,7 +236,7 @@ def dno_prct(run):
         samples = sample_step(run, t, D_t)              # line 4: y_1..y_K ~ pi_t(.|x), x in D_t
         judgments = judge_step(run, t, D_t, samples)    # line 5: P on {y_1..y_K, y_gold}
         pairs = pairs_step(run, t, D_t, samples, judgments)   # lines 5-6: rank, pairs, replay
-        pairs = reference_step(run, t, pairs)           # line 7: log pi_t(y|x), the reference
+        pairs = reference_step(run, t, pairs)           # line 7: log pi_t(y|x) (or ext. 2's mix)
         train_pi(run, t, pairs)                         # line 7: pi_{t+1} by the contrastive loss
         eval_step(run, t)                               # line 9's data: pi_{t+1} on validation
     if rank() == 0:
@@ -253,6 +254,8 @@ def prepare(cfg):
                          "needs --gold true")
     if cfg.pairs == "spin" and cfg.target == "soft":
         raise ValueError("--pairs spin asks no judge, so there is no r_t for --target soft")
+    if cfg.optimistic and cfg.ref_mix:
+        raise ValueError("--optimistic and --ref_mix are two references: set one of them")
     if cfg.opponents == "samples" and cfg.num_samples < 2:
         raise ValueError("--opponents samples needs --num_samples >= 2 (a sample's r_t is against "
                          "the other samples)")

@@ -15,7 +15,12 @@ Per seed s, in OUT/s<s>/:
                      own annotations: every iteration, or with --at its first min(--at)).
   3. bt/             python train.py --judge demo_bt --seed s TRAIN from run 1's pi_1
                      and prompts: the same loop, flags, prompts and pair rule; only the preference
-                     is the fitted, transitive one.
+                     is the fitted, transitive one, frozen (--bt frozen).
+     bt_refit/       the same BT loop with its reward refitted every iteration t on J's tables of
+                     that iteration's candidates of its own pi_t (K samples + gold: what DNO's
+                     judge sees of DNO's pi_t), bt_refit/bt_rewards/reward_<t>.json (--bt refit;
+                     the judge experiments.compare_bt:demo_bt_refit).
+     dno_also/       with --also FLAGS: DNO again with TRAIN plus FLAGS (e.g. --optimistic 6).
   4. evaluation      every policy answers the same held-out prompts, one sample each at temperature
                      1 / top-p 1 (the policy itself), scored by its worst-case win-rate under J
                      against the exact best responses. Under demo_rps and demo_cyclic P(y > y')
@@ -24,7 +29,8 @@ Per seed s, in OUT/s<s>/:
                      worst case = min over styles s of mean_x P(pi(x) > perfect_s(x)) (the
                      responder knows the policy, not its samples: one style for all prompts).
                      Standard errors are over prompts; differences are paired by prompt.
-  OUT/compare.json, OUT/compare.md: every seed's report and the table (one per --at).
+  OUT/compare.json, OUT/compare.md: every seed's report and the table (one per --at), each DNO
+  row paired by prompt with pi_1, the same row of both BT loops and of plain DNO.
 Prefixes (--at 8,16,32): one run of T = 32 iterations holds the runs of T = 8 and 16. Its first
 T iterations are exactly a T-iteration run with the same flags: the slices D_t are cut from one
 seeded permutation in a fixed size that does not depend on T (train.split; so --prompts_per_iter
@@ -87,6 +93,8 @@ class Config:
     eval_only: bool = False         # only evaluate finished runs (no training)
     at: str = ""                    # evaluate these prefixes T, e.g. 8,16,32 ("": the whole runs)
     mixture: str = "mean"           # mean: every iterate answers every prompt | draw: one drawn
+    bt: str = "frozen,refit"        # BT loops: frozen (fitted once on DNO's) and/or refit (own, per t)
+    also: str = ""                  # train.py flags of a second DNO loop, e.g. "--optimistic 6"
 
 
 # ------------------------------------------------------------ the Bradley-Terry reward
@@ -137,6 +145,54 @@ def demo_bt(prompt, candidates):
         w = json.load(f)["w"]
     r = [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]
     return {"P": [[1.0 / (1.0 + math.exp(rj - ri)) for rj in r] for ri in r]}
+
+
+def demo_bt_refit(prompt, candidates, id):
+    """The refit BT loop's judge (train.py --judge demo_bt_refit, compare_bt.py --bt refit): the
+    table of demo_bt under a reward refitted every iteration t on what DNO's judge would say of
+    iteration t's candidates of this loop's own pi_t (its K samples and the gold: nothing DNO does
+    not see), fitted once and kept as RUN/bt_rewards/reward_<t>.json. $DEMO_BT_REFIT names the run
+    folder, $DEMO_BT_JUDGE the true judge. Validation after iteration t (line 9) uses reward t;
+    pi_1's validation (t = 0), before any annotation, ties everything (1/2)."""
+    run = os.environ.get("DEMO_BT_REFIT", "")
+    if not run or not os.path.isdir(run):
+        raise ValueError("judge demo_bt_refit needs DEMO_BT_REFIT=RUN_FOLDER (set by compare_bt.py)")
+    head = id.split(":", 1)[0]                                  # "train<t>" or "eval<t>"
+    t = int(head[5:] if head.startswith("train") else head[4:])
+    if t == 0:
+        return {"P": [[0.5] * len(candidates) for _ in candidates]}
+    w = refit_reward(run, t, os.environ.get("DEMO_BT_JUDGE", "demo_rps"))
+    r = [sum(a * b for a, b in zip(w, features(prompt, c))) for c in candidates]
+    return {"P": [[1.0 / (1.0 + math.exp(rj - ri)) for rj in r] for ri in r]}
+
+
+REFIT = {}                                          # (run, t) -> w: one fit per iteration per process
+
+
+def refit_reward(run, t, judge):
+    """w of iteration t: RUN/bt_rewards/reward_<t>.json, else fit_bt on the true judge's tables of
+    RUN/iter_t's samples (+ the gold where the run judges it) and write it (atomic)."""
+    path = os.path.join(run, "bt_rewards", f"reward_{t}.json")
+    if (run, t) not in REFIT and os.path.exists(path):
+        with open(path) as f:
+            REFIT[(run, t)] = json.load(f)["w"]
+    if (run, t) not in REFIT:
+        cfg = run_config(run)
+        prompts = {r["id"]: r for r in jsonl(cfg["prompts"])}
+        pref_fn, ann = demo_task.PREFS[judge], []
+        for s in jsonl(os.path.join(run, f"iter_{t}", "samples", "samples.jsonl")):
+            row = prompts[s["id"]]
+            cands = [x["text"] for x in s["samples"]]
+            cands += [row["gold"]] if cfg.get("gold", True) and row.get("gold") else []
+            ann.append((row["prompt"], cands,
+                        [[pref_fn(row["prompt"], a, b) for b in cands] for a in cands]))
+        REFIT[(run, t)] = fit_bt(ann)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"w": REFIT[(run, t)], "features": ["score", " ", ",", "|"], "judge": judge,
+                       "iteration": t, "annotated_prompts": len(ann)}, f)
+        os.replace(path + ".tmp", path)
+    return REFIT[(run, t)]
 
 
 def jsonl(path):
@@ -197,8 +253,16 @@ def run_pair(cfg, seed, flags, upto=0):
                    "annotated_prompts": len(annotations), "iterations": T}, f)
     print(f"BT reward on {len(annotations)} prompts judged by {cfg.judge} over {T} iterations: "
           f"w = {[round(x, 2) for x in w]} (score, ' ', ',', '|')", flush=True)
-    train(["--judge", "demo_bt", "--out", bt_dir] + start + common,
-          env={"DEMO_BT_REWARD": reward})
+    if "frozen" in cfg.bt.split(","):
+        train(["--judge", "demo_bt", "--out", bt_dir] + start + common,
+              env={"DEMO_BT_REWARD": reward})
+    refit = os.path.join(root, "bt_refit")
+    if "refit" in cfg.bt.split(","):                # reward refitted on its own iteration t
+        train(["--judge", "experiments.compare_bt:demo_bt_refit", "--out", refit] + start + common,
+              env={"DEMO_BT_REFIT": refit, "DEMO_BT_JUDGE": cfg.judge})
+    if cfg.also:                                    # DNO again, with the extra flags
+        train(["--judge", cfg.judge, "--out", os.path.join(root, "dno_also")] + start + common
+              + cfg.also.split())
 
 
 # ------------------------------------------------------------ evaluation
@@ -297,10 +361,12 @@ def evaluate_seed(cfg, seed, T=0):
     policies["pi_1"] = [answers(pi_1, rows, cfg.temperature, cfg.top_p, seed, cache)]
     policies.update({f"DNO {k}": v for k, v in dno_pols.items()})
     which.update({f"DNO {k}": v for k, v in dno_which.items()})
-    if os.path.exists(os.path.join(root, "bt", "best.json")):
-        bt_pols, bt_which, _ = run_policies(os.path.join(root, "bt"), rows, cfg, seed, cache, T)
-        policies.update({f"BT loop {k}": v for k, v in bt_pols.items()})
-        which.update({f"BT loop {k}": v for k, v in bt_which.items()})
+    loops = (("dno_also", f"DNO {cfg.also}"), ("bt", "BT loop"), ("bt_refit", "BT refit"))
+    for folder, label in loops:                         # the other loops that ran
+        if os.path.exists(os.path.join(root, folder, "best.json")):
+            got, got_which, _ = run_policies(os.path.join(root, folder), rows, cfg, seed, cache, T)
+            policies.update({f"{label} {k}": v for k, v in got.items()})
+            which.update({f"{label} {k}": v for k, v in got_which.items()})
     for s in STYLES:                                    # the exploiters a cycle rewards
         policies[f"teacher {s!r}"] = [[restyle(r["gold"], s) for r in rows]]
     turn = [restyle(r["gold"], STYLES[k % 3]) for k, r in enumerate(rows)]
@@ -318,9 +384,11 @@ def evaluate_seed(cfg, seed, T=0):
                         "styles": [sum(style_of(y) == s for y in ys) / len(ys) for s in STYLES],
                         "mean_rubric": float(np.mean(sc))}
     for name in report:                                         # paired by prompt
-        twin = name.replace("DNO", "BT loop") if name.startswith("DNO") else None
-        for key, ref in (("vs pi_1", "pi_1"), ("vs BT loop", twin)):
-            if ref in per and ref != name:
+        kind = name.split()[-1]                                 # mixture | best | last
+        refs = (("vs pi_1", "pi_1"), ("vs BT loop", f"BT loop {kind}"),
+                ("vs BT refit", f"BT refit {kind}"), ("vs DNO", f"DNO {kind}"))
+        for key, ref in refs:
+            if ref in per and ref != name and (key == "vs pi_1" or name.startswith("DNO")):
                 d = per[name] - per[ref]                        # (n,) paired differences
                 report[name][key] = [float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))]
     return report
@@ -331,15 +399,16 @@ def markdown(reports):
     the style shares and the acceptable share (means over seeds)."""
     names = list(next(iter(reports.values())))
     cols = ["policy"] + [f"seed {s}: worst case" for s in reports]
-    cols += ["vs pi_1", "vs BT loop", "styles ' ' / ',' / '\\|'", "acceptable"]
+    cols += ["vs pi_1", "vs BT loop", "vs BT refit", "vs DNO", "styles ' ' / ',' / '\\|'",
+             "acceptable"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for a in names:
         rs = [rep[a] for rep in reports.values()]
         cells = [f"{r['worst']:.3f} ± {r['se']:.3f}" for r in rs]
         diffs = [", ".join(f"{r[k][0]:+.3f} ± {r[k][1]:.3f}" for r in rs if k in r) or "-"
-                 for k in ("vs pi_1", "vs BT loop")]
+                 for k in ("vs pi_1", "vs BT loop", "vs BT refit", "vs DNO")]
         st = " / ".join(f"{np.mean([r['styles'][i] for r in rs]):.2f}" for i in range(3))
-        ok = f"{np.mean([r['acceptable'] for r in rs]):.2f}"
+        ok = ", ".join(f"{r['acceptable']:.3f}" for r in rs)
         lines.append("| " + " | ".join([a.replace("|", "\\|")] + cells + diffs + [st, ok]) + " |")
     return "\n".join(lines)
 
@@ -369,6 +438,8 @@ def compare(cfg):
         demo_task.parse_styles(cfg.teacher_styles)     # a bad mix: one line, before any run
     if cfg.n_prompts < 2 or not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
         raise ValueError("need --n_prompts >= 2, --top_p in (0, 1], --temperature > 0")
+    if not set(cfg.bt.split(",")) <= {"frozen", "refit", ""}:
+        raise ValueError(f"--bt must name frozen and/or refit (comma-separated), got {cfg.bt!r}")
     if cfg.mixture not in ("mean", "draw"):
         raise ValueError(f"--mixture must be mean or draw, got {cfg.mixture!r}")
     try:

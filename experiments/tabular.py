@@ -3,6 +3,7 @@
 Usage:
     python tabular.py                             # Alg. 1 on an intransitive game (CPU, seconds)
     python tabular.py --eta 0.5 --iters 3000 --log_every 100
+    python -m experiments.tabular --methods true  # + last iterates: optimism, --ref_mix, Nash-MD
     python -m pytest -q tests/test_tabular.py     # the checks, CPU, seconds
 
     from experiments.tabular import cyclic_game, run_tabular, exploitability
@@ -15,6 +16,9 @@ target is the ideal update pi_{t+1} = pi_t exp(r_t / eta) / Z (Eq. 9), the updat
 demo shows what the theory promises and what it does not: the average iterate converges to the Nash
 policy, the last iterate cycles, and a Bradley-Terry reward (what RLHF fits) picks a pure action
 that the cycle exploits. The notation is dno.py's glossary (eta, r_t, pi_t, exploitability).
+last_iterate_table compares methods for a last iterate that converges: optimism (train.py
+--optimistic, exactly optimistic multiplicative weights) settles, --ref_mix and Nash-MD's mixture
+settle only with a small step (large eta), at a regularised equilibrium away from Nash.
 
 Departures from the paper (deliberate, numbered):
     1. pi_1 is not uniform: cyclic_game's "SFT" policy (0.1 / 0.1 / 0.1 / 0.4 / 0.3) favours the
@@ -106,6 +110,73 @@ def run_tabular(P, pi_1, eta, iters):
     return hist, r_bt, np.exp(log_pi)
 
 
+# ----------------------------------------------------------------------------- last iterates
+def normalise(z):
+    """log-softmax of a log-space policy (n,)."""
+    return z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+
+
+def last_iterate_step(P, logs, log_pi1, method, eta, beta=0.0, keep=0):
+    """One exact update by one method from the iterates so far (logs: log pi_1..log pi_t). -> log
+    pi_{t+1}. plain: Alg. 1 (Eq. 9). optimistic: train.py --optimistic (dno.optimistic_reference:
+    the reference mixes the last `keep` iterates, 0 = all, with halving weights), which is
+    optimistic multiplicative weights pi_t exp((2 r_t - r_{t-1}) / (2 eta)) exactly. ref_mix:
+    train.py --ref_mix beta (Alg. 3, Option I; magnetic mirror descent toward pi_1 with step
+    1 / (eta (1 - beta)) and magnet strength beta eta). nash_md: the same reference, and r_t taken
+    against it (Nash-MD samples the opponent from the mixture)."""
+    log_pi = logs[-1]
+    if method == "plain":
+        ref, opponent = log_pi, log_pi
+    elif method == "optimistic":
+        past = logs[::-1][:keep or len(logs)]                 # log pi_t, log pi_{t-1}, ...
+        w = [2.0 ** -(j + 1) for j in range(len(past))]
+        w[-1] += 1.0 - sum(w)
+        ref, opponent = sum(wj * lp for wj, lp in zip(w, past)), log_pi
+    elif method in ("ref_mix", "nash_md"):
+        ref = normalise((1 - beta) * log_pi + beta * log_pi1)
+        opponent = ref if method == "nash_md" else log_pi
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    r = P @ np.exp(opponent)                                  # r_t(y) = P(y > opponent)
+    return normalise(ref + r / eta)
+
+
+def run_method(P, pi_1, method, eta, iters, beta=0.0, keep=0):
+    """Exploitability of the last and of the average iterate after each of iters updates."""
+    logs, total, hist = [np.log(pi_1)], pi_1.copy(), []
+    for t in range(1, iters + 1):
+        logs.append(last_iterate_step(P, logs, logs[0], method, eta, beta, keep))
+        total += np.exp(logs[-1])
+        hist.append({"t": t, "last": exploitability(P, np.exp(logs[-1])),
+                     "avg": exploitability(P, total / (t + 1))})
+    return hist
+
+
+# the methods the last-iterate table compares: (name, method, eta, beta, keep)
+METHODS = [("plain DNO (Alg. 1)", "plain", 0.1, 0.0, 0), ("plain DNO", "plain", 0.2, 0.0, 0),
+           ("--ref_mix 0.5 (Alg. 3, I)", "ref_mix", 0.1, 0.5, 0),
+           ("--ref_mix 0.05", "ref_mix", 1.0, 0.05, 0),
+           ("Nash-MD, beta 0.5", "nash_md", 0.1, 0.5, 0), ("Nash-MD, beta 0.05", "nash_md", 1.0, 0.05, 0),
+           ("--optimistic (all)", "optimistic", 0.2, 0.0, 0),
+           ("--optimistic 6", "optimistic", 0.2, 0.0, 6),
+           ("--optimistic (all)", "optimistic", 0.1, 0.0, 0)]
+
+
+def last_iterate_table(iters=1000, marks=(8, 16, 32, 100, 1000)):
+    """Markdown: last-iterate exploitability of every METHODS entry at the marks, and the average
+    iterate's at the end."""
+    P, pi_1 = cyclic_game()
+    marks = [m for m in marks if m <= iters]
+    head = ["method", "eta", "beta", "kept"] + [f"last, t = {m}" for m in marks] + ["average"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, method, eta, beta, keep in METHODS:
+        h = run_method(P, pi_1, method, eta, iters, beta, keep)
+        cells = [name, f"{eta:g}", f"{beta:g}", str(keep or "all")]
+        cells += [f"{h[m - 1]['last']:.4f}" for m in marks] + [f"{h[-1]['avg']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- demo
 
 @dataclass
@@ -113,6 +184,7 @@ class Config:
     eta: float = 0.1           # learning rate of Alg. 1, line 4's target (Eq. 9) (0.1: the authors' DPO beta)
     iters: int = 1000          # T, iterations of Alg. 1
     log_every: int = 50        # print one line every this many iterations (1 = every iteration)
+    methods: bool = False      # also print the last-iterate table (optimism, --ref_mix, Nash-MD)
 
 
 def main(cfg):
@@ -137,6 +209,8 @@ def main(cfg):
     f = hist[-1]
     print(f"final exploitability after {cfg.iters} iterations: average iterate {f['avg']:.4f}, "
           f"last iterate {f['last']:.4f}, BT-reward baseline {f['bt']:.4f}")
+    if cfg.methods:
+        print("last-iterate exploitability by method:\n" + last_iterate_table(cfg.iters))
 
 
 if __name__ == "__main__":
