@@ -237,6 +237,9 @@ def report(cfg):
 def main(argv=None):
     cfg = cli(Config, argv)
     try:
+        if not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
+            raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got "
+                             f"{cfg.seeds!r}")
         seeds = [int(s) for s in cfg.seeds.split(",")]
         if cfg.iterations < 1 or cfg.prompts_per_iter < 1 or cfg.num_val < 2:
             raise ValueError("need --iterations >= 1, --prompts_per_iter >= 1, --num_val >= 2")
