@@ -1,5 +1,5 @@
-"""ablations.py: the paper's Table 1 in miniature on the built-in demo: DNO vs DNO-Restrictive vs SPIN
-vs offline DPO vs the SFT policy pi_1, all else equal.
+"""ablations.py: the paper's Table 1 in miniature on the built-in demo: DNO vs DNO-Restrictive vs
+SPIN vs offline DPO vs the SFT policy pi_1, all else equal.
 
     python -m experiments.ablations                   # 3 seeds, T = 3 (about 15 min on 2 cores)
     python -m experiments.ablations --seeds 0 --iterations 2 --prompts_per_iter 40 --num_val 40
@@ -15,10 +15,10 @@ TRAIN flags:
                samples on all T slices' prompts (the same prompts), judged once, trained T epochs
                with pi_1 (the SFT model) as the reference
   pi_1         the SFT policy itself (the dno run's iter_0 evaluation)
-Each method is scored by its last iterate (the paper's Table 1: "Iter 3", "Epoch 4") on the seed's
-held-out prompts, judged against the gold by the run's own judge in both orders (evaluate.py):
-win-rate vs gold (the paper's AlpacaEval 2 is a win-rate against GPT-4-Turbo, the teacher), and
-the demo rubric's score of the answer (demo.task.rubric, 0..6). Seeds pool: every (seed, held-out
+Each method is scored by its last iterate (the paper's Table 1: "Iter 3", "Epoch 4"; line 9's best
+too) on the seed's held-out prompts, judged against the gold by the run's own judge in both orders
+(evaluate.py): win-rate vs gold (the paper's AlpacaEval 2 is a win-rate against GPT-4-Turbo, the
+teacher), and the demo rubric's score of the answer (demo.task.rubric, 0..6). Seeds pool: every (seed, held-out
 prompt) is one unit, standard errors are over units, and "- DNO" differences are paired by unit.
 Table 2's columns per iteration come from each run's metrics.jsonl (evaluate.annotation_stats),
 summed (counts) or averaged (rates) over seeds. OUT/ablations.md holds both tables.
@@ -104,13 +104,17 @@ def jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def last_eval(run):
-    """The run's last evaluated iterate: (t, {prompt id: its validation outcome and answer})."""
+def eval_of(run, which="last"):
+    """The run's last evaluated iterate, its best by line 9 (best.json) or pi_1 ("init"):
+    (t, {prompt id: its validation outcome and answer})."""
     ts = [int(d[5:]) for d in os.listdir(run) if d.startswith("iter_")
           and os.path.exists(os.path.join(run, d, "eval", "done"))]
     if not ts:
         raise FileNotFoundError(f"{run}: no evaluated iterate (run without --eval_only first)")
-    t = max(ts)
+    t = {"last": max(ts), "init": 0}.get(which)
+    if which == "best":
+        with open(os.path.join(run, "best.json"), encoding="utf-8") as f:
+            t = json.load(f)["iter"]
     folder = os.path.join(run, f"iter_{t}", "eval")
     answers = {o["id"]: o["samples"][0]["text"] for o in jsonl(os.path.join(folder,
                                                                            "samples.jsonl"))}
@@ -150,46 +154,46 @@ def fmt(m, se, p=3):
 
 
 def collect(cfg):
-    """-> ({policy: {(seed, prompt id): (vs gold, rubric)}}, {method: [metrics.jsonl rows per seed]},
-    words per policy)."""
+    """-> ({policy: {(seed, prompt id): (vs gold, rubric)}} for the last iterates, the same for line
+    9's best ones, {method: [metrics.jsonl rows per seed]}, words per policy)."""
     seeds = [int(s) for s in cfg.seeds.split(",")]
-    units, rows, words = {}, {m: [] for m in METHODS}, {}
+    units, best, rows, words = {}, {}, {m: [] for m in METHODS}, {}
     for seed in seeds:
         root = os.path.join(cfg.out, f"s{seed}")
         prompts = {r["id"]: r["prompt"] for r in jsonl(os.path.join(root, "demo", "prompts.jsonl"))}
         for m in ("pi_1",) + METHODS:
             run = os.path.join(root, "dno" if m == "pi_1" else m)
-            if m == "pi_1":
-                folder = os.path.join(run, "iter_0", "eval")
-                answers = {o["id"]: o["samples"][0]["text"]
-                           for o in jsonl(os.path.join(folder, "samples.jsonl"))}
-                outs = {o["id"]: {**o, "answer": answers[o["id"]]}
-                        for o in jsonl(os.path.join(folder, "outcomes.jsonl"))}
-            else:
-                outs = last_eval(run)[1]
-                rows[m].append(jsonl(os.path.join(run, "metrics.jsonl")))
+            outs = eval_of(run, "init" if m == "pi_1" else "last")[1]
             vals = unit_values(outs, prompts)
             units.setdefault(m, {}).update({(seed, i): v for i, v in vals.items()})
             words.setdefault(m, []).extend(len(o["answer"].split()) for o in outs.values())
-    return units, rows, words
+            if m != "pi_1":
+                rows[m].append(jsonl(os.path.join(run, "metrics.jsonl")))
+                vals = unit_values(eval_of(run, "best")[1], prompts)
+                best.setdefault(m, {}).update({(seed, i): v for i, v in vals.items()})
+    return units, best, rows, words
 
 
-def table1(units, words, n_seeds):
-    lines = ["| policy (last iterate) | win-rate vs gold | − DNO (paired) | rubric score 0..6 | "
-             "− DNO (paired) | words |", "|---|---|---|---|---|---|"]
+def table1(units, best, words, seeds):
+    lines = ["| policy (last iterate) | win-rate vs gold | − DNO (paired) | per seed | rubric score "
+             "0..6 | − DNO (paired) | words | line 9's best iterate: vs gold |", "|---|" + "---|" * 7]
     names = {"pi_1": "SFT pi_1", "dno": "DNO (--pairs margin)",
              "restrictive": "DNO-Restrictive", "spin": "SPIN", "offline": "offline DPO"}
     for m in ("dno", "restrictive", "spin", "offline", "pi_1"):
         u = units[m]
+        per_seed = [mean_se([v[0] for (s, _), v in u.items() if s == seed])[0] for seed in seeds]
+        b = best.get(m, u)
         cells = [names[m], fmt(*mean_se([v[0] for v in u.values()])),
                  "" if m == "dno" else fmt(*paired(u, units["dno"], 0)),
+                 ", ".join(fmt(x, None) for x in per_seed),
                  fmt(*mean_se([v[1] for v in u.values()]), 2),
                  "" if m == "dno" else fmt(*paired(u, units["dno"], 1), 2),
-                 f"{np.mean(words[m]):.2f}"]
+                 f"{np.mean(words[m]):.2f}", fmt(*mean_se([v[0] for v in b.values()]))]
         lines.append("| " + " | ".join(cells) + " |")
     n = len(units["dno"])
-    lines.append(f"\n{n} units = {n_seeds} seeds x held-out prompts; ± = one standard error over "
-                 "units, differences paired by unit.")
+    lines.append(f"\n{n} units = {len(seeds)} seeds x held-out prompts; ± = one standard error over "
+                 "units, differences paired by unit. Line 9 chooses on these same prompts, so its "
+                 "column is optimistic.")
     return "\n".join(lines)
 
 
@@ -217,12 +221,13 @@ def table2(rows):
 
 
 def report(cfg):
-    units, rows, words = collect(cfg)
-    n_seeds = len(cfg.seeds.split(","))
+    units, best, rows, words = collect(cfg)
+    seeds = [int(s) for s in cfg.seeds.split(",")]
     text = (f"Table 1 in miniature (T = {cfg.iterations}, |D_t| = {cfg.prompts_per_iter}, "
             f"seeds {cfg.seeds}, TRAIN: {cfg.train or '(defaults)'})\n\n"
-            + table1(units, words, n_seeds) + "\n\nTable 2's columns (iteration t's training data: "
-            "pi_t's samples, the paper's Iter t-1; T = gold, S = sample)\n\n" + table2(rows) + "\n")
+            + table1(units, best, words, seeds) + "\n\nTable 2's columns (iteration t's training "
+            "data: pi_t's samples, the paper's Iter t-1; T = gold, S = sample)\n\n" + table2(rows)
+            + "\n")
     with open(os.path.join(cfg.out, "ablations.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)
@@ -232,6 +237,9 @@ def report(cfg):
 def main(argv=None):
     cfg = cli(Config, argv)
     try:
+        if not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
+            raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got "
+                             f"{cfg.seeds!r}")
         seeds = [int(s) for s in cfg.seeds.split(",")]
         if cfg.iterations < 1 or cfg.prompts_per_iter < 1 or cfg.num_val < 2:
             raise ValueError("need --iterations >= 1, --prompts_per_iter >= 1, --num_val >= 2")
