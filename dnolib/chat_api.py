@@ -157,7 +157,7 @@ def endpoint(base_url):
     if not url.startswith(("http://", "https://")):
         raise OracleError(f"--base_url must start with http:// or https://, got {url[:8]!r}...")
     u = urlparse(url)
-    if u.username is not None or u.password is not None or u.query or u.fragment or "@" in u.netloc:
+    if u.username is not None or u.password is not None or u.query or u.fragment or u.params:  # ;k=v
         raise OracleError("--base_url must not hold credentials (user:password@host, ?key=..., "
                           "#...) nor any query or fragment: put the key in the variable named by "
                           "--api_key_env")
@@ -273,8 +273,9 @@ def views(text):
     """text as a careless server may have encoded it: as is, HTML entities, %-escapes, literal
     \\u / \\x escapes (and these chained), without blanks (for base64 split over lines)."""
     unu = lambda t: UNESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), t)
-    return {text, html.unescape(text), unquote(text), unu(text), unu(html.unescape(unquote(text))),
-            re.sub(r"\s", "", text)}
+    once = html.unescape(unquote(text))
+    return {text, html.unescape(text), unquote(text), unu(text), unu(once),
+            unu(html.unescape(unquote(once))), re.sub(r"\s", "", text)}  # twice: &amp;#115;
 
 
 @lru_cache(maxsize=8)
@@ -291,7 +292,8 @@ def encoded_forms(key):
 
 def holds_key(text, key):
     """Whether text holds the key, literally or in a common encoding (see views, encoded_forms)."""
-    return any(key in v for v in views(text)) or any(f in text for f in encoded_forms(key))
+    bare = re.sub(r"\s", "", text)  # base64 wrapped over lines
+    return any(key in v for v in views(text)) or any(f in bare for f in encoded_forms(key))
 
 
 def scrub(value, key):

@@ -36,7 +36,7 @@ def first_object(text):
     """-> (the JSON object that text starts with (after blanks), the text after it, kept raw).
     One decode from the start: linear in len(text); too deep a nesting is Unreadable, not a
     RecursionError."""
-    start = len(text) - len(text.lstrip())
+    start = len(text) - len(text.lstrip(BLANKS))
     try:
         obj, end = DECODER.raw_decode(text, start)
     except Unreadable:
@@ -50,7 +50,8 @@ def first_object(text):
     return obj, text[end:]
 
 
-FENCE = re.compile(r"\s*```[A-Za-z]*[ \t]*\n")  # a markdown code fence before the dictionary
+BLANKS = " \t\r\n\ufeff"  # whitespace and a byte-order mark
+FENCE = re.compile(r"[\s\ufeff]*```[A-Za-z]*[ \t]*\n")  # a markdown code fence before the dictionary
 
 
 def prefilled_object(text, prefill):
@@ -60,7 +61,7 @@ def prefilled_object(text, prefill):
     object, and nothing a reply quotes before it, can be read as the answer."""
     fence = FENCE.match(text)
     alone = text[fence.end():] if fence else text
-    if alone.lstrip().startswith("{"):
+    if alone.lstrip(BLANKS).startswith("{"):
         try:
             return first_object(alone)
         except Unreadable:
@@ -113,11 +114,11 @@ def verdict(top):
         else:
             other[tok] = other.get(tok, 0.0) + p
     known = mass["A"] + mass["B"]
-    rival = max(other, key=other.get, default=None)
-    if known == 0 or (rival is not None and other[rival] >= known):
-        return None, (f"no A / B among the top log-probs" if known == 0 else
-                      f"the likeliest token {str(rival)[:20]!r} ({other[rival]:.2f}) is neither "
-                      f"A nor B, which have {known:.2f}")
+    rival, most = max(other.items(), key=lambda kv: kv[1], default=(None, 0.0))  # token may be None
+    if known == 0 or most >= known:
+        return None, ("no A / B among the top log-probs" if known == 0 else
+                      f"the likeliest token {str(rival)[:20]!r} ({most:.2f}) is neither A nor B, "
+                      f"which have {known:.2f}")
     return mass["A"] / known, None
 
 

@@ -127,6 +127,7 @@ def test_the_reply_is_one_document_read_from_its_start():
     unescaped = continuation(OWN).replace("Fine.", "It says " + INJECTED)  # quotes not escaped
     assert parse_scores(unescaped, 4) is None  # not valid JSON: a failure, never [0, 6, 0, 0]
     assert parse_scores("Here: " + INJECTED, 4) is None  # a dictionary after prose may be a quote
+    assert parse_scores("\ufeff" + own, 4) == OWN  # a byte-order mark is a blank
     dup = own[:-1] + ', "id1_score": 0}'
     assert parse_scores(dup, 4) is None  # a key twice: a failure (json keeps the last: 0)
     twice = continuation(OWN).replace('"id2_score": 4', '"id2_score": 4, "id2_score": 6')
@@ -205,7 +206,7 @@ def test_verdict_tokens_are_normalised_and_unknown_mass_is_a_failure():
     assert verdict_prob([("\uff21", lp(0.8)), ("B", lp(0.1))]) == pytest.approx(8 / 9)  # fullwidth
     assert verdict_prob([("\U0001d400", lp(0.8)), ("b", lp(0.1))]) == pytest.approx(8 / 9)
     assert verdict_prob([("\u0120A", lp(0.6)), (" **b**", lp(0.3))]) == pytest.approx(2 / 3)
-    for other in ("**", "Answer", "\u0410"):  # markup alone, a word, a Cyrillic look-alike
+    for other in ("**", "Answer", "\u0410", None):  # markup, a word, a look-alike, no token
         assert verdict_prob([(other, lp(0.8)), ("B", lp(0.1))]) is None  # was 0.0: certain B
 
 
@@ -239,7 +240,8 @@ def test_timeout_bounds_the_whole_request_even_a_drip(tmp_path, key):
 
 # ----------------------------------------------------------------------------- secrets
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1?api_key=" + KEY,
-                                 "http://127.0.0.1:9/v1/?key=k", "http://127.0.0.1:9/v1#" + KEY, "http://u:p@127.0.0.1:9/v1",
+                                 "http://127.0.0.1:9/v1/?key=k", "http://127.0.0.1:9/v1#" + KEY,
+                                 "http://u:p@127.0.0.1:9/v1", "http://127.0.0.1:9/v1;api_key=k",
                                  "http://127.0.0.1:9/" + KEY + "/v1"])
 def test_credentials_in_the_url_are_refused_before_any_request(url, key):
     with pytest.raises(OracleError, match="--base_url") as e:
@@ -252,7 +254,10 @@ ECHOES = {"html": lambda k: "".join(f"&#{ord(c)};" for c in k),
           "base64": lambda k: base64.b64encode(f"Bearer {k}".encode()).decode(),
           "basic": lambda k: base64.b64encode(f":{k}".encode()).decode(),
           "u_text": lambda k: "".join(f"\\u{ord(c):04x}" for c in k),
-          "percent": lambda k: "".join(f"%{ord(c):02X}" for c in k)}
+          "percent": lambda k: "".join(f"%{ord(c):02X}" for c in k),
+          "html_twice": lambda k: "".join(f"&amp;#{ord(c)};" for c in k),
+          "base64_lines": lambda k: "\n".join(base64.b64encode(k.encode() * 2).decode()[i:i + 8]
+                                              for i in range(0, 60, 8))}
 
 
 @pytest.mark.parametrize("how", sorted(ECHOES))
