@@ -45,12 +45,14 @@ Departures from the paper (numbered):
 7. Fig. 3 prefills the start of the answer dictionary in the assistant's turn. Chat APIs cannot,
    so the user turn ends with it (PREFILL) and the reply is read either as a whole dictionary or
    as the rest of the prefilled one; the integer under "idK_score" is what counts.
-8. The reply is parsed as JSON and validated (exactly the keys id1_score..idn_score, integers
-   0..6); anything else is a failed judgment with the raw reply kept, never a default score. Two
-   valid dictionaries in one reply (e.g. one quoted from a candidate) are a failure too, so no
-   candidate's text can set another one's score.
+8. The reply is read as the one document the judge wrote (the reply alone when it starts a
+   dictionary, else PREFILL + reply), one JSON object decoded from its start: exactly the keys
+   id1_score..idn_score, integers 0..6, no key twice; anything else is a failed judgment with the
+   raw reply kept, never a default score. Text after that object is kept raw and never read, so
+   no candidate's text (quoted or echoed) can set another one's score.
 9. The pairwise and local judges are not in the paper (it ranks by rubric scores only); they give a
-   soft P(y > y' | x) from the verdict token's log-probs.
+   soft P(y > y' | x) from the verdict token's log-probs (tokens normalised: case, width, markup,
+   a leading space); a token that is neither and outweighs both letters is a failure.
 """
 from dnolib.cli import early_help
 if __name__ == "__main__":
@@ -70,7 +72,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 import dno
-from dnolib import judging
+from dnolib import judging, reply
 from dnolib.chat_api import (Breaker, JudgeUnavailable, connect, count_tokens, encoder,
                              endpoint, fit, host)
 from dnolib.cli import check, cli
@@ -91,7 +93,8 @@ class Config:
     concurrency: int = 8           # requests in flight
     retries: int = 4               # retries on transient failures (refused connections: 2)
     backoff: float = 0.5           # base seconds of backoff (x2 per retry, with jitter)
-    timeout: float = 60.0          # seconds per request
+    timeout: float = 60.0          # seconds per request, whole (a slowly dripping reply included)
+    max_reply_bytes: int = 1048576  # a reply past this is cut and fails ("too_large"), billed
     breaker: int = 8               # stop after this many failed requests in a row (0 = never)
     max_judge_tokens: int = 0      # > 0: fixed cap per candidate (tokens); 0: only to fit
     judge_context: int = 128000    # tokens of the judge model's context window
@@ -116,7 +119,8 @@ inf, GE0, GE1 = math.inf, (0, math.inf, ">= 0"), (1, math.inf, ">= 1")
 POS, UNIT = (1e-300, inf, "finite and > 0"), (0, 1, "in [0, 1]")
 LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check before any work
     "local_batch_size": GE1, "concurrency": GE1, "retries": GE0, "backoff": GE0, "timeout": POS,
-    "breaker": GE0, "max_judge_tokens": GE0, "judge_context": (256, inf, ">= 256"),
+    "breaker": GE0, "max_judge_tokens": GE0, "max_reply_bytes": (1024, inf, ">= 1024"),
+    "judge_context": (256, inf, ">= 256"),
     "max_new_tokens": GE1, "temperature": GE0, "top_logprobs": (0, 20, "in [0, 20]"),
     "max_usd": GE0, "max_calls": GE0, "position_audit": UNIT, "max_failure_rate": UNIT}
 RUN_FLAGS = ("judge", "base_url", "judge_model", "api_key_env", "concurrency", "max_usd",
@@ -195,63 +199,40 @@ def pairwise_prompt(text, a, b):
 
 
 # ----------------------------------------------------------------------------- reading replies
-def score_dicts(text):
-    """Every JSON object in text that starts at a '{' outside any decoded object's span (json, not
-    regex)."""
-    dec, found, k = json.JSONDecoder(strict=False), [], text.find("{")  # raw newlines allowed
-    while k >= 0:
-        try:
-            obj, end = dec.raw_decode(text, k)
-        except ValueError:
-            end = k + 1
-        else:
-            if isinstance(obj, dict):
-                found.append(obj)
-        k = text.find("{", end)
-    return found
-
-
-def valid_scores(obj, n):
-    """A Fig. 3 dictionary -> n floats, or None unless its scores are exactly id1..idn, integers in
-    0..6."""
+def read_scores(text, n):
+    """The rubric reply -> (n scores in 0..6, None) or (None, why): a failure (departure 8). The
+    reply is read as the one document the judge wrote (reply.prefilled_object): text after that
+    dictionary is kept raw and never read as the answer; a key given twice is a failure."""
+    try:
+        obj, _ = reply.prefilled_object(text, PREFILL)
+    except reply.Unreadable as e:
+        return None, f"the reply is not one dictionary: {e}"
     keys = {k for k in obj if re.fullmatch(r"id\d+_score", k)}
-    if keys != {f"id{k}_score" for k in range(1, n + 1)}:
-        return None
-    vals = [obj[f"id{k}_score"] for k in range(1, n + 1)]
-    if not all(type(v) is int and 0 <= v <= 6 for v in vals):  # bool is not a score
-        return None
-    return [float(v) for v in vals]
+    vals = [obj.get(f"id{k}_score") for k in range(1, n + 1)]
+    if keys != {f"id{k}_score" for k in range(1, n + 1)} or not all(
+            type(v) is int and 0 <= v <= 6 for v in vals):  # bool is not a score
+        return None, f"no integer id1_score..id{n}_score in 0..6 (and no others)"
+    return [float(v) for v in vals], None
 
 
 def parse_scores(text, n):
-    """The rubric reply -> n scores in 0..6, or None (a failure: departure 8). The reply is one
-    dictionary, alone or after prose, or the rest of the prefilled one (PREFILL + reply)."""
-    for whole in (text, PREFILL + text):
-        good = [s for s in (valid_scores(d, n) for d in score_dicts(whole)) if s is not None]
-        if len(good) == 1:
-            return good[0]
-        if len(good) > 1:
-            return None  # a second dictionary (e.g. quoted from a candidate): ambiguous
-    return None
+    return read_scores(text, n)[0]
 
 
-def verdict_letter(token):
-    """'A' / 'B' when a verdict token says it ('A', ' B', 'A.', '**B', '\u2581A'), else None
-    ('Both', 'a')."""
-    m = re.fullmatch(r"[\W_]*([AB])[\W_]*", token.replace("\u2581", " "))
-    return m.group(1) if m else None
+verdict_letter = reply.verdict_letter  # 'A' / 'B' from a token (case, width, markup, space)
 
 
 def verdict_prob(top):
-    """Soft P(first response wins) from [(token, logprob), ...] at the verdict position: mass on A
-    over mass on A or B. None when neither letter is listed."""
-    mass = {"A": 0.0, "B": 0.0}
-    for tok, lp in top:
-        v = verdict_letter(tok)
-        if v:
-            mass[v] += math.exp(lp)
-    tot = mass["A"] + mass["B"]
-    return mass["A"] / tot if tot > 0 else None
+    """Soft P(first response wins) from [(token, logprob), ...] at the verdict position, or None
+    (no A/B, or most of the mass on other tokens)."""
+    try:
+        return reply.verdict(top)[0]
+    except reply.Unreadable:
+        return None
+
+
+RERUN_HINT = ("a rerun re-asks outages; replies that arrived but could not be read are cached "
+              "(billed) and asked again only with --retry_unreadable true")
 
 
 def read_reply(data, kind, n):
@@ -259,25 +240,31 @@ def read_reply(data, kind, n):
     completion at all (retried); returns {"fail", "error", "raw"} for a completion that cannot be
     read (stored, billed)."""
     ch = data["choices"][0]
+    text = ch["message"]["content"]
+    if not isinstance(text, (str, type(None))):
+        raise reply.Unreadable(f"content is a {type(text).__name__}")
+    text = text or ""
     if kind == "rubric":
-        text = ch["message"]["content"]
-        scores = parse_scores(text, n)
+        scores, why = read_scores(text, n)
         if scores is None:
-            why = f"no valid dictionary with integer id1_score..id{n}_score in 0..6"
             return {"fail": "parse", "error": why, "raw": text, "scores": [None] * n}
         return {"scores": scores, "raw": text}
     lp = ch.get("logprobs") or {}
-    if not lp.get("content"):
-        why = "no log-probs in the reply"
-        return {"fail": "no_verdict", "error": why, "raw": ch["message"]["content"]}
-    pos = lp["content"][0]  # the verdict token position
-    top = {t["token"]: t["logprob"] for t in pos.get("top_logprobs") or []}
-    top = {pos["token"]: pos["logprob"], **top}  # the sampled token may be missing from top
-    p = verdict_prob(list(top.items()))
+    pos = [p for p in lp.get("content") or [] if isinstance(p, dict)]
+    if not pos:
+        return {"fail": "no_verdict", "error": "no log-probs in the reply", "raw": text}
+    # the verdict position: the first token that is not markup alone ('**', '"', ' ')
+    pos = next((p for p in pos if re.search(r"\w", str(p.get("token")))), pos[0])
+    top = {t.get("token"): t.get("logprob") for t in pos.get("top_logprobs") or []
+           if isinstance(t, dict)}
+    top = {pos.get("token"): pos.get("logprob"), **top}  # the sampled token may be missing
+    try:
+        p, why = reply.verdict([(t, v) for t, v in top.items()])
+    except reply.Unreadable as e:
+        p, why = None, str(e)
     if p is None:
-        why = f"no A/B among the top log-probs (got {pos['token']!r})"
-        return {"fail": "no_verdict", "error": why, "raw": pos["token"]}
-    return {"p": p, "raw": pos["token"]}
+        return {"fail": "no_verdict", "error": why, "raw": str(pos.get("token"))[:200]}
+    return {"p": p, "raw": str(pos.get("token"))[:200]}
 
 
 def make_judge(cfg):
@@ -288,7 +275,7 @@ def make_judge(cfg):
                   cache=os.path.join(cfg.out, "judge_cache.jsonl"),
                   ledger=os.path.join(cfg.out, "judge_ledger.json"))
     if ocfg.judge in ("rubric", "pairwise"):
-        connect(ocfg.base_url, ocfg.api_key_env, ocfg.timeout)
+        connect(ocfg.base_url, ocfg.api_key_env, ocfg.timeout, ocfg.max_reply_bytes)
         return ocfg, None
     return ocfg, None if ocfg.judge == "local" else judging.resolve(ocfg.judge)
 
@@ -403,7 +390,8 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     """Judge each {"id", "prompt", "candidates"} -> (results in the same order, summary)."""
     t0, fn = time.time(), judging.check_inputs(items, cfg, fn)
     api = fn is None and cfg.judge != "local"
-    client, key = connect(cfg.base_url, cfg.api_key_env, cfg.timeout) if api else (None, "")
+    client, key = (connect(cfg.base_url, cfg.api_key_env, cfg.timeout, cfg.max_reply_bytes)
+                   if api else (None, ""))
     prices = {**PRICES, **json.loads(cfg.prices or "{}")}
     price = prices.get(cfg.judge_model) if api else (0.0, 0.0)
     if price is None and cfg.max_usd:
@@ -437,8 +425,9 @@ def judge_items(items, cfg, *, fn=None, progress=True):
                "calls": spent["calls"], "retries": spent["retries"], "cache_hits": hits,
                "failures": dict(fails), "order_disagreement": sum(dis) / len(dis) if dis else None,
                "position": judging.position_bias(results, dno.winrates),
-               "tokens_in": spent["tokens_in"], "tokens_out": spent["tokens_out"], "usd": spent["usd"], "run": ledger.totals(),
-               "price_known": price is not None,
+               "tokens_in": spent["tokens_in"], "tokens_out": spent["tokens_out"],
+               "usd": spent["usd"], "run": ledger.totals(), "price_known": price is not None,
+               "bad_usage": spent["bad_usage"],  # replies whose usage was billed at worst case
                "truncated": sum(len(r["truncated"]) for r in results),
                "seconds": round(time.time() - t0, 3)}
     tail = f"; {summary['ok']}/{len(items)} items judged and cached"
@@ -464,12 +453,12 @@ def ask(run, items, what, audit=True):
     print0(f"judge: {s['items']} items ({s['ok']} ok) from {s['cache_hits'] + s['calls']} requests: "
            f"{s['cache_hits']} answered by the cache, {s['calls']} sent ({s['retries']} of them retries), "
            f"${s['usd']:.4f}")
-    failed = 1 - s["ok"] / max(1, len(items))
+    failed = 1 - s["ok"] / len(items) if items else 0.0  # nothing asked: nothing failed
     if failed > run.cfg.max_failure_rate:
         first = next((r["error"] for r in results if not r["ok"]), "")
         raise ValueError(f"{what}: {failed:.0%} of {len(items)} judgments failed (> --max_failure_rate "
                          f"{run.cfg.max_failure_rate}; first: {first}); nothing committed, the {s['ok']} answers are "
-                         "cached and a rerun re-asks only the failures")
+                         f"cached; {RERUN_HINT}")
     return [{k: v for k, v in r.items() if k != "cached"} for r in results], s
 
 
@@ -507,12 +496,12 @@ def main(argv=None):
           f"{s['retries']}) | cache hits {s['cache_hits']} | failures {s['failures']} | order "
           f"disagreement {s['order_disagreement']} | position {s['position']} | tokens "
           f"{s['tokens_in']} in / {s['tokens_out']} out | ${s['usd']:.4f} | unsettled "
-          f"{s['run']['unsettled']} | {s['seconds']}s")
+          f"{s['run']['unsettled']} | usage distrusted {s['bad_usage']} | {s['seconds']}s")
     failed = [r for r in results if not r["ok"]]
     if len(failed) > cfg.max_failure_rate * len(results):
         sys.exit(f"error: {len(failed)} of {len(results)} items failed (> --max_failure_rate "
-                 f"{cfg.max_failure_rate}; first: {failed[0]['error']}); {cfg.out} is written, a "
-                 "rerun re-asks the failures")
+                 f"{cfg.max_failure_rate}; first: {failed[0]['error']}); {cfg.out} is written; "
+                 f"{RERUN_HINT}")
 
 
 if __name__ == "__main__":

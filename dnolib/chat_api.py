@@ -15,12 +15,13 @@ client's underlying httpx connection pool: no per-call option parsing, no typed 
 (bench/bench_oracle.py measures it against a bare http.client POST). Retries are ours
 (max_retries=0) so that every failure is counted.
 """
-import json, math, os, random, sys, threading, warnings
+import base64, html, json, math, os, random, re, sys, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+from dnolib import reply
 from dnolib.ledger import BudgetExceeded, OracleError
 
 
@@ -156,9 +157,10 @@ def endpoint(base_url):
     if not url.startswith(("http://", "https://")):
         raise OracleError(f"--base_url must start with http:// or https://, got {url[:8]!r}...")
     u = urlparse(url)
-    if u.username is not None or u.password is not None:
-        raise OracleError("--base_url must not hold credentials (user:password@host): put the key "
-                          "in the variable named by --api_key_env")
+    if u.username is not None or u.password is not None or u.query or u.fragment or u.params:  # ;k=v
+        raise OracleError("--base_url must not hold credentials (user:password@host, ?key=..., "
+                          "#...) nor any query or fragment: put the key in the variable named by "
+                          "--api_key_env")
     return url
 
 
@@ -173,11 +175,12 @@ class Client:
     http: object                    # the openai client's underlying httpx Client (keep-alive pool)
     url: str                        # <base_url>/chat/completions
     headers: tuple                  # (name, value) pairs sent with every request
-    timeout: float                  # seconds per request
+    timeout: float                  # seconds for a whole request, a slow drip included
+    max_bytes: int                  # a reply past this many bytes is cut (and fails)
     errors: tuple                   # (the transport's timeout exception, its transport error)
 
 
-def connect(base_url, api_key_env, timeout):
+def connect(base_url, api_key_env, timeout, max_bytes=2 ** 20):
     """-> (client, key): the endpoint's pool of keep-alive connections, and the key, read from the
     environment variable NAMED api_key_env (never from a flag or a file)."""
     url = endpoint(base_url)
@@ -185,11 +188,14 @@ def connect(base_url, api_key_env, timeout):
     if not key:
         raise OracleError(f"missing API key: set ${api_key_env} (any non-empty value for a local "
                           "server)")
-    return pool(url, timeout, key), key
+    if len(key) >= 8 and holds_key(url, key):
+        raise OracleError(f"--base_url holds the key of ${api_key_env}: it would be written "
+                          "wherever the URL is")
+    return pool(url, timeout, key, max_bytes), key
 
 
 @lru_cache(maxsize=8)
-def pool(url, timeout, key):
+def pool(url, timeout, key, max_bytes=2 ** 20):
     """One client per (endpoint, key), shared by worker threads and successive runs."""
     import openai
     oc = openai.OpenAI(base_url=url.rstrip("/"), api_key=key, timeout=timeout, max_retries=0)
@@ -199,21 +205,50 @@ def pool(url, timeout, key):
     lib = next(c for c in type(oc._client).__mro__ if not c.__module__.startswith("openai"))
     hx = sys.modules[lib.__module__.split(".")[0]]  # httpx (or its fork) as the package ships it
     return Client(oc._client, str(oc.base_url).rstrip("/") + "/chat/completions",
-                  tuple(headers.items()), timeout, (hx.TimeoutException, hx.TransportError))
+                  tuple(headers.items()), timeout, max_bytes,
+                  (hx.TimeoutException, hx.TransportError))
 
 
 def post(client, body):
-    """POST JSON bytes -> (status, headers, bytes); transport errors become TimeoutError /
+    """POST JSON bytes -> (status, headers, bytes, cut): at most client.max_bytes bytes are read
+    (cut: there were more), and the whole request -- connect, send, a reply dripped a byte at a
+    time -- ends within client.timeout seconds: it runs on its own thread, which the caller leaves
+    at the deadline and which stops at its next chunk. Transport errors become TimeoutError /
     ConnectionError."""
     timeout_error, transport_error = client.errors
-    try:
-        r = client.http.post(client.url, content=body, headers=client.headers,
-                             timeout=client.timeout)
-    except timeout_error as e:
+    box, done = {}, threading.Event()
+
+    def fetch():
+        try:
+            with client.http.stream("POST", client.url, content=body, headers=client.headers,
+                                    timeout=client.timeout) as r:
+                chunks, size = [], 0
+                for chunk in r.iter_bytes():  # decompressed: a gzip bomb is bounded too
+                    if done.is_set():
+                        return  # the caller gave up at the deadline: close the connection
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > client.max_bytes:
+                        break
+                raw = b"".join(chunks)
+                box["out"] = (r.status_code, r.headers, raw[:client.max_bytes],
+                              size > client.max_bytes)
+        except BaseException as e:  # re-raised on the caller's thread
+            box["err"] = e
+        finally:
+            done.set()
+    threading.Thread(target=fetch, daemon=True).start()
+    if not done.wait(client.timeout):
+        done.set()
+        raise TimeoutError(f"no whole reply within --timeout {client.timeout:g} s")
+    e = box.get("err")
+    if isinstance(e, timeout_error):
         raise TimeoutError(str(e) or type(e).__name__) from None
-    except transport_error as e:  # "[Errno 111] Connection refused", ...
+    if isinstance(e, transport_error):  # "[Errno 111] Connection refused", ...
         raise ConnectionError(f"{type(e).__name__}: {e} {e.__cause__ or ''}".strip()) from None
-    return r.status_code, r.headers, r.content
+    if e is not None:
+        raise e
+    return box["out"]
 
 
 def run_pool(work, jobs, concurrency):
@@ -231,13 +266,65 @@ def run_pool(work, jobs, concurrency):
 
 
 # ----------------------------------------------------------------------------- one request
+UNESCAPE = re.compile(r"\\+(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2}))")  # literal \uXXXX / \xXX text
+
+
+def views(text):
+    """text as a careless server may have encoded it: as is, HTML entities, %-escapes, literal
+    \\u / \\x escapes (and these chained), without blanks (for base64 split over lines)."""
+    unu = lambda t: UNESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), t)
+    once = html.unescape(unquote(text))
+    return {text, html.unescape(text), unquote(text), unu(text), unu(once),
+            unu(html.unescape(unquote(once))), re.sub(r"\s", "", text)}  # twice: &amp;#115;
+
+
+@lru_cache(maxsize=8)
+def encoded_forms(key):
+    """Substrings that only a text holding the key has: its hex, and its base64 (standard and
+    URL-safe) at the three byte alignments, less the edge characters that its neighbours shape."""
+    kb, forms = key.encode(), {key.encode().hex(), key.encode().hex().upper()}
+    for o in range(3):
+        e = base64.b64encode(b"\0" * o + kb).decode()
+        core = e[4 if o else 0:4 * ((o + len(kb)) // 3)]
+        forms |= {core, core.replace("+", "-").replace("/", "_")} if len(core) >= 8 else set()
+    return forms
+
+
+def holds_key(text, key):
+    """Whether text holds the key, literally or in a common encoding (see views, encoded_forms)."""
+    bare = re.sub(r"\s", "", text)  # base64 wrapped over lines
+    return any(key in v for v in views(text)) or any(f in bare for f in encoded_forms(key))
+
+
 def scrub(value, key):
-    """value with the key masked as *** in every decoded string (keys under 8 characters, like "x"
-    for a local server, are no secret and would mangle text)."""
+    """value with the key masked as *** in every string. A key still there in another encoding
+    (HTML entities, base64, hex, %- or \\u-escapes) withholds the whole value: a string becomes
+    WITHHELD, a reply a failure that stores none of its text. Keys under 8 characters (like "x"
+    for a local server) are no secret and would mangle text."""
     if len(key) < 8:
         return value
-    text = json.dumps(value, ensure_ascii=False)
-    return json.loads(text.replace(key, "***")) if key in text else value
+    found = []
+
+    def walk(v):
+        if isinstance(v, str):
+            v = v.replace(key, "***")
+            found.append(holds_key(v, key))
+            return v
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        return v
+    out = walk(value)
+    if not any(found):
+        return out
+    if isinstance(value, str):
+        return WITHHELD
+    return {"fail": "key_echo", "error": f"the reply held the API key, encoded: {WITHHELD}",
+            "raw": WITHHELD}
+
+
+WITHHELD = "(withheld: it held the API key in an encoded form)"
 
 
 def error_text(raw, key):
@@ -280,6 +367,7 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
     unsettled, never stored and unbilled. Returns the value, or {"fail", "error"} after the
     retries."""
     body, wait, fail = json.dumps(body).encode(), 0.0, None  # encoded once, resent as is
+    text = None  # the last 200's text: kept with the failure when no attempt could be read
     for attempt in range(retries + 1):
         if attempt:
             if fail[0] == "connection" and attempt > 2:
@@ -291,14 +379,20 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
         breaker.check()
         ticket, billed = ledger.spend(n_in, max_out), (0, 0)
         try:
-            status, headers, raw = post(client, body)
+            status, headers, raw, cut = post(client, body)
             if status == 200:
                 billed = (n_in, max_out)  # it arrived, so it is billed: worst case until usage
-                data = json.loads(raw)
-                u = data.get("usage") if isinstance(data, dict) else None
-                if isinstance(u, dict):
-                    billed = (u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
-                value = scrub(parse(data), key)
+                text = raw.decode("utf-8", "replace")
+                if cut:  # not retried: the same request would get the same flood
+                    value = {"fail": "too_large", "raw": text, "error": f"reply cut at "
+                             f"{len(raw)} bytes (--max_reply_bytes): more was sent"}
+                else:
+                    data = reply.document(raw)  # not JSON: Unreadable, retried below
+                    billed, why = reply.billable(data, n_in, max_out)
+                    if why:
+                        ledger.distrusted(why)
+                    value = parse(data)
+                value = scrub(value, key)
                 keep(value)
                 breaker.record(value)
                 return value
@@ -319,11 +413,14 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
             fail = ("timeout", f"{type(e).__name__}: {e}")
         except OSError as e:
             fail = ("connection", f"{type(e).__name__}: {e}")
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
-            fail = ("bad_response", f"{type(e).__name__}: {e}")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError, ArithmeticError,
+                RecursionError) as e:  # a 200 that is not a completion we can read
+            fail = ("bad_response", f"{type(e).__name__}: {str(e)[:200]}")
         finally:
             ledger.settle(ticket, *billed)
     value = {"fail": fail[0], "error": scrub(fail[1], key)[:300]}
+    if fail[0] == "bad_response" and text is not None:
+        value = scrub({**value, "raw": text}, key)  # billed: cached, asked again on request only
     keep(value)
     breaker.record(value)
     return value

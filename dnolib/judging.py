@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from dnolib.chat_api import Cache, JudgeUnavailable, call, run_pool
-from dnolib.ledger import BudgetExceeded, OracleError
+from dnolib.ledger import BudgetExceeded, OracleError, check_price
 
 
 def prompt_text(prompt):
@@ -321,10 +321,11 @@ def check_inputs(items, cfg, fn):
         try:
             obj = json.loads(text or "{}")
             assert isinstance(obj, dict)
-            assert flag == "extra_body" or all(len(v) == 2 for v in obj.values())
-        except (ValueError, AssertionError, TypeError):
+        except (ValueError, AssertionError):
             raise OracleError(f"--{flag} must be a JSON object (--prices: "
                               f"{{\"model\": [in, out]}}), got {text!r}") from None
+        for model, price in obj.items() if flag == "prices" else ():
+            check_price(price, f"--prices {model!r}")  # a negative price would credit the budget
     return fn
 
 
@@ -339,6 +340,8 @@ def load_samples(path):
             rec = json.loads(line) if line.strip() else None
             if rec is not None:
                 has_gold = rec.get("gold") is not None
+                if has_gold and not (isinstance(rec["gold"], str) and rec["gold"].strip()):
+                    raise ValueError(f"gold must be a non-empty text, got {rec['gold']!r:.40}")
                 cands = list(rec["samples"]) + ([rec["gold"]] if has_gold else [])
                 gold = len(cands) - 1 if has_gold else None
                 items.append({"id": str(rec.get("id", ln)), "prompt": rec["prompt"],

@@ -21,10 +21,14 @@ through it at price 0, so --max_calls bounds them too.
 """
 import fcntl
 import json
+import math
 import os
+import sys
 import tempfile
 import threading
+import time
 import uuid
+import warnings
 
 # USD per 1M tokens (input, output); oracle.py's --prices '{"model": [in, out]}' extends it
 PRICES = {"gpt-4-turbo": (10.0, 30.0), "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
@@ -46,6 +50,29 @@ class OracleError(ValueError):
 COUNTS = ("calls", "retries", "tokens_in", "tokens_out")
 
 
+def check_price(price, what="price"):
+    """(USD per 1M input tokens, per 1M output tokens) -> the pair; a one-line OracleError unless
+    both are finite numbers >= 0 (a negative price would credit the budget)."""
+    try:
+        p = tuple(price)
+        ok = len(p) == 2 and all(type(x) in (int, float) and math.isfinite(x) and x >= 0
+                                 for x in p)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise OracleError(f"{what} must be [usd_in, usd_out] per 1M tokens, both >= 0; got "
+                          f"{str(price)[:60]}")
+    return p
+
+
+def whole(x):
+    return type(x) is int and x >= 0
+
+
+def amount(x):
+    return type(x) in (int, float) and math.isfinite(x) and x >= 0
+
+
 class Ledger:
     """Calls, tokens and dollars, shared by threads and (with a path) by processes; enforces the
     hard budget before each send. price: (USD per 1M input tokens, per 1M output tokens); max_usd /
@@ -53,11 +80,13 @@ class Ledger:
     reserved: {ticket: usd}}; every change is one transaction under an exclusive flock of path +
     ".lock" (read, change, write atomically; fsynced before a request leaves when durable). Budgets
     apply to the file's totals, reserved included."""
-    def __init__(self, price, max_usd=0.0, max_calls=0, path="", durable=True):
-        self.price, self.max_usd, self.max_calls, self.path = price, max_usd, max_calls, path
+    def __init__(self, price, max_usd=0.0, max_calls=0, path="", durable=True, lock_wait=120.0):
+        self.price, self.max_usd, self.max_calls = check_price(price), max_usd, max_calls
+        self.path = path
         self.durable, self.lock, self.stopped = durable, threading.Lock(), None
+        self.lock_wait, self.said_wait = lock_wait, False  # seconds to wait for another process
         self.t = {**dict.fromkeys(COUNTS, 0), "usd": 0.0, "reserved": {}}
-        self.mine = {**dict.fromkeys(COUNTS, 0), "usd": 0.0}  # this ledger's own share (a session)
+        self.mine = {**dict.fromkeys(COUNTS, 0), "usd": 0.0, "bad_usage": 0}  # this ledger's share
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.transact(lambda t: None)  # a bad file is refused before any request
@@ -68,17 +97,21 @@ class Ledger:
         try:
             with open(self.path, encoding="utf-8") as f:
                 t = json.load(f)
-            out = {**{k: int(t[k]) for k in COUNTS}, "usd": float(t["usd"])}
-            out["reserved"] = {str(k): float(v) for k, v in (t.get("reserved") or {}).items()}
+            out = {**{k: t[k] for k in COUNTS}, "usd": t["usd"]}
+            out["reserved"] = {str(k): v for k, v in (t.get("reserved") or {}).items()}
+            # negative, NaN or infinite values (a server's lie written by an older version)
+            if not (all(whole(out[k]) for k in COUNTS) and amount(out["usd"])
+                    and all(amount(v) for v in out["reserved"].values())):
+                raise ValueError("a count or amount that is not finite and >= 0")
             return out
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OracleError(f"budget ledger {self.path} is unreadable ({type(e).__name__}); "
-                              "fix or delete it") from None
+            raise OracleError(f"budget ledger {self.path} is unreadable ({type(e).__name__}: "
+                              f"{str(e)[:60]}); fix or delete it") from None
 
     def write(self, sync):
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.t, f)
+            json.dump(self.t, f, allow_nan=False)  # never a value read() would refuse
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -91,11 +124,31 @@ class Ledger:
             if not self.path:
                 return change(self.t)
             with open(self.path + ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self.acquire(lock)  # released when the file closes
                 self.t = self.read()
                 out = change(self.t)
                 self.write(sync)
                 return out
+
+    def acquire(self, lock):
+        """The exclusive file lock; another process holding it is said once (after 2 s) and,
+        after lock_wait seconds, is a one-line OracleError rather than a silent freeze."""
+        t0, nap = time.monotonic(), 0.001
+        while True:
+            try:
+                return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waited = time.monotonic() - t0
+            if waited > self.lock_wait:
+                raise OracleError(f"the ledger's lock {self.path}.lock has been held by another "
+                                  f"process for {waited:.0f} s; is a judge stuck? (stop it, then "
+                                  "rerun)")
+            if waited > 2 and not self.said_wait:
+                self.said_wait = True
+                print(f"ledger: waiting for {self.path}.lock, held by another process (giving up "
+                      f"after {self.lock_wait:g} s)", file=sys.stderr)
+            time.sleep(nap)
+            nap = min(0.05, nap * 2)
 
     def totals(self):
         """The run's totals (the file's, re-read): reserved dollars count as spent."""
@@ -133,7 +186,10 @@ class Ledger:
         return ticket
 
     def settle(self, ticket, n_in, n_out):
-        """The request's real bill (0, 0 when nothing was billed) replaces its reservation."""
+        """The request's real bill (0, 0 when nothing was billed) replaces its reservation. The
+        counts are ours or checked (reply.billable): anything else is a bug, refused."""
+        if not (whole(n_in) and whole(n_out)):
+            raise ValueError(f"settle wants token counts >= 0, got {n_in!r}, {n_out!r}")
         usd = self.cost(n_in, n_out)
 
         def pay(t):
@@ -144,6 +200,12 @@ class Ledger:
         self.transact(pay)
         for k, v in (("tokens_in", n_in), ("tokens_out", n_out), ("usd", usd)):
             self.mine[k] += v
+
+    def distrusted(self, why):
+        """A reply's usage was not believable: billed at the worst case, counted, said once."""
+        with self.lock:
+            self.mine["bad_usage"] += 1
+        warnings.warn(f"judge endpoint: {why}; billed at the reserved worst case", stacklevel=2)
 
     def retry(self):
         self.transact(lambda t: t.update(retries=t["retries"] + 1))

@@ -48,9 +48,11 @@ def sym_ok(P, tol=1e-9):
 
 # ----------------------------------------------------------------------------- parsing
 def test_verdict_prob():
-    assert verdict_prob([("A", math.log(0.3)), (" B", math.log(0.1)), ("x", math.log(0.5))]) == pytest.approx(0.75)
+    lp = math.log
+    assert verdict_prob([("A", lp(0.3)), (" B", lp(0.1)), ("x", lp(0.2))]) == pytest.approx(0.75)
+    assert verdict_prob([("A", lp(0.3)), (" B", lp(0.1)), ("x", lp(0.5))]) is None  # mostly x
     assert verdict_prob([("\u2581B", -1.0), ("A", -1.0), ("A", -1.0)]) == pytest.approx(2 / 3)
-    assert verdict_prob([("a", 0.0), ("Bee", -1.0)]) is None
+    assert verdict_prob([("a", 0.0), ("Bee", -1.0)]) == 1.0  # case is normalised
 
 
 # ----------------------------------------------------------------------------- synthetic judges
@@ -333,8 +335,8 @@ def test_real_server_pairwise_soft_p_and_cache(tmp_path, key, llama_server):
                                                      temperature=0, logprobs=True, top_logprobs=5,
                                                      extra_body={"repeat_penalty": 1.0})
                 top = out.choices[0].logprobs.content[0].top_logprobs
-                pa = sum(math.exp(t.logprob) for t in top if t.token.strip() == "A")
-                pb = sum(math.exp(t.logprob) for t in top if t.token.strip() == "B")
+                pa = sum(math.exp(t.logprob) for t in top if oracle.verdict_letter(t.token) == "A")
+                pb = sum(math.exp(t.logprob) for t in top if oracle.verdict_letter(t.token) == "B")
                 p[uu["pair"]] = pa / (pa + pb)
     assert res[0]["P"][0][1] == pytest.approx((p[0, 1] + 1 - p[1, 0]) / 2, abs=1e-6)
     res2, s2 = judge_items(ITEMS, cfg, progress=False)  # rerun: zero requests
