@@ -72,13 +72,13 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 import dno
-from dnolib import judging, reply
+from dnolib import chat_api, judging, reply
 from dnolib.chat_api import (Breaker, JudgeUnavailable, connect, count_tokens, encoder,
                              endpoint, fit, host)
 from dnolib.cli import check, cli
 from dnolib.distributed import print0
 from dnolib.judging import prompt_text
-from dnolib.ledger import PRICES, BudgetExceeded, Ledger, OracleError
+from dnolib.ledger import BudgetExceeded, Ledger, OracleError
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Config:
     samples: str = ""              # CLI input: samples JSONL
     out: str = "judgments.jsonl"   # CLI output: judgments JSONL
     base_url: str = ""             # OpenAI-compatible endpoint; "" = $OPENAI_BASE_URL or OpenAI
-    judge_model: str = "gpt-4-turbo"  # model at the endpoint; --judge local: its folder or hub id
+    judge_model: str = ""          # model at the endpoint (required); local: its folder or hub id
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key (never stored)
     local_batch_size: int = 8      # prompts per forward pass of the local judge
     concurrency: int = 8           # requests in flight
@@ -96,6 +96,7 @@ class Config:
     timeout: float = 60.0          # seconds per request, whole (a slowly dripping reply included)
     max_reply_bytes: int = 1048576  # a reply past this is cut and fails ("too_large"), billed
     breaker: int = 8               # stop after this many failed requests in a row (0 = never)
+    judge_wait: float = 0.0        # seconds to wait for the judge server to answer /models first
     max_judge_tokens: int = 0      # > 0: fixed cap per candidate (tokens); 0: only to fit
     judge_context: int = 128000    # tokens of the judge model's context window
     max_new_tokens: int = 1536     # cap on the rubric judge's own answer (K+1 justifications)
@@ -107,7 +108,7 @@ class Config:
     ledger: str = ""               # JSON file of the run's spend, shared by processes
     max_usd: float = 0.0           # hard budget in dollars (0 = none); the ledger's with --ledger
     max_calls: int = 0             # hard budget in requests (0 = none); the ledger's with --ledger
-    prices: str = ""               # JSON prices {"model": [usd_in_per_1M, usd_out_per_1M]}
+    prices: str = ""               # $ per 1M tokens: model=in,out[;m2=in,out] | JSON | a JSON file
     shuffle: bool = True           # show candidates in a seeded random order (departure 4)
     position_audit: float = 0.0    # share of items judged again in reversed order (departure 4)
     seed: int = 0                  # seed of the orders, the audit sample and the retry jitter
@@ -122,9 +123,10 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check before any
     "breaker": GE0, "max_judge_tokens": GE0, "max_reply_bytes": (1024, inf, ">= 1024"),
     "judge_context": (256, inf, ">= 256"),
     "max_new_tokens": GE1, "temperature": GE0, "top_logprobs": (0, 20, "in [0, 20]"),
-    "max_usd": GE0, "max_calls": GE0, "position_audit": UNIT, "max_failure_rate": UNIT}
+    "max_usd": GE0, "max_calls": GE0, "position_audit": UNIT, "judge_wait": GE0,
+    "max_failure_rate": UNIT}
 RUN_FLAGS = ("judge", "base_url", "judge_model", "api_key_env", "concurrency", "max_usd",
-             "max_calls", "position_audit", "judge_context", "seed")  # train.py's, same names
+             "max_calls", "position_audit", "judge_context", "seed", "prices", "judge_wait")
 
 
 # ----------------------------------------------------------------------------- what the judge is asked
@@ -271,12 +273,15 @@ def make_judge(cfg):
     """train.py's flags -> (Config, fn or None): the run's judge, cached in OUT/judge_cache.jsonl
     and budgeted by OUT/judge_ledger.json. A bad judge, URL or missing key is refused here, before
     any work."""
-    ocfg = Config(**{k: getattr(cfg, k) for k in RUN_FLAGS},
+    ocfg = Config(**{k: getattr(cfg, k) for k in RUN_FLAGS if hasattr(cfg, k)},
                   cache=os.path.join(cfg.out, "judge_cache.jsonl"),
                   ledger=os.path.join(cfg.out, "judge_ledger.json"))
     if ocfg.judge in ("rubric", "pairwise"):
         connect(ocfg.base_url, ocfg.api_key_env, ocfg.timeout, ocfg.max_reply_bytes)
+        judging.check_judge(ocfg)  # --judge_model given, the price known under --max_usd
         return ocfg, None
+    if ocfg.judge == "local":
+        judging.check_judge(ocfg)
     return ocfg, None if ocfg.judge == "local" else judging.resolve(ocfg.judge)
 
 
@@ -392,11 +397,10 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     api = fn is None and cfg.judge != "local"
     client, key = (connect(cfg.base_url, cfg.api_key_env, cfg.timeout, cfg.max_reply_bytes)
                    if api else (None, ""))
-    prices = {**PRICES, **json.loads(cfg.prices or "{}")}
-    price = prices.get(cfg.judge_model) if api else (0.0, 0.0)
-    if price is None and cfg.max_usd:
-        raise OracleError(f"no price known for model {cfg.judge_model!r}: pass --prices "
-                          f"'{{\"{cfg.judge_model}\": [in, out]}}'")
+    price = judging.check_judge(cfg) if api or cfg.judge == "local" else None
+    if api and cfg.judge_wait:
+        chat_api.wait_ready(client, cfg.judge_wait)  # a server still loading: not an outage
+    price = price if api else (0.0, 0.0)
     ledger = Ledger(price or (0.0, 0.0), cfg.max_usd, cfg.max_calls, cfg.ledger, durable=api)
     breaker = Breaker(cfg.breaker, endpoint(cfg.base_url) if api else cfg.judge)
     enc = encoder(cfg.judge_model, cfg.encoding, warn=bool(cfg.max_usd and price)) if api else None
@@ -469,6 +473,7 @@ def main(argv=None):
         check(cfg, limits=LIMITS)  # every flag before any work; credentials in a URL never echoed
         if cfg.judge in ("rubric", "pairwise"):
             endpoint(cfg.base_url)
+            judging.check_judge(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not cfg.samples:  # demo: the offline Python judges on two items, no cache

@@ -113,7 +113,9 @@ class Config:
     device: str = "auto"          # auto | cpu | cuda
     threads: str = "auto"         # CPU threads: auto = what the model size warrants | N
     base_url: str = ""            # judge endpoint (OpenAI-compatible); "" = oracle's default
-    judge_model: str = "gpt-4-turbo"  # judge model name (or the model folder for --judge local)
+    judge_model: str = ""         # judge model (required; --judge local: its folder or hub id)
+    prices: str = ""              # judge prices, $ per 1M tokens: model=in,out | JSON | a JSON file
+    judge_wait: float = 0.0       # seconds to wait for a judge server still starting (0: none)
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the judge's API key
     concurrency: int = 8          # judge requests in flight
     max_usd: float = 0.0          # judge budget in dollars, whole run, across resumes (0: none)
@@ -148,7 +150,7 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
     "lr": POS, "lr_decay": POS, "warmup": (0, 1 - 1e-9, "in [0, 1)"), "batch_size": GE1,
     "micro_batch": GE1, "epochs": POS, "max_steps": GE0, "weight_decay": GE0, "grad_clip": POS,
     "replay": (0, 0.5 - 1e-12, "in [0, 0.5): 0.3 + 0.15 + ... must stay below 1"),
-    "concurrency": GE1, "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT,
+    "concurrency": GE1, "max_usd": GE0, "max_calls": GE0, "max_failure_rate": UNIT, "judge_wait": GE0,
     "position_audit": UNIT, "judge_context": (256, inf, ">= 256"), "rollback": (-1, inf, ">= -1"),
     "stage_pause": GE0, "sample_rows": GE0, "lora_rank": GE0, "lora_alpha": POS,
     "ref_mix": UNIT, "optimistic": GE0, "vllm_memory": (tiny, 1, "in (0, 1]"), "vllm_parity": GE0}
@@ -157,8 +159,9 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
 INPUT_FIELDS = {"model": "policy", "prompts": "prompts", "teacher_styles": "policy"}   # demo: pi_1
 NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ckpt", "select_by",
-               "sample_rows", "api_key_env", "concurrency", "max_usd", "max_calls", "max_failure_rate", "rollback",
-               "stage_pause", "vllm_python", "vllm_memory", "vllm_parity", "report_to")
+               "sample_rows", "api_key_env", "prices", "judge_wait", "concurrency", "max_usd",
+               "max_calls", "max_failure_rate", "rollback", "stage_pause", "vllm_python",
+               "vllm_memory", "vllm_parity", "report_to")
 
 
 # ----------------------------------------------------------------------------- prompts

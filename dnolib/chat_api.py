@@ -251,6 +251,33 @@ def post(client, body):
     return box["out"]
 
 
+READY = set()  # endpoints that answered wait_ready in this process
+
+
+def wait_ready(client, seconds):
+    """Before the first request: poll GET <base_url>/models until the server answers (a status
+    below 500: llama.cpp says 503 while it loads) or `seconds` pass (JudgeUnavailable, one line);
+    one line on stderr says what it waits for. Once per endpoint and process."""
+    url = client.url.rsplit("/chat/completions", 1)[0] + "/models"
+    t0, said = time.monotonic(), False
+    while client.url not in READY:
+        try:
+            r = client.http.get(url, headers=dict(client.headers), timeout=min(5.0, client.timeout))
+            if r.status_code < 500:
+                READY.add(client.url)
+                break
+        except client.errors:
+            pass  # not listening yet
+        waited = time.monotonic() - t0
+        if waited > seconds:
+            raise JudgeUnavailable(f"judge endpoint {url} did not answer within --judge_wait "
+                                   f"{seconds:g} s")
+        if not said:
+            said = True
+            print(f"judge: waiting up to {seconds:g} s for {url} to answer", file=sys.stderr)
+        time.sleep(min(1.0, max(0.0, seconds - waited) + 0.01))
+
+
 def run_pool(work, jobs, concurrency):
     """work(job) for every job on `concurrency` threads. A budget stop or a tripped breaker ends
     the jobs quietly (the caller reads ledger.stopped / breaker.tripped); on Ctrl-C or another

@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from dnolib.chat_api import Cache, JudgeUnavailable, call, run_pool
-from dnolib.ledger import BudgetExceeded, OracleError, check_price
+from dnolib.ledger import PRICES, BudgetExceeded, OracleError, parse_prices
 
 
 def prompt_text(prompt):
@@ -317,16 +317,29 @@ def check_inputs(items, cfg, fn):
                 and all(isinstance(c, str) for c in cands)):
             raise OracleError(f"bad item {str(it)[:80]!r}: need 'id', 'prompt' and 'candidates' "
                               "(a list of strings)")
-    for flag, text in (("extra_body", cfg.extra_body), ("prices", cfg.prices)):
-        try:
-            obj = json.loads(text or "{}")
-            assert isinstance(obj, dict)
-        except (ValueError, AssertionError):
-            raise OracleError(f"--{flag} must be a JSON object (--prices: "
-                              f"{{\"model\": [in, out]}}), got {text!r}") from None
-        for model, price in obj.items() if flag == "prices" else ():
-            check_price(price, f"--prices {model!r}")  # a negative price would credit the budget
+    try:
+        obj = json.loads(cfg.extra_body or "{}")
+        assert isinstance(obj, dict)
+    except (ValueError, AssertionError):
+        raise OracleError(f"--extra_body must be a JSON object, got {cfg.extra_body!r}") from None
+    parse_prices(cfg.prices)  # a negative price would credit the budget
     return fn
+
+
+def check_judge(cfg):
+    """An API or local judge's model and price -> its price (in, out) or None; a one-line
+    OracleError when --judge_model is missing (there is no default: models are shut down) or when
+    --max_usd is set and no price is known for it."""
+    if not cfg.judge_model:
+        raise OracleError(f"--judge {cfg.judge} needs --judge_model: the model at the endpoint "
+                          "(e.g. gpt-4.1-mini), or for --judge local its folder or hub id")
+    if cfg.judge == "local":
+        return 0.0, 0.0
+    price = {**PRICES, **parse_prices(cfg.prices)}.get(cfg.judge_model)
+    if price is None and cfg.max_usd:
+        raise OracleError(f"no price known for model {cfg.judge_model!r} under --max_usd: pass "
+                          f"--prices {cfg.judge_model}=USD_IN,USD_OUT (per 1M tokens)")
+    return price
 
 
 def load_samples(path):

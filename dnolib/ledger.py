@@ -65,6 +65,26 @@ def check_price(price, what="price"):
     return p
 
 
+def parse_prices(text):
+    """--prices -> {model: (usd_in, usd_out) per 1M tokens}: "model=in,out[;model2=in,out]", a
+    JSON object {"model": [in, out]} or the path of a file holding one; a one-line OracleError."""
+    text = (text or "").strip()
+    try:
+        if text and not text.startswith("{") and os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                text = f.read().strip()
+        if text.startswith("{"):
+            obj = json.loads(text)
+        else:
+            rows = [r.partition("=") for r in text.split(";") if r.strip()]
+            obj = {m.strip(): [float(x) for x in v.split(",")] for m, _, v in rows}
+        assert isinstance(obj, dict)
+    except (ValueError, AssertionError, OSError):
+        raise OracleError(f"--prices must be model=usd_in,usd_out (per 1M tokens), a JSON object "
+                          f"{{\"model\": [in, out]}} or a JSON file; got {text[:60]!r}") from None
+    return {m: check_price(p, f"--prices {m!r}") for m, p in obj.items()}
+
+
 def whole(x):
     return type(x) is int and x >= 0
 

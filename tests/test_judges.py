@@ -231,7 +231,7 @@ def test_f9_clis_check_their_flags_and_fail_loudly(tmp_path, key, capsys):
             prepare_data.main(["--source", s, "--out", str(tmp_path / "p.jsonl"), flag, value])
     out = str(tmp_path / "j.jsonl")
     with FaultServer(always="nonsense") as srv:  # 0 of 3 items judged: a non-zero exit
-        argv = ["--judge", "rubric", "--base_url", srv.url, "--samples", s, "--out", out,
+        argv = ["--judge", "rubric", "--judge_model", "m", "--base_url", srv.url, "--samples", s, "--out", out,
                 "--cache", "", "--encoding", bpe_file(tmp_path)]
         with pytest.raises(SystemExit, match="^error: 3 of 3 items failed"):
             oracle.main(argv)
@@ -244,7 +244,7 @@ def test_f9_missing_key_is_said_first(tmp_path, monkeypatch, capsys):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         with pytest.raises(SystemExit, match="^error: missing API key"):
-            oracle.main(["--judge", "rubric", "--samples", samples_file(tmp_path), "--cache", "",
+            oracle.main(["--judge", "rubric", "--judge_model", "m", "--samples", samples_file(tmp_path), "--cache", "",
                          "--encoding", "no-such-encoding"])
     err = capsys.readouterr().err
     assert w == [] and "judge[" not in err and "tiktoken" not in err

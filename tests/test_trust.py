@@ -45,10 +45,21 @@ def test_budget_is_for_the_whole_run_and_survives_a_resume(task, tmp_path, monke
 def test_judge_outage_stops_fast_and_commits_nothing(task, tmp_path, monkeypatch):
     monkeypatch.setenv("DNO_TEST_KEY", "x")
     t0 = time.time()
-    msg = run_inline(task, tmp_path / "out", monkeypatch, "--judge", "pairwise", "--api_key_env", "DNO_TEST_KEY",
-                     "--base_url", f"http://127.0.0.1:{free_port()}/v1")   # nothing listens there
+    msg = run_inline(task, tmp_path / "out", monkeypatch, "--judge", "pairwise", "--judge_model", "m",
+                     "--api_key_env", "DNO_TEST_KEY", "--base_url", f"http://127.0.0.1:{free_port()}/v1")   # nothing listens there
     assert time.time() - t0 < 60, "the breaker did not stop the run"
     assert "127.0.0.1" in msg and not (tmp_path / "out" / "iter_0" / "eval" / "done").exists()
+
+
+def test_unknown_judge_price_under_a_budget_is_refused_before_sampling(task, tmp_path, monkeypatch):
+    monkeypatch.setenv("DNO_TEST_KEY", "x")
+    out = tmp_path / "out"
+    msg = run_inline(task, out, monkeypatch, "--judge", "rubric", "--judge_model", "gpt-5-mini",
+                     "--max_usd", "1", "--api_key_env", "DNO_TEST_KEY")
+    assert msg.startswith("error: no price known for model 'gpt-5-mini'") and "--prices" in msg
+    assert not (out / "iter_0").exists()  # nothing sampled
+    msg = run_inline(task, out, monkeypatch, "--judge", "rubric", "--api_key_env", "DNO_TEST_KEY")
+    assert msg.startswith("error: --judge rubric needs --judge_model")
 
 
 def test_failed_judgments_above_the_threshold_are_not_committed(task, tmp_path, monkeypatch):

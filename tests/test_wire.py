@@ -29,7 +29,7 @@ KEY = "sk-wire-SECRET-4b1d9e27"
 class Wire:
     """A chat-completions server whose reply is answer(request dict) -> bytes, or a list of
     (bytes, seconds to wait before sending them): a drip."""
-    def __init__(self, answer):
+    def __init__(self, answer, port=0):
         self.answer, self.requests = answer, 0
         srv = self
 
@@ -38,6 +38,13 @@ class Wire:
 
             def log_message(self, *a):
                 pass
+
+            def do_GET(self):  # /v1/models
+                body = b'{"object": "list", "data": []}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -55,7 +62,7 @@ class Wire:
                         self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
@@ -302,3 +309,48 @@ def test_failure_hint_names_retry_unreadable_and_empty_gold_is_refused(tmp_path,
     samples.write_text(json.dumps({"id": "q", "prompt": "p", "samples": ["a"], "gold": ""}) + "\n")
     with pytest.raises(SystemExit, match="gold"):
         oracle.main(argv + ["--base_url", "http://127.0.0.1:9/v1"])
+
+
+# ----------------------------------------------------------------------------- judges that exist today (issue 27)
+def test_an_api_judge_needs_its_model_and_a_price_under_a_budget(tmp_path, key):
+    from types import SimpleNamespace
+    run = dict(judge="rubric", base_url="http://127.0.0.1:9/v1", judge_model="", out=str(tmp_path),
+               api_key_env="OPENAI_API_KEY", concurrency=1, max_usd=1.0, max_calls=0,
+               position_audit=0.0, judge_context=4096, seed=0, prices="")
+    with pytest.raises(OracleError, match="needs --judge_model"):  # was: gpt-4-turbo, a 404 later
+        oracle.make_judge(SimpleNamespace(**run))
+    with pytest.raises(OracleError, match="--prices gpt-5-mini=USD_IN,USD_OUT"):
+        oracle.make_judge(SimpleNamespace(**{**run, "judge_model": "gpt-5-mini"}))
+    judge, _ = oracle.make_judge(SimpleNamespace(**{**run, "judge_model": "gpt-5-mini",
+                                                   "prices": "gpt-5-mini=0.25,2"}))
+    assert judge.prices == "gpt-5-mini=0.25,2"
+
+
+def test_prices_come_as_pairs_json_or_a_file(tmp_path):
+    from dnolib.ledger import parse_prices
+    assert parse_prices("a=0.25,2; b=1,4") == {"a": (0.25, 2.0), "b": (1.0, 4.0)}
+    f = tmp_path / "prices.json"
+    f.write_text('{"a": [0.5, 1]}')
+    assert parse_prices(str(f)) == parse_prices('{"a": [0.5, 1]}') == {"a": (0.5, 1)}
+    for bad in ("a=1", "a=-1,2", "a=nan,1", '{"a": 3}', "a=x,y"):
+        with pytest.raises(OracleError, match="--prices"):
+            parse_prices(bad)
+
+
+def test_judge_wait_waits_for_a_server_still_starting(tmp_path, key, capsys):
+    from test_train import free_port
+    port = free_port()
+    late = []
+    start = lambda: late.append(Wire(lambda req: completion(continuation(OWN)), port=port).__enter__())
+    threading.Timer(1.5, start).start()  # nothing listens on the port for 1.5 s
+    try:
+        res, s = judge_items([ITEM], cfg(tmp_path, f"http://127.0.0.1:{port}/v1", judge_wait=20.0),
+                             progress=False)  # was: 3 refused connections, the judge stopped
+        assert res[0]["ok"] and late[0].requests == 1
+        assert "waiting up to 20 s" in capsys.readouterr().err
+    finally:
+        time.sleep(1.6)
+        late[0].__exit__()
+    with pytest.raises(chat_api.JudgeUnavailable, match="--judge_wait 0.5"):
+        judge_items([ITEM], cfg(tmp_path, f"http://127.0.0.1:{free_port()}/v1", judge_wait=0.5),
+                    progress=False)
