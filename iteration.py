@@ -54,12 +54,14 @@ class Reads(NamedTuple):
 
 
 # Declared up front: `todo` records exactly these and a resume reuses a stage only when all match (a
-# flag an old manifest lacks is a mismatch). Every train.Config field is a flag here, a file read as
-# an input (train.INPUT_FIELDS) or in train.NO_ARTIFACT: tests/test_declared.py walks the fields.
-JUDGE = ("judge", "judge_model", "base_url", "judge_context", "seed")   # the oracle's answers
+# flag an old manifest lacks is a mismatch, unless ADDED names the value that reproduces the code
+# before it). Every train.Config field is a flag here, a file read as an input (train.INPUT_FIELDS)
+# or in train.NO_ARTIFACT: tests/test_run_folder.py walks the fields.
+JUDGE = ("judge", "judge_model", "base_url", "judge_context", "judge_params", "seed")  # P's answers
 SAMPLING = ("max_new_tokens", "top_p", "seed", "sampler")
 TRAINING = ("target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs",
             "max_steps", "weight_decay", "grad_clip", "seed", "lora_rank", "lora_alpha")
+ADDED = {"judge_params": ""}   # flags newer than some finished stages: the value that did not exist
 STAGES = {
     "samples": Reads(("policy", "prompts"),
                      ("prompts_per_iter", "num_val", "num_samples", "temperature") + SAMPLING),
@@ -149,7 +151,7 @@ def todo(run, t, name, **inputs):
         raise TypeError(f"stage {name} declares {reads.inputs}, was given {tuple(inputs)}")
     want = stages.shape(inputs, {f: getattr(run.cfg, f) for f in reads.flags})
     path = stages.stage_dir(run.out, t, name)
-    if stages.is_done(run.out, t, name, want):
+    if stages.is_done(run.out, t, name, want, ADDED):
         return path, None
     print0(f"iter {t} | {name}: start")
     if rank() == 0:
@@ -306,23 +308,29 @@ def reference_step(run, t, pairs):
 
 @torch.no_grad()
 def reference_logps(run, policy, P, t=1):
-    """This rank's share of the pairs -> [(index, log ref(y+|x), log ref(y-|x))], ref = pi_t or the
-    geometric mixture of pi_t and pi_1 (--ref_mix)."""
+    """This rank's share of the pairs -> [(index, log ref(y+|x), log ref(y-|x))], ref = pi_t, the
+    geometric mixture of pi_t and pi_1 (--ref_mix), of the past iterates (--optimistic), or of
+    that mixture and pi_1 (both)."""
     model, _ = load_policy(policy, run.device)
     init = load_policy(run.pi_1, run.device)[0] if run.cfg.ref_mix > 0 else None
     mine = sorted(range(len(P))[rank()::world()], key=lambda i: pair_len(P[i]))   # little padding
-    mb = run.cfg.micro_batch
-    got = []
+    mb, beta = run.cfg.micro_batch, run.cfg.ref_mix
+    got, anchor = [], {}
     for k in range(0, len(mine), mb):
         idx = mine[k:k + mb]
         c, r, _ = dno.pair_logps(model, [P[i] for i in idx], run.device, run.amp)   # (m,) pi_t
         if init is not None:                            # (m,) log pi_1, then the geometric mixture
             c1, r1, _ = dno.pair_logps(init, [P[i] for i in idx], run.device, run.amp)
-            c = dno.geometric_reference(c, c1, run.cfg.ref_mix)
-            r = dno.geometric_reference(r, r1, run.cfg.ref_mix)
+            if run.cfg.optimistic:                      # mixed in after extension 2's mixture
+                anchor.update(zip(idx, zip(c1.tolist(), r1.tolist())))
+            else:
+                c, r = dno.geometric_reference(c, c1, beta), dno.geometric_reference(r, r1, beta)
         got += list(zip(idx, c.tolist(), r.tolist()))
     if run.cfg.optimistic:                              # extension 2: past iterates, halving
         got = optimistic_logps(run, P, got, t)
+    if anchor:                                          # both: (1 - beta) mixture + beta log pi_1
+        mix = lambda a, b: float(dno.geometric_reference(torch.tensor(a), torch.tensor(b), beta))
+        got = [(i, mix(c, anchor[i][0]), mix(r, anchor[i][1])) for i, c, r in got]
     return got
 
 

@@ -24,6 +24,8 @@ Asked again: transport failures (not cached); a reply that arrived but cannot be
 with its raw text (it was billed) and bought again only with --retry_unreadable; a request in
 flight at a kill -9 (at most --concurrency) may be resent by the rerun: the ledger keeps it at its
 worst case as "unsettled". The key (from the variable named by --api_key_env) is never written.
+A parameter the server refuses is learned from its 400 once (chat_api.Refusals, kept in --refused);
+--base_url a,b spreads requests over endpoints, skipping a dead one (chat_api.Endpoints).
 
 Departures from the paper (numbered):
 1. Rubric scores give P[i][j] = 1/0.5/0 by comparison; the "scores" of P judges are win-rates.
@@ -74,7 +76,7 @@ import numpy as np
 import dno
 from dnolib import chat_api, judging, reply
 from dnolib.chat_api import (Breaker, JudgeUnavailable, connect, count_tokens, encoder,
-                             endpoint, fit, host)
+                             fit, host)
 from dnolib.cli import check, cli
 from dnolib.distributed import print0
 from dnolib.judging import prompt_text
@@ -102,9 +104,10 @@ class Config:
     max_new_tokens: int = 1536     # cap on the rubric judge's own answer (K+1 justifications)
     temperature: float = 0.0       # judge decoding temperature
     top_logprobs: int = 5          # alternatives read at the verdict token (pairwise)
-    extra_body: str = ""           # JSON merged into each request, e.g. '{"repeat_penalty": 1.0}'
+    judge_params: str = ""         # JSON merged into each request, e.g. '{"reasoning_effort": "low"}'
     encoding: str = ""             # tiktoken encoding or local .tiktoken file; "" -> by model
     cache: str = "judge_cache.jsonl"  # append-only JSONL cache; "" disables
+    refused: str = "judge_refused.json"  # parameters the server refused, learned once ("": none)
     ledger: str = ""               # JSON file of the run's spend, shared by processes
     max_usd: float = 0.0           # hard budget in dollars (0 = none); the ledger's with --ledger
     max_calls: int = 0             # hard budget in requests (0 = none); the ledger's with --ledger
@@ -126,7 +129,8 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check before any
     "max_usd": GE0, "max_calls": GE0, "position_audit": UNIT, "judge_wait": GE0,
     "max_failure_rate": UNIT}
 RUN_FLAGS = ("judge", "base_url", "judge_model", "api_key_env", "concurrency", "max_usd",
-             "max_calls", "position_audit", "judge_context", "seed", "prices", "judge_wait")
+             "max_calls", "position_audit", "judge_context", "seed", "prices", "judge_wait",
+             "judge_params")
 
 
 # ----------------------------------------------------------------------------- what the judge is asked
@@ -275,7 +279,8 @@ def make_judge(cfg):
     any work."""
     ocfg = Config(**{k: getattr(cfg, k) for k in RUN_FLAGS if hasattr(cfg, k)},
                   cache=os.path.join(cfg.out, "judge_cache.jsonl"),
-                  ledger=os.path.join(cfg.out, "judge_ledger.json"))
+                  ledger=os.path.join(cfg.out, "judge_ledger.json"),
+                  refused=os.path.join(cfg.out, "judge_refused.json"))
     if ocfg.judge in ("rubric", "pairwise"):
         connect(ocfg.base_url, ocfg.api_key_env, ocfg.timeout, ocfg.max_reply_bytes)
         judging.check_judge(ocfg)  # --judge_model given, the price known under --max_usd
@@ -303,10 +308,11 @@ def show(item, order):
             "gold_index": None if g is None else order.index(g)}
 
 
-def plan_item(item, cfg, fn, enc, judge_id):
+def plan_item(item, cfg, fn, enc, judge_id, changes=None):
     """-> (units, truncated, cap): the requests one item needs as shown (1 for rubric / Python
     judges, n(n-1) ordered pairs otherwise), each keyed by a hash of (judge identity, template
-    version, prompt, ordered candidates, decoding)."""
+    version, prompt, ordered candidates, decoding, and `changes`: what a refusing server is sent
+    instead, judging.unit_key)."""
     prompt, cands = item["prompt"], list(item["candidates"])
     if fn is not None:
         ctx = judging.context_of(item) if judging.wants_context(fn) else {}
@@ -321,13 +327,15 @@ def plan_item(item, cfg, fn, enc, judge_id):
     room = cfg.judge_context - count_tokens(enc, empty) - 10 - out  # departure 2
     per_request = len(cands) if rubric else 2
     cands, truncated, cap = fit(cands, enc, cfg.max_judge_tokens, room, per_request)
-    dec = {"temperature": cfg.temperature, "extra_body": cfg.extra_body, "max_tokens": out}
+    # "extra_body": --judge_params's name when these keys were first written (caches stay valid)
+    dec = {"temperature": cfg.temperature, "extra_body": cfg.judge_params, "max_tokens": out}
 
     def unit(kind, content, order):
         dec_u = {**dec, **({"top_logprobs": cfg.top_logprobs} if kind == "verdict" else {})}
         shown = [cands[k] for k in order]
-        return {"key": judging.digest(judge_id, TEMPLATE_VERSION, kind, text, shown, dec_u),
-                "kind": kind, "pair": tuple(order), "n": len(cands), "max_tokens": out,
+        parts = (judge_id, TEMPLATE_VERSION, kind, text, shown, dec_u)
+        return {"key": judging.unit_key(parts, changes), "parts": parts, "kind": kind,
+                "pair": tuple(order), "n": len(cands), "max_tokens": out,
                 "n_in": count_tokens(enc, content) + 10,  # + chat-format overhead
                 "messages": [{"role": "user", "content": content}]}   # no system turn, as Fig. 3
     if rubric:
@@ -402,7 +410,7 @@ def judge_items(items, cfg, *, fn=None, progress=True):
         chat_api.wait_ready(client, cfg.judge_wait)  # a server still loading: not an outage
     price = price if api else (0.0, 0.0)
     ledger = Ledger(price or (0.0, 0.0), cfg.max_usd, cfg.max_calls, cfg.ledger, durable=api)
-    breaker = Breaker(cfg.breaker, endpoint(cfg.base_url) if api else cfg.judge)
+    breaker = Breaker(cfg.breaker, ", ".join(chat_api.urls(cfg.base_url)) if api else cfg.judge)
     enc = encoder(cfg.judge_model, cfg.encoding, warn=bool(cfg.max_usd and price)) if api else None
     name = cfg.judge_model  # a local judge: a folder (by absolute path) or a hub id (as given)
     local = f"local:{os.path.abspath(name) if os.path.exists(name) else name}"
@@ -411,7 +419,10 @@ def judge_items(items, cfg, *, fn=None, progress=True):
     listwise = fn is not None or cfg.judge == "rubric"
     views = [(k, order, show(it, order)) for k, it in enumerate(items)
              for order in shown_orders(it, cfg, listwise)]
-    plans = [plan_item(v, cfg, fn, enc, judge_id) for _, _, v in views]
+    if api:  # what this server refused before: the keys name what is sent
+        client.refusals = chat_api.Refusals(cfg.refused, judge_id)
+    changes = client.refusals.changes if api else None
+    plans = [plan_item(v, cfg, fn, enc, judge_id, changes) for _, _, v in views]
     units = [u for units, _, _ in plans for u in units]
     values, hits = judging.answer(units, cfg, fn, (client, key), ledger, breaker, progress,
                                   read_reply=read_reply, verdict_prob=verdict_prob)
@@ -472,7 +483,7 @@ def main(argv=None):
     try:
         check(cfg, limits=LIMITS)  # every flag before any work; credentials in a URL never echoed
         if cfg.judge in ("rubric", "pairwise"):
-            endpoint(cfg.base_url)
+            chat_api.urls(cfg.base_url)
             judging.check_judge(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -16,8 +16,8 @@ algorithm line (docs/paper.md maps every line of the paper's algorithms to the c
 Prompts JSONL lines: {"prompt": text | [{"role", "content"}, ...], "gold"?: teacher response,
 "id"?: str}. --out holds iter_0/eval/ (pi_1 on validation), iter_t/{samples, judgments, pairs,
 reference, checkpoint, eval}/ for t = 1..T (checkpoint/ is pi_{t+1} in the HF layout),
-judge_cache.jsonl, judge_ledger.json (the run's judge budget), metrics.jsonl, best.json and
-metrics.png. Each stage folder is atomic and records what it read and the flags that shaped it
+judge_cache.jsonl, judge_ledger.json (the run's judge budget), judge_refused.json (parameters the
+judge server refused), metrics.jsonl, best.json and metrics.png. Each stage folder is atomic and records what it read and the flags that shaped it
 (iteration.STAGES declares both): a rerun resumes, reusing a stage only when they match (stages.py).
 --judge: rubric | pairwise | local (oracle.py), a Python judge module:function or its alias
 (judging.ALIASES). Under torchrun, FSDP2 on nccl (GPU) or gloo (CPU): ranks split sampling and
@@ -116,6 +116,7 @@ class Config:
     judge_model: str = ""         # judge model (required; --judge local: its folder or hub id)
     prices: str = ""              # judge prices, $ per 1M tokens: model=in,out | JSON | a JSON file
     judge_wait: float = 0.0       # seconds to wait for a judge server still starting (0: none)
+    judge_params: str = ""        # JSON merged into each judge request, e.g. '{"seed": 1}'
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the judge's API key
     concurrency: int = 8          # judge requests in flight
     max_usd: float = 0.0          # judge budget in dollars, whole run, across resumes (0: none)
@@ -257,8 +258,6 @@ def prepare(cfg):
                          "needs --gold true")
     if cfg.pairs == "spin" and cfg.target == "soft":
         raise ValueError("--pairs spin asks no judge, so there is no r_t for --target soft")
-    if cfg.optimistic and cfg.ref_mix:
-        raise ValueError("--optimistic and --ref_mix are two references: set one of them")
     if cfg.opponents == "samples" and cfg.num_samples < 2:
         raise ValueError("--opponents samples needs --num_samples >= 2 (a sample's r_t is against "
                          "the other samples)")

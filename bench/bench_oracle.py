@@ -107,7 +107,7 @@ def main():
     try:
         cfg = oracle.Config(judge="pairwise", base_url=args.base_url, judge_model=args.model,
                             api_key_env="BENCH_KEY", cache="", concurrency=args.concurrency,
-                            extra_body='{"repeat_penalty": 1.0}')
+                            judge_params='{"repeat_penalty": 1.0}')
         colours = ["red", "blue", "green", "amber", "teal"][:args.candidates]
         items = [{"id": str(k), "prompt": f"Question {k}: name a colour you like and why.",
                   "candidates": [f"{w} because it is {w}." * (1 + (k + j) % 3)

@@ -17,6 +17,7 @@ client's underlying httpx connection pool: no per-call option parsing, no typed 
 """
 import base64, html, json, math, os, random, re, sys, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote, urlparse
@@ -164,8 +165,18 @@ def endpoint(base_url):
     return url
 
 
+def urls(base_url):
+    """--base_url: one endpoint, or several serving the same model (comma-separated) -> [url]."""
+    parts = [u.strip() for u in (base_url or "").split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise OracleError(f"--base_url: an empty endpoint in {base_url!r}")
+    return [endpoint(u) for u in parts]
+
+
 def host(base_url):
-    return urlparse(endpoint(base_url)).netloc
+    """The judge's name in the cache keys: the first endpoint's host (its peers serve the same
+    model, so their answers are one judge's)."""
+    return urlparse(urls(base_url)[0]).netloc
 
 
 @dataclass(frozen=True)
@@ -181,17 +192,17 @@ class Client:
 
 
 def connect(base_url, api_key_env, timeout, max_bytes=2 ** 20):
-    """-> (client, key): the endpoint's pool of keep-alive connections, and the key, read from the
-    environment variable NAMED api_key_env (never from a flag or a file)."""
-    url = endpoint(base_url)
+    """-> (Endpoints, key): each endpoint's pool of keep-alive connections, and the key, read from
+    the environment variable NAMED api_key_env (never from a flag or a file)."""
+    found = urls(base_url)
     key = os.environ.get(api_key_env, "")
     if not key:
         raise OracleError(f"missing API key: set ${api_key_env} (any non-empty value for a local "
                           "server)")
-    if len(key) >= 8 and holds_key(url, key):
+    if len(key) >= 8 and any(holds_key(u, key) for u in found):
         raise OracleError(f"--base_url holds the key of ${api_key_env}: it would be written "
                           "wherever the URL is")
-    return pool(url, timeout, key, max_bytes), key
+    return Endpoints([pool(u, timeout, key, max_bytes) for u in found]), key
 
 
 @lru_cache(maxsize=8)
@@ -251,31 +262,154 @@ def post(client, body):
     return box["out"]
 
 
+class Endpoints:
+    """The judge's endpoints (--base_url a,b,...): requests go round the live ones. One that stops
+    answering (DEAD_AFTER refused connections or timeouts in a row) is said by name once and
+    skipped while another is live; the last live one is never skipped, so an outage of all of them
+    still reaches the run's breaker. One ledger and one breaker for all."""
+    DEAD_AFTER = 2
+
+    def __init__(self, clients):
+        self.clients, self.lock, self.rounds = list(clients), threading.Lock(), 0
+        self.misses, self.dead = [0] * len(self.clients), set()
+        self.refusals = Refusals("", "")  # judge_items gives the run's (the file, the judge)
+        self.gate, self.open = threading.Lock(), False  # see turn()
+
+    @contextmanager
+    def turn(self):
+        """One request at a time until a reply shows the parameters accepted (opened()): a
+        refusal is then met by one request, learned, and never sent by the others in flight."""
+        if self.open:
+            yield
+            return
+        with self.gate:
+            yield
+
+    def opened(self):
+        self.open = True
+
+    def pick(self):
+        """-> (index, Client) of the next live endpoint."""
+        with self.lock:
+            live = [i for i in range(len(self.clients)) if i not in self.dead]
+            self.rounds += 1
+            i = live[self.rounds % len(live)]
+            return i, self.clients[i]
+
+    def answered(self, i):
+        with self.lock:
+            self.misses[i] = 0
+
+    def missed(self, i, why, at_once=False):
+        with self.lock:
+            self.misses[i] += self.DEAD_AFTER if at_once else 1
+            live = len(self.clients) - len(self.dead)
+            if self.misses[i] >= self.DEAD_AFTER and i not in self.dead and live > 1:
+                self.dead.add(i)
+                print(f"judge: endpoint {self.clients[i].url} skipped ({why[:120]}); "
+                      f"{live - 1} of {len(self.clients)} still answer", file=sys.stderr)
+
+
 READY = set()  # endpoints that answered wait_ready in this process
 
 
-def wait_ready(client, seconds):
-    """Before the first request: poll GET <base_url>/models until the server answers (a status
-    below 500: llama.cpp says 503 while it loads) or `seconds` pass (JudgeUnavailable, one line);
-    one line on stderr says what it waits for. Once per endpoint and process."""
-    url = client.url.rsplit("/chat/completions", 1)[0] + "/models"
+def wait_ready(endpoints, seconds):
+    """Before the first request: poll GET <base_url>/models of every endpoint until it answers (a
+    status below 500: llama.cpp says 503 while it loads) or `seconds` pass; one line on stderr
+    says what it waits for. Endpoints still silent then are skipped when another answered, else
+    JudgeUnavailable (one line). Once per endpoint and process."""
     t0, said = time.monotonic(), False
-    while client.url not in READY:
-        try:
-            r = client.http.get(url, headers=dict(client.headers), timeout=min(5.0, client.timeout))
-            if r.status_code < 500:
-                READY.add(client.url)
-                break
-        except client.errors:
-            pass  # not listening yet
+    todo = [i for i, c in enumerate(endpoints.clients) if c.url not in READY]
+    models = lambda c: c.url.rsplit("/chat/completions", 1)[0] + "/models"
+    while todo:
+        for i in list(todo):
+            c = endpoints.clients[i]
+            try:
+                r = c.http.get(models(c), headers=dict(c.headers), timeout=min(5.0, c.timeout))
+                if r.status_code < 500:
+                    READY.add(c.url)
+                    todo.remove(i)
+            except c.errors:
+                pass  # not listening yet
         waited = time.monotonic() - t0
-        if waited > seconds:
-            raise JudgeUnavailable(f"judge endpoint {url} did not answer within --judge_wait "
-                                   f"{seconds:g} s")
-        if not said:
+        if todo and waited > seconds:
+            if len(todo) == len(endpoints.clients):
+                raise JudgeUnavailable(f"judge endpoint {models(endpoints.clients[todo[0]])} did "
+                                       f"not answer within --judge_wait {seconds:g} s")
+            for i in todo:
+                endpoints.missed(i, f"no answer within --judge_wait {seconds:g} s", at_once=True)
+            return
+        if todo and not said:
             said = True
-            print(f"judge: waiting up to {seconds:g} s for {url} to answer", file=sys.stderr)
-        time.sleep(min(1.0, max(0.0, seconds - waited) + 0.01))
+            what = ", ".join(models(endpoints.clients[i]) for i in todo)
+            print(f"judge: waiting up to {seconds:g} s for {what} to answer", file=sys.stderr)
+        if todo:
+            time.sleep(min(1.0, max(0.0, seconds - waited) + 0.01))
+
+
+# ----------------------------------------------------------------------------- refused parameters
+RENAMED = {"max_tokens": "max_completion_tokens"}  # what reasoning models take instead
+OPTIONAL = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")  # default ok
+
+
+def refused(status, text, body):
+    """The parameter a 400 says the model does not support (OpenAI: error.param with code
+    unsupported_parameter / unsupported_value; other servers: the quoted name in the message), if
+    the body sends it and it can be renamed or left out; else None."""
+    low = text.lower()
+    if status != 400 or not any(w in low for w in ("unsupported", "not supported",
+                                                   "does not support", "unrecognized")):
+        return None
+    try:
+        names = [json.loads(text)["error"]["param"]]
+    except (ValueError, KeyError, TypeError):
+        names = []
+    names += [p for p in (*RENAMED, *OPTIONAL) if re.search(rf"['\"`]{p}['\"`]", text)]
+    return next((p for p in names if p in body and (p in RENAMED or p in OPTIONAL)), None)
+
+
+class Refusals:
+    """The parameters this judge refused, learned from its 400 once and recorded in the run's file
+    (path: {judge: {param: what is sent instead, or null: left out}}), applied to every request
+    after: max_tokens sent as max_completion_tokens, a refused sampling parameter left out (the
+    server's default). The cache keys name them (oracle.plan_item)."""
+    def __init__(self, path, judge):
+        self.path, self.judge, self.lock = path, judge, threading.Lock()
+        self.changes = dict(self.read().get(judge, {}))
+
+    def read(self):
+        if not (self.path and os.path.exists(self.path)):
+            return {}
+        try:
+            got = json.load(open(self.path, encoding="utf-8"))
+            assert isinstance(got, dict) and all(isinstance(v, dict) for v in got.values())
+            return got
+        except (ValueError, AssertionError):
+            raise OracleError(f"{self.path}: not the record of refused judge parameters; "
+                              "delete it to learn them again") from None
+
+    def apply(self, body):
+        out = dict(body)
+        for p, instead in self.changes.items():
+            if p in out:
+                v = out.pop(p)
+                if instead:
+                    out[instead] = v
+        return out
+
+    def learn(self, param):
+        with self.lock:
+            if param in self.changes:
+                return  # another request learned it first
+            self.changes[param] = RENAMED.get(param)
+            if self.path:
+                every = {**self.read(), self.judge: self.changes}
+                with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                    json.dump(every, f, indent=1)
+                os.replace(self.path + ".tmp", self.path)
+            instead = f"sent as {RENAMED[param]!r}" if param in RENAMED else "left out"
+            print(f"judge: {self.judge} refused {param!r}: {instead} from now on"
+                  + (f" (recorded in {self.path})" if self.path else ""), file=sys.stderr)
 
 
 def run_pool(work, jobs, concurrency):
@@ -381,21 +515,23 @@ def permanent(status, text):
     return None
 
 
-def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4, backoff=0.5,
+def call(endpoints, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4, backoff=0.5,
          seed="", keep=lambda value: None):
-    """One chat completion (body: a dict). parse(reply JSON) -> value: raises on a reply that is
-    not a completion (retried) or returns {"fail", "error", "raw"} for one that arrived but cannot
-    be read (kept, not retried). Transient failures (429, 5xx, 408, timeouts, connections) are
-    retried with exponential backoff + jitter or the server's Retry-After; a refused connection at
-    most twice. Permanent ones (401/403/404, quota, context) trip the breaker at once. Every
-    request is reserved in the ledger before it leaves (may raise BudgetExceeded) and settled
-    after: a 200 from its `usage` (the worst case without one), a non-200 at 0. keep(value) stores
-    the final value before its request is settled, so a kill in between leaves it counted as
-    unsettled, never stored and unbilled. Returns the value, or {"fail", "error"} after the
-    retries."""
-    body, wait, fail = json.dumps(body).encode(), 0.0, None  # encoded once, resent as is
+    """One chat completion (body: a dict) from the next live endpoint. parse(reply JSON) -> value:
+    raises on a reply that is not a completion (retried) or returns {"fail", "error", "raw"} for
+    one that arrived but cannot be read (kept, not retried). Transient failures (429, 5xx, 408,
+    timeouts, connections) are retried with exponential backoff + jitter or the server's
+    Retry-After; a refused connection at most twice. Permanent ones (401/403/404, quota, context)
+    trip the breaker at once. A 400 refusing a parameter (Refusals) is learned and the request
+    sent again at once, changed: one extra request per refusal. Every request is reserved in the
+    ledger before it leaves (may raise BudgetExceeded) and settled after: a 200 from its `usage`
+    (the worst case without one), a non-200 at 0. keep(value) stores the final value before its
+    request is settled, so a kill in between leaves it counted as unsettled, never stored and
+    unbilled. Returns the value, or {"fail", "error"} after the retries."""
+    refusals, data, known, wait, fail = endpoints.refusals, None, None, 0.0, None
     text = None  # the last 200's text: kept with the failure when no attempt could be read
-    for attempt in range(retries + 1):
+    attempt, learned = 0, 0
+    while attempt <= retries:
         if attempt:
             if fail[0] == "connection" and attempt > 2:
                 break  # nothing listens there: quick to detect, pointless to hammer
@@ -403,10 +539,27 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
             jitter = random.Random(f"{seed}:{attempt}").random()
             sleep = max(wait, min(30.0, backoff * 2 ** (attempt - 1)) * (0.5 + jitter))
             breaker.stop.wait(sleep)  # a trip wakes it
+        attempt += 1
         breaker.check()
-        ticket, billed = ledger.spend(n_in, max_out), (0, 0)
+        i, client = endpoints.pick()
+        ticket, billed, param = ledger.spend(n_in, max_out), (0, 0), None
         try:
-            status, headers, raw, cut = post(client, body)
+            with endpoints.turn():
+                if known != len(refusals.changes):  # encoded once, and again after a refusal
+                    known, sent = len(refusals.changes), refusals.apply(body)
+                    data = json.dumps(sent).encode()
+                status, headers, raw, cut = post(client, data)
+                text = error_text(raw, key) if status != 200 else None
+                param = refused(status, text, sent) if text else None
+                if param and learned < len(RENAMED) + len(OPTIONAL):
+                    refusals.learn(param)  # inside the turn: no other request meets it
+                else:
+                    endpoints.opened()
+            endpoints.answered(i)
+            if param and learned < len(RENAMED) + len(OPTIONAL):
+                learned, attempt = learned + 1, attempt - 1
+                ledger.retry()
+                continue  # the same request, changed: not a failure, no backoff
             if status == 200:
                 billed = (n_in, max_out)  # it arrived, so it is billed: worst case until usage
                 text = raw.decode("utf-8", "replace")
@@ -414,16 +567,15 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
                     value = {"fail": "too_large", "raw": text, "error": f"reply cut at "
                              f"{len(raw)} bytes (--max_reply_bytes): more was sent"}
                 else:
-                    data = reply.document(raw)  # not JSON: Unreadable, retried below
-                    billed, why = reply.billable(data, n_in, max_out)
+                    doc = reply.document(raw)  # not JSON: Unreadable, retried below
+                    billed, why = reply.billable(doc, n_in, max_out)
                     if why:
                         ledger.distrusted(why)
-                    value = parse(data)
+                    value = parse(doc)
                 value = scrub(value, key)
                 keep(value)
                 breaker.record(value)
                 return value
-            text = error_text(raw, key)
             fail = ("rate_limit" if status == 429 else "server_error" if status >= 500
                     else f"http_{status}", f"HTTP {status}: {text[:200]}")
             why = permanent(status, text)
@@ -438,8 +590,10 @@ def call(client, key, body, parse, ledger, breaker, *, n_in, max_out, retries=4,
             raise  # a permanent refusal (an OracleError, so a ValueError: not a bad response)
         except TimeoutError as e:
             fail = ("timeout", f"{type(e).__name__}: {e}")
+            endpoints.missed(i, fail[1])
         except OSError as e:
             fail = ("connection", f"{type(e).__name__}: {e}")
+            endpoints.missed(i, fail[1])
         except (AttributeError, IndexError, KeyError, TypeError, ValueError, ArithmeticError,
                 RecursionError) as e:  # a 200 that is not a completion we can read
             fail = ("bad_response", f"{type(e).__name__}: {str(e)[:200]}")

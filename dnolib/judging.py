@@ -37,11 +37,11 @@ def prompt_text(prompt):
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def run_api(pending, cfg, client, key, ledger, breaker, done, read_reply):
+def run_api(pending, cfg, endpoints, key, ledger, breaker, done, read_reply):
     """Bounded concurrency: cfg.concurrency threads; `done` caches each answer as soon as it lands,
     so an interrupt, a budget stop or a tripped breaker loses at most the requests in flight.
     read_reply(data, kind, n): oracle.py's reader of one completion."""
-    extra = json.loads(cfg.extra_body or "{}")
+    extra = json.loads(cfg.judge_params or "{}")
 
     def work(u):  # one judge request through chat_api.call
         body = dict(model=cfg.judge_model, messages=u["messages"], max_tokens=u["max_tokens"],
@@ -49,10 +49,17 @@ def run_api(pending, cfg, client, key, ledger, breaker, done, read_reply):
         if u["kind"] == "verdict":  # llama.cpp needs top_logprobs >= 1
             body.update(logprobs=True, top_logprobs=max(1, cfg.top_logprobs))
         read = lambda data: read_reply(data, u["kind"], u["n"])
-        call(client, key, body, read, ledger, breaker, n_in=u["n_in"], max_out=u["max_tokens"],
-             retries=cfg.retries, backoff=cfg.backoff, seed=f"{cfg.seed}:{u['key']}",
-             keep=lambda value: done(u, value))
+        call(endpoints, key, body, read, ledger, breaker, n_in=u["n_in"],
+             max_out=u["max_tokens"], retries=cfg.retries, backoff=cfg.backoff,
+             seed=f"{cfg.seed}:{u['key']}", keep=lambda value: done(u, value))
     run_pool(work, pending, cfg.concurrency)
+
+
+def unit_key(parts, changes):
+    """A request's cache key: its parts (judge, template, prompt, candidates, decoding) and, once
+    the server refused a parameter, what is sent instead (Refusals.changes)."""
+    *head, dec = parts
+    return digest(*head, {**dec, "sent": changes} if changes else dec)
 
 
 # ------------------------------------------------------------------------- the local-model judge
@@ -252,11 +259,15 @@ def answer(units, cfg, fn, client, ledger, breaker, progress, *, read_reply, ver
     label = getattr(fn, "__name__", cfg.judge) if fn else cfg.judge
     bar = tqdm(total=len(pending), disable=not progress, desc=f"judge[{label}]", unit="call")
 
+    refusals = client[0].refusals if client and client[0] else None
+    before = dict(refusals.changes) if refusals else None
+
     def done(u, v):  # called by the worker threads too
+        k = unit_key(u["parts"], refusals.changes) if refusals else u["key"]  # what was sent
         if "fail" not in v or "raw" in v:  # unreadable replies are kept (billed); outages not
-            cache.put(u["key"], v)
+            cache.put(k, v)
         with lock:
-            values[u["key"]] = v
+            values[k] = v
             bar.update(1)
     try:
         if fn is not None:
@@ -271,7 +282,13 @@ def answer(units, cfg, fn, client, ledger, breaker, progress, *, read_reply, ver
     finally:
         bar.close()
         cache.close()
+    if refusals and refusals.changes != before:  # learned here: every key names what is now sent
+        for u in units:
+            old, u["key"] = u["key"], unit_key(u["parts"], refusals.changes)
+            if u["key"] not in values and old in values:
+                values[u["key"]] = values[old]  # a cache hit under the old key
     return values, hits
+
 
 # ----------------------------------------------------------------------------- keys and the audit
 def digest(*parts):
@@ -318,10 +335,10 @@ def check_inputs(items, cfg, fn):
             raise OracleError(f"bad item {str(it)[:80]!r}: need 'id', 'prompt' and 'candidates' "
                               "(a list of strings)")
     try:
-        obj = json.loads(cfg.extra_body or "{}")
+        obj = json.loads(cfg.judge_params or "{}")
         assert isinstance(obj, dict)
     except (ValueError, AssertionError):
-        raise OracleError(f"--extra_body must be a JSON object, got {cfg.extra_body!r}") from None
+        raise OracleError(f"--judge_params must be a JSON object, got {cfg.judge_params!r}") from None
     parse_prices(cfg.prices)  # a negative price would credit the budget
     return fn
 

@@ -117,10 +117,12 @@ def shape(inputs, flags):
     return {"inputs": {k: sha(v) for k, v in inputs.items()}, "flags": dict(flags)}
 
 
-def is_done(out, t, name, want):
+def is_done(out, t, name, want, added=None):
     """True if OUT/iter_t/<name> is finished and was made from `want` (a shape); False if it is not
     finished. A finished stage made from other inputs or flags (or whose manifest lacks a flag) is a
-    StageError naming what differs, with a way out that works as printed."""
+    StageError naming what differs, with a way out that works as printed. added: {flag: value}
+    for flags newer than some manifests, each with the value that does what the code did before
+    the flag existed; a manifest without one of them was made with that value."""
     path = stage_dir(out, t, name)
     if not os.path.exists(os.path.join(path, "done")):
         return False
@@ -131,7 +133,7 @@ def is_done(out, t, name, want):
     except ValueError as e:
         raise StageError(f"{file}: corrupt JSON ({e}); rerun with {redo}") from None
     got = manifest.get("shape", {})
-    flags, inputs = got.get("flags", {}), got.get("inputs", {})
+    flags, inputs = {**(added or {}), **got.get("flags", {})}, got.get("inputs", {})
     for k, v in want["flags"].items():
         if k not in flags:
             raise StageError(f"{where} records no --{k} (an older train.py made it): rerun "

@@ -132,6 +132,7 @@ def last_iterate_step(P, logs, log_pi1, method, eta, beta=0.0, keep=0):
         w = [2.0 ** -(j + 1) for j in range(len(past))]
         w[-1] += 1.0 - sum(w)
         ref, opponent = sum(wj * lp for wj, lp in zip(w, past)), log_pi
+        ref = (1 - beta) * ref + beta * log_pi1              # with --ref_mix beta: toward pi_1
     elif method in ("ref_mix", "nash_md"):
         ref = normalise((1 - beta) * log_pi + beta * log_pi1)
         opponent = ref if method == "nash_md" else log_pi
@@ -159,7 +160,8 @@ METHODS = [("plain DNO (Alg. 1)", "plain", 0.1, 0.0, 0), ("plain DNO", "plain", 
            ("Nash-MD, beta 0.5", "nash_md", 0.1, 0.5, 0), ("Nash-MD, beta 0.05", "nash_md", 1.0, 0.05, 0),
            ("--optimistic (all)", "optimistic", 0.2, 0.0, 0),
            ("--optimistic 6", "optimistic", 0.2, 0.0, 6),
-           ("--optimistic (all)", "optimistic", 0.1, 0.0, 0)]
+           ("--optimistic (all)", "optimistic", 0.1, 0.0, 0),
+           ("--optimistic 6 --ref_mix 0.05", "optimistic", 0.2, 0.05, 6)]
 
 
 def last_iterate_table(iters=1000, marks=(8, 16, 32, 100, 1000)):

@@ -39,7 +39,16 @@ def test_optimistic_reference_mixes_the_past_iterates(task, tmp_path):
         assert torch.allclose(got, want, atol=1e-4)
         plain = torch.stack(logps(pi[t], pairs), 1)
         assert t == 1 or (got - plain).abs().max() > 1e-3            # not pi_t's own log-probs
-    p = subprocess.run(cmd(task, tmp_path / "x", "--optimistic", "2", "--ref_mix", "0.5"),
-                       env=env_for(task), capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "--optimistic and --ref_mix" in p.stderr
-    assert "Traceback" not in p.stderr
+    # both extensions: (1 - beta) times the optimistic mixture + beta log pi_1 (was: refused)
+    both = tmp_path / "both"
+    argv = cmd(task, both, "--iterations", "3", "--optimistic", "2", "--ref_mix", "0.25",
+               "--replay", "0", "--target", "soft", "--pairs", "all")
+    p = subprocess.run(argv, env=env_for(task), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pi = {1: str(task / "model"), 2: str(both / "iter_1/checkpoint"),
+          3: str(both / "iter_2/checkpoint")}
+    pairs = read_jsonl(both / "iter_3/reference/pairs.jsonl")
+    got = torch.tensor([[q["ref_chosen"], q["ref_rejected"]] for q in pairs], dtype=torch.double)
+    w = {3: 0.75 * 0.5, 2: 0.75 * 0.5, 1: 0.25}
+    want = sum(wk * torch.stack(logps(pi[k], pairs), 1) for k, wk in w.items())
+    assert torch.allclose(got, want, atol=1e-4)

@@ -278,8 +278,8 @@ def test_api_key_never_on_disk(tmp_path, key, capsys):
 def test_bad_inputs_are_one_line_errors():
     with pytest.raises(OracleError, match="need 'id', 'prompt' and 'candidates'"):
         judge_items([{"id": "x", "prompt": "p", "candidates": "not a list"}], Config(cache=""), fn=judging.length_judge)
-    with pytest.raises(OracleError, match="extra_body"):
-        judge_items(ITEMS, Config(cache="", judge="pairwise", extra_body="[1"), progress=False)
+    with pytest.raises(OracleError, match="judge_params"):
+        judge_items(ITEMS, Config(cache="", judge="pairwise", judge_params="[1"), progress=False)
     with pytest.raises(OracleError, match="returned"):
         judge_items(ITEMS, Config(cache=""), fn=lambda p, c: {"scores": [1.0]}, progress=False)
 
@@ -313,7 +313,7 @@ def test_tiktoken_counts_truncation_and_offline_fallback(tmp_path, key):
 
 # ----------------------------------------------------------------------------- the real server (llama.cpp)
 def real_cfg(tmp_path, url, **kw):
-    return api_cfg(tmp_path, url, **{"judge_model": MODEL_ALIAS, "extra_body": '{"repeat_penalty": 1.0}', **kw})
+    return api_cfg(tmp_path, url, **{"judge_model": MODEL_ALIAS, "judge_params": '{"repeat_penalty": 1.0}', **kw})
 
 
 def test_real_server_pairwise_soft_p_and_cache(tmp_path, key, llama_server):
@@ -349,7 +349,7 @@ def test_real_server_rubric(tmp_path, key, llama_server):
          + " ".join(f'", \\"id{i}_justification\\": \\"" j "\\", \\"id{i}_score\\": " [0-6]'
                     for i in range(2, n + 1)) + ' "}"\nj ::= [a-z] [a-z]? [a-z]?')
     cfg = real_cfg(tmp_path, llama_server, judge="rubric", max_new_tokens=200, timeout=60.0,
-                   extra_body=json.dumps({"repeat_penalty": 1.0, "grammar": g}))
+                   judge_params=json.dumps({"repeat_penalty": 1.0, "grammar": g}))
     res, s = judge_items(ITEMS, cfg, progress=False)
     assert all(r["ok"] for r in res) and s["calls"] == 3 and s["tokens_out"] > 0, res[0]["rationale"]
     for r in res:

@@ -97,6 +97,22 @@ def test_each_hint_followed_as_printed_gets_the_user_out(task, baseline, tmp_pat
         assert flags["judge"] == "tjudge2:judge"
 
 
+def test_a_flag_added_later_reads_as_its_old_behaviour_in_old_manifests(task, baseline, tmp_path,
+                                                                        monkeypatch):
+    """iteration.ADDED: a run finished before --judge_params existed resumes, reusing every stage
+    (was: 'records no --judge_params', a rollback of the whole run); another value is a change."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline[0], out)
+    for m in out.glob("iter_*/*/manifest.json"):
+        edit_manifest(m, lambda m: m["shape"]["flags"].pop("judge_params", None))
+    before = {p: p.stat().st_mtime_ns for p in out.glob("iter_*/*/done")}
+    train.main(["--out", str(out), "--model", str(task / "model"), "--prompts",
+                str(task / "prompts.jsonl"), *FLAGS])
+    assert before and {p: p.stat().st_mtime_ns for p in out.glob("iter_*/*/done")} == before
+    msg = run_inline(task, out, monkeypatch, "--judge_params", '{"seed": 1}')
+    assert "was made with --judge_params '', not" in msg, msg
+
+
 # finding 2: slices do not move when T grows; a finished run grows and keeps iteration 1
 def test_slices_do_not_move_when_T_grows():
     rows = [{"id": str(i)} for i in range(23)]

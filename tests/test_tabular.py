@@ -99,5 +99,7 @@ def test_optimistic_last_iterate_converges_where_plain_dno_cycles():
     for keep in (0, 6):
         opt = tabular.run_method(P, pi_1, "optimistic", 0.2, 1000, keep=keep)
         assert max(h["last"] for h in opt[63:]) < 0.02 and opt[-1]["avg"] < 0.01
+    both = tabular.run_method(P, pi_1, "optimistic", 0.2, 1000, beta=0.05, keep=6)  # + --ref_mix
+    assert max(h["last"] for h in both[31:]) < 0.01   # pi_1's pull: the regularised equilibrium
     mix = tabular.run_method(P, pi_1, "ref_mix", 0.1, 1000, beta=0.5)
     assert max(h["last"] for h in mix[-200:]) > 0.1
