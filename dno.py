@@ -356,7 +356,9 @@ def geometric_reference(logp_t, logp_1, beta):
 #
 # a geometric mixture of the past iterates, halving (tests/test_tabular.py: exactly OMWU). Departure
 # (ours): train.py --optimistic N keeps the newest N iterates, the oldest kept one taking the rest of
-# the weight; on a model each pi_{k+1} is the regression's fit, not the exact tilt.
+# the weight; on a model each pi_{k+1} is the regression's fit, not the exact tilt. With --ref_mix
+# beta too, log ref = (1 - beta) * this + beta * log pi_1: a magnet toward pi_1 (as in magnetic mirror
+# descent) that keeps a style the samples stopped showing from vanishing (docs/experiments.md).
 def optimistic_reference(logps):
     """log ref(y|x) above from [log pi_t, log pi_{t-1}, ...] (newest first, each (N,)) -> (N,)."""
     if not logps:

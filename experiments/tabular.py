@@ -161,7 +161,8 @@ METHODS = [("plain DNO (Alg. 1)", "plain", 0.1, 0.0, 0), ("plain DNO", "plain", 
            ("--optimistic (all)", "optimistic", 0.2, 0.0, 0),
            ("--optimistic 6", "optimistic", 0.2, 0.0, 6),
            ("--optimistic (all)", "optimistic", 0.1, 0.0, 0),
-           ("--optimistic 6 --ref_mix 0.05", "optimistic", 0.2, 0.05, 6)]
+           ("--optimistic 6 --ref_mix 0.05", "optimistic", 0.2, 0.05, 6),
+           ("--optimistic 6 --ref_mix 0.2", "optimistic", 0.2, 0.2, 6)]
 
 
 def last_iterate_table(iters=1000, marks=(8, 16, 32, 100, 1000)):

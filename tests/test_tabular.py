@@ -99,6 +99,8 @@ def test_optimistic_last_iterate_converges_where_plain_dno_cycles():
     for keep in (0, 6):
         opt = tabular.run_method(P, pi_1, "optimistic", 0.2, 1000, keep=keep)
         assert max(h["last"] for h in opt[63:]) < 0.02 and opt[-1]["avg"] < 0.01
+    bt = tabular.run_tabular(P, pi_1, 0.2, 1000)[0]   # the same update on a fitted BT reward
+    assert min(h["bt"] for h in bt[63:]) > 0.3         # settles on the BT-optimal action: exploited
     both = tabular.run_method(P, pi_1, "optimistic", 0.2, 1000, beta=0.05, keep=6)  # + --ref_mix
     assert max(h["last"] for h in both[31:]) < 0.01   # pi_1's pull: the regularised equilibrium
     mix = tabular.run_method(P, pi_1, "ref_mix", 0.1, 1000, beta=0.5)
