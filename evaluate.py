@@ -229,6 +229,10 @@ def report(out, select_by="lc_vs_gold", final=False, last=999, view="both"):
     if not ts:
         raise FileNotFoundError(f"{out}: no evaluated iterate yet (no iter_0/eval/done); first: python train.py "
                                 f"--out {out}")
+    gaps = [t for t in range(ts[-1]) if t not in ts]   # a later iterate exists: not just unfinished
+    if gaps:
+        print0(f"warning: {', '.join(f'iter_{t}' for t in gaps)} of {out} has no finished "
+               "evaluation (no eval/done): left out of the table, line 9's choice and the mixture")
     rows = [{**read_json(os.path.join(out, f"iter_{t}", "eval", "metrics.json")), **iteration_facts(out, t)}
             for t in ts]
     mix = mixture(out, ts) if len(ts) > 1 else None

@@ -324,9 +324,10 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
         return []
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     ctx = model.args.max_seq_len
-    for i, e in enumerate(encoded):
-        if len(e) >= ctx:
-            raise ValueError(f"prompt {ids[i]!r} has {len(e)} tokens; the model's context is {ctx} tokens")
+    for i, e in enumerate(encoded):  # before the KV cache is sized for prompt + max_new_tokens
+        if len(e) + max_new_tokens > ctx:
+            raise ValueError(f"prompt {ids[i]!r}: {len(e)} tokens + --max_new_tokens "
+                             f"{max_new_tokens} exceed the model's context of {ctx} tokens")
     stops = default_stop_ids(tokenizer, model) if stop_ids is None else sorted(set(stop_ids))
     step = model.decode
     # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it
@@ -467,7 +468,11 @@ def run(cfg: Config):
     path = resolve_model(cfg.model)
     tok = load_tokenizer(path)       # before the weights: a broken tokenizer fails in a second
     # before any work
-    check_vocab(tok, ModelArgs.from_hf_config(read_config(path)).vocab_size, path)
+    args = ModelArgs.from_hf_config(read_config(path))
+    check_vocab(tok, args.vocab_size, path)
+    if cfg.max_new_tokens >= args.max_seq_len:
+        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
+                         f"the model's context of {args.max_seq_len} tokens")
     model = Transformer.from_pretrained(path, dtype=DTYPES[cfg.dtype], device=cfg.device)
     torch.set_num_threads(pick_threads(cfg.threads, model.num_params()))
     outs = generate(model, tok, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,

@@ -47,6 +47,8 @@ def read_jsonl(path):
                 continue
             try:
                 rows.append(json.loads(line))
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"a JSON {type(rows[-1]).__name__}, not an object")
             except ValueError as e:
                 folder = os.path.dirname(os.path.abspath(path))
                 raise StageError(f"{path}:{n}: corrupt JSON line ({e}); delete {folder} to redo "
@@ -55,9 +57,13 @@ def read_jsonl(path):
 
 
 def read_json(path):
+    """A JSON object (every file of ours is one); anything else is a one-line StageError."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            got = json.load(f)
+        if not isinstance(got, dict):
+            raise ValueError(f"a JSON {type(got).__name__}, not an object")
+        return got
     except ValueError as e:
         folder = os.path.dirname(os.path.abspath(path))
         raise StageError(f"{path}: corrupt JSON ({e}); delete {folder} to redo it") from None

@@ -33,6 +33,7 @@ if __name__ == "__main__":
     # --help before the heavy imports
     early_help(__file__)
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -191,8 +192,9 @@ class Config:
 
 
 def main(cfg):
-    if cfg.eta <= 0 or cfg.iters < 1 or cfg.log_every < 1:
-        raise ValueError("need eta > 0, iters >= 1, log_every >= 1")
+    if not 0 < cfg.eta < math.inf or cfg.iters < 1 or cfg.log_every < 1:  # nan fails 0 < eta too
+        raise ValueError(f"need a finite --eta > 0, --iters >= 1, --log_every >= 1 (got --eta "
+                         f"{cfg.eta})")
     P, pi_1 = cyclic_game()
     hist, r_bt, pi_last = run_tabular(P, pi_1, cfg.eta, cfg.iters)
     print(f"config: {cfg}")

@@ -63,7 +63,8 @@ def test_gold_model_empty_uses_rating_and_skip_drops(tmp_path):
 
 def test_counts_of_skipped_rows():
     records, counts = convert(OPENBMB, Config())
-    assert counts == {"rows": 5, "kept": 2, "empty_prompt": 1, "no_gold": 1, "duplicate": 1}
+    assert counts == {"rows": 5, "kept": 2, "empty_prompt": 1, "no_gold": 1, "duplicate": 1,
+                      "duplicate_id": 0}
     assert len(records) == 2
 
 

@@ -150,10 +150,14 @@ def convert_row(row, cfg):
         raise DataError(f"expected a JSON object per row, got {type(row).__name__}")
     if "completions" in row:  # openbmb/UltraFeedback
         text = row.get("instruction") or ""
+        if not isinstance(text, str):
+            raise DataError(f"'instruction' is a JSON {type(text).__name__}, not text")
         rid = "uf-" + hashlib.sha1(text.strip().encode()).hexdigest()[:16]
         return rid, text, pick_gold(row.get("completions") or [], cfg.gold_model, cfg.gold_fallback)
     if "chosen" in row or "messages" in row:  # HuggingFaceH4/ultrafeedback_binarized
         text = row.get("prompt") or ""
+        if not isinstance(text, str):
+            raise DataError(f"'prompt' is a JSON {type(text).__name__}, not text")
         rid = str(row.get("prompt_id")
                   or "uf-" + hashlib.sha1(text.strip().encode()).hexdigest()[:16])
         return rid, text, last_assistant(row.get("chosen") or row.get("messages"))
@@ -166,8 +170,9 @@ def convert(rows, cfg):
     and skipped."""
     if cfg.gold_fallback not in ("best", "skip"):
         raise DataError(f"--gold_fallback must be best or skip, got {cfg.gold_fallback!r}")
-    out, seen = [], set()
-    counts = {"rows": len(rows), "kept": 0, "empty_prompt": 0, "no_gold": 0, "duplicate": 0}
+    out, seen, ids = [], set(), set()
+    counts = {"rows": len(rows), "kept": 0, "empty_prompt": 0, "no_gold": 0, "duplicate": 0,
+              "duplicate_id": 0}  # another prompt under an id already kept: train.py needs one
     for n, row in enumerate(rows, 1):
         try:
             rid, text, gold = convert_row(row, cfg)
@@ -175,11 +180,13 @@ def convert(rows, cfg):
             raise DataError(f"row {n}: {e}") from None
         key = text.strip() if isinstance(text, str) else ""
         why = ("empty_prompt" if not key else "duplicate" if key in seen
+               else "duplicate_id" if rid in ids
                else "no_gold" if not (isinstance(gold, str) and gold.strip()) else None)
         if why:
             counts[why] += 1
             continue
         seen.add(key)
+        ids.add(rid)
         out.append({"id": rid, "prompt": [{"role": "user", "content": text}], "gold": gold})
     if cfg.limit > 0 and len(out) > cfg.limit:  # departure 3: a seeded subset, kept in source order
         keep = set(random.Random(cfg.seed).sample(range(len(out)), cfg.limit))

@@ -1,0 +1,76 @@
+"""The low items of issue 28, one test per cause: sample.py's --max_new_tokens against the model's
+context, evaluate.py on a stage file of the wrong JSON type and on a missing iteration, the
+UltraFeedback preparer on a list-valued instruction and on duplicate ids, tabular.py --eta nan.
+CPU, offline, seconds.
+
+    python -m pytest -q tests/test_low.py
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import evaluate
+import sample
+from data.ultrafeedback.prepare import Config as PrepConfig, DataError, convert
+from dnolib.stages import StageError
+from test_train import baseline, task  # noqa: F401 (fixtures)
+from tiny import make_hf_model, make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_max_new_tokens_past_the_context_is_one_line_before_any_allocation(tmp_path):
+    make_hf_model("llama", tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "The cat"}\n')
+    argv = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "m"),
+            "--prompts", str(src), "--out", str(tmp_path / "o.jsonl")]
+    r = subprocess.run(argv + ["--max_new_tokens", "1000000000"], capture_output=True, text=True,
+                       timeout=120)  # was: a traceback trying to allocate a 1 TB KV cache
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-500:]
+    assert "leaves no room for a prompt" in r.stderr
+    from dnolib.model import Transformer
+    model, tok = Transformer.from_pretrained(tmp_path / "m"), make_tokenizer()
+    ctx = model.args.max_seq_len  # a prompt that fits alone, not with the answer's room
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        sample.generate(model, tok, ["The cat"], max_new_tokens=ctx - 2)
+
+
+def test_evaluate_names_a_stage_file_of_the_wrong_type_and_a_missing_iteration(baseline, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "run"
+    shutil.copytree(baseline[0], out)
+    evaluate.report(str(out))
+    os.remove(out / "iter_0/eval/done")  # iteration 0 lost, iteration 1 kept
+    evaluate.report(str(out))
+    err = capsys.readouterr().out  # was: dropped from the table and the mixture without a word
+    assert "iter_0" in err and "left out of the table" in err
+    (out / "iter_1/eval/metrics.json").write_text("[1, 2]")
+    with pytest.raises(StageError, match=r"iter_1/eval/metrics.json: .*JSON list, not an object"):
+        evaluate.report(str(out))  # was: TypeError deep in the report
+    (out / "iter_1/pairs/manifest.json").write_text("3")
+    r = subprocess.run([sys.executable, "evaluate.py", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_prepare_refuses_a_list_instruction_and_keeps_ids_unique():
+    rows = [{"instruction": ["a", "list"], "completions": [{"model": "m", "response": "x"}]}]
+    with pytest.raises(DataError, match="row 1: 'instruction' is a JSON list, not text"):
+        convert(rows, PrepConfig())  # was: AttributeError
+    same_id = [{"prompt": p, "prompt_id": "one", "chosen": [{"role": "assistant", "content": "g"}]}
+               for p in ("first", "second")]
+    records, counts = convert(same_id, PrepConfig())  # was: two records with id "one"
+    assert [r["id"] for r in records] == ["one"] and counts["duplicate_id"] == 1
+
+
+@pytest.mark.parametrize("eta", ["nan", "inf"])
+def test_tabular_refuses_an_eta_that_is_not_a_finite_positive_number(eta):
+    r = subprocess.run([sys.executable, "-m", "experiments.tabular", "--eta", eta, "--iters", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "finite --eta" in r.stderr
+    assert "nan" not in r.stdout  # was: ran and printed nan
