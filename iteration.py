@@ -60,15 +60,18 @@ class Reads(NamedTuple):
 JUDGE = ("judge", "judge_model", "base_url", "judge_context", "judge_params", "seed")  # P's answers
 SAMPLING = ("max_new_tokens", "top_p", "seed", "sampler")
 TRAINING = ("target", "eta", "lr", "lr_decay", "warmup", "schedule", "batch_size", "epochs",
-            "max_steps", "weight_decay", "grad_clip", "seed", "lora_rank", "lora_alpha")
-ADDED = {"judge_params": ""}   # flags newer than some finished stages: the value that did not exist
+            "max_steps", "weight_decay", "grad_clip", "seed", "lora_rank", "lora_alpha",
+            "micro_batch")   # micro_batch: the summation order of the accumulated gradient
+# ADDED: flags newer than some finished stages, with the value that reproduces the code before them.
+# micro_batch is not one: stages made before it was recorded may have used any value (--rollback).
+ADDED = {"judge_params": ""}
 STAGES = {
     "samples": Reads(("policy", "prompts"),
                      ("prompts_per_iter", "num_val", "num_samples", "temperature") + SAMPLING),
     "judgments": Reads(("prompts", "samples"), JUDGE + ("position_audit", "gold")),
     "pairs": Reads(("prompts", "samples", "judgments", "earlier_pairs"),
                    ("pairs", "opponents", "replay", "seed")),
-    "reference": Reads(("policy", "pairs"), ("precision", "ref_mix", "optimistic")),
+    "reference": Reads(("policy", "pairs"), ("precision", "ref_mix", "optimistic", "micro_batch")),
     "checkpoint": Reads(("policy", "pairs"), ("precision",) + TRAINING),
     "eval": Reads(("policy", "val", "init"), ("num_val", "eval_temperature") + SAMPLING + JUDGE),
 }
@@ -128,16 +131,22 @@ def policy_dir(run, t):
     return stages.stage_dir(run.out, t - 1, "checkpoint")
 
 
-def sample_split(run, policy, rows, k, seed, temperature):
-    """k samples per prompt from a policy; prompts split across ranks, gathered in order."""
+def sample_split(run, policy, rows, k, seed, temperature, where):
+    """k samples per prompt from a policy; prompts split across ranks, gathered in order. where:
+    (t, the stage's name)."""
     if run.cfg.sampler == "vllm":                       # a vLLM child on the policy's folder
         return vllm_sampler.sample_split(run, policy, rows, k, seed, temperature, sample)
     model, tok = load_policy(policy, run.device)
     mine = rows[rank()::world()]
-    outs = generate(model, tok, [r["prompt"] for r in mine], num_samples=k,
-                    ids=[r["id"] for r in mine], max_new_tokens=run.cfg.max_new_tokens,
-                    temperature=temperature, top_p=run.cfg.top_p, seed=seed,
-                    rows=run.cfg.sample_rows, progress=rank() == 0)
+    prompts, cap = [r["prompt"] for r in mine], run.cfg.max_new_tokens
+    # --sample_rows 0: what fits the memory now, chosen once per stage and kept, so a rerun of an
+    # unfinished stage draws the same samples whatever is free then (rounding depends on the rows)
+    longest = lambda: max((len(sample.encode_prompt(tok, p)) for p in prompts), default=1)
+    fits = lambda: sample.default_rows(model, longest(), cap)
+    pin = os.path.join(run.out, f"iter_{where[0]}", f"{where[1]}.rows.{rank()}.json")
+    outs = generate(model, tok, prompts, num_samples=k, ids=[r["id"] for r in mine],
+                    max_new_tokens=cap, temperature=temperature, top_p=run.cfg.top_p, seed=seed,
+                    rows=run.cfg.sample_rows or stages.pinned(pin, fits), progress=rank() == 0)
     by_id = dict(gather([(r["id"], o) for r, o in zip(mine, outs)]))
     return [{"id": r["id"], "samples": by_id[r["id"]]} for r in rows]
 
@@ -172,7 +181,8 @@ def sample_step(run, t, D_t):
     if want is None:
         return path
     seed = run.cfg.seed * 1000 + t
-    out = sample_split(run, policy, D_t, run.cfg.num_samples, seed, run.cfg.temperature)
+    out = sample_split(run, policy, D_t, run.cfg.num_samples, seed, run.cfg.temperature,
+                       (t, "samples"))
     if rank() == 0:
         n = sum(len(o["samples"]) for o in out)
         counts = {"prompts": len(D_t), "skipped_long_prompts": run.skipped, "samples": n}
@@ -396,7 +406,7 @@ def eval_step(run, t):
     path, want = todo(run, t, "eval", policy=policy, val=run.val, init=init)
     if want is not None:
         seed = run.cfg.seed * 1000 + 999
-        outs = sample_split(run, policy, run.val, 1, seed, run.cfg.eval_temperature)
+        outs = sample_split(run, policy, run.val, 1, seed, run.cfg.eval_temperature, (t, "eval"))
         on_rank0(judge_eval, run, t, want, outs)
         barrier()
     final = t == run.cfg.iterations                     # the report reads verified iterations only

@@ -159,7 +159,7 @@ LIMITS = {  # flag: (lowest, highest, in words), checked by cli.check with CHOIC
 # stage input that hashes it (INPUT_FIELDS), or a field that changes no stage's files (NO_ARTIFACT;
 # device: what it changes, the resolved --precision records). tests/test_declared.py checks it.
 INPUT_FIELDS = {"model": "policy", "prompts": "prompts", "teacher_styles": "policy"}   # demo: pi_1
-NO_ARTIFACT = ("out", "iterations", "device", "threads", "micro_batch", "grad_ckpt", "select_by",
+NO_ARTIFACT = ("out", "iterations", "device", "threads", "grad_ckpt", "select_by",
                "sample_rows", "api_key_env", "prices", "judge_wait", "concurrency", "max_usd",
                "max_calls", "max_failure_rate", "rollback", "stage_pause", "vllm_python",
                "vllm_memory", "vllm_parity", "report_to")

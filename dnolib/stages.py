@@ -69,6 +69,17 @@ def read_json(path):
         raise StageError(f"{path}: corrupt JSON ({e}); delete {folder} to redo it") from None
 
 
+def pinned(path, make):
+    """The value kept at path (JSON), or make()'s, kept there first: a choice that depends on the
+    moment (free memory) and that a rerun must repeat."""
+    if os.path.exists(path):
+        return read_json(path)["value"]
+    value = make()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, json.dumps({"value": value}))
+    return value
+
+
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)

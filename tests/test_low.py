@@ -5,6 +5,7 @@ CPU, offline, seconds.
 
     python -m pytest -q tests/test_low.py
 """
+import json
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import evaluate
 import sample
 from data.ultrafeedback.prepare import Config as PrepConfig, DataError, convert
 from dnolib.stages import StageError
-from test_train import baseline, task  # noqa: F401 (fixtures)
+from test_train import FLAGS, baseline, task  # noqa: F401 (fixtures)
 from tiny import make_hf_model, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,3 +75,38 @@ def test_tabular_refuses_an_eta_that_is_not_a_finite_positive_number(eta):
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "finite --eta" in r.stderr
     assert "nan" not in r.stdout  # was: ran and printed nan
+
+
+def test_a_finished_run_is_not_reused_with_another_micro_batch(task, baseline, tmp_path,
+                                                               monkeypatch):
+    """--micro_batch changes the summation order of the accumulated gradient, so the checkpoint's
+    bytes (was: in train.NO_ARTIFACT, a finished run reused with another value)."""
+    from test_train import run_inline
+    out = tmp_path / "run"
+    shutil.copytree(baseline[0], out)
+    msg = run_inline(task, out, monkeypatch, "--micro_batch", "3")
+    assert "was made with --micro_batch" in msg, msg
+
+
+def test_the_rows_in_flight_are_chosen_once_per_stage_and_kept_for_its_rerun(task, baseline,
+                                                                             tmp_path, monkeypatch):
+    """--sample_rows 0 sizes the rows in flight from the memory free now; a draw depends on them
+    (rounding), so the choice is kept (OUT/iter_t/<stage>.rows.<rank>.json) and an unfinished
+    stage's rerun uses it, not what is free then (was: sized again, so other samples)."""
+    import iteration
+    import train
+    out = tmp_path / "run"
+    shutil.copytree(baseline[0], out)
+    pin = out / "iter_1/samples.rows.0.json"
+    kept = json.loads(pin.read_text())["value"]
+    samples = (out / "iter_1/samples/samples.jsonl").read_text()
+    for name in ("samples", "judgments", "pairs", "reference", "checkpoint", "eval"):
+        shutil.rmtree(out / "iter_1" / name)        # iteration 1 unfinished: redone
+    used, real = [], iteration.generate
+    monkeypatch.setattr(iteration.sample, "default_rows", lambda *a, **k: kept + 3)  # memory moved
+    monkeypatch.setattr(iteration, "generate", lambda *a, **k: used.append(k["rows"]) or real(*a, **k))
+    monkeypatch.syspath_prepend(str(task))
+    train.main(["--out", str(out), "--model", str(task / "model"), "--prompts",
+                str(task / "prompts.jsonl"), *FLAGS])
+    assert used and set(used) == {kept}
+    assert (out / "iter_1/samples/samples.jsonl").read_text() == samples
