@@ -324,10 +324,11 @@ def generate(model, tokenizer, prompts, *, num_samples=1, max_new_tokens=128, te
         return []
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     ctx = model.args.max_seq_len
-    for i, e in enumerate(encoded):  # before the KV cache is sized for prompt + max_new_tokens
-        if len(e) + max_new_tokens > ctx:
-            raise ValueError(f"prompt {ids[i]!r}: {len(e)} tokens + --max_new_tokens "
-                             f"{max_new_tokens} exceed the model's context of {ctx} tokens")
+    for i, e in enumerate(encoded):
+        if len(e) >= ctx:
+            raise ValueError(f"prompt {ids[i]!r} has {len(e)} tokens; the model's context is {ctx} tokens")
+    # a row stops at the context: no row needs more room than that (nor a KV cache sized past it)
+    max_new_tokens = min(max_new_tokens, ctx - min(map(len, encoded)))
     stops = default_stop_ids(tokenizer, model) if stop_ids is None else sorted(set(stop_ids))
     step = model.decode
     # CUDA graphs over the static-shape decode step; kept on the model so later calls reuse it

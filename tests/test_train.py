@@ -182,6 +182,7 @@ def test_kill_inside_each_stage_then_resume(task, baseline, tmp_path):
             n0 = len(open(log).readlines())
             while len(open(log).readlines()) < n0 + 2:
                 time.sleep(0.02)
+            time.sleep(0.04)  # past the cache write of the answer just logged, inside the next 0.1 s call
         else:
             time.sleep(0.5)                                    # inside the stage (it pauses 1.5 s before commit)
         proc.send_signal(signal.SIGKILL)
