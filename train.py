@@ -318,10 +318,11 @@ def prepare(cfg):
 
 def main(argv=None):
     cfg = cli(Config, argv)
-    run = None
+    run, done = None, False
     try:
         run = prepare(cfg)
         dno_prct(run)
+        done = True
     except (ValueError, OSError, oracle.BudgetExceeded) as e:   # user mistakes, budget stops
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except KeyboardInterrupt:
@@ -330,7 +331,7 @@ def main(argv=None):
         if run is not None:
             run.tracker.close()                         # --report_to: flush the last events
         stages.unlock(cfg.out)                          # the lock (the kernel drops it on a kill)
-        finish_processes()                              # the process group under torchrun
+        finish_processes(together=done)                 # the process group under torchrun
 
 
 if __name__ == "__main__":
